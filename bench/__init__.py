@@ -1,0 +1,1 @@
+"""Benchmark scripts. Each prints a table and writes JSON under bench/results/."""

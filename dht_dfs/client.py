@@ -1,0 +1,641 @@
+"""Publish, fetch and check engines, independent of where chunks live.
+
+The engines stream a file through a bounded pipeline: at most
+``transfer_window`` chunks are in flight, so memory does not grow with the
+file. Where chunks go and come from is a ``ChunkSink`` / ``ChunkSource``:
+a local store (``StoreSink``/``StoreSource`` here) or the network
+(``network.py``). Hashing, encryption and file I/O run in a thread pool
+(hashlib and libsodium release the GIL).
+
+Encryption happens at the edge, as in Tahoe-LAFS: the publish engine hands
+only sealed chunks to its sink, and the fetch engine decrypts what its
+source returns. A source returns only bytes that hash to the id asked for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import stat
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import Executor, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol, TypeVar
+
+from dht_dfs.chunker import ChunkSpan, chunk_count, chunk_spans
+from dht_dfs.config import Config
+from dht_dfs.crypto import (
+    TAG_SIZE,
+    SealedChunk,
+    decrypt_with_key,
+    encrypt_with_key,
+    seal_chunk,
+)
+from dht_dfs.errors import (
+    ConfigError,
+    DhtfsError,
+    IntegrityError,
+    ManifestError,
+)
+from dht_dfs.ids import ChunkId
+from dht_dfs.manifest import (
+    MAX_DEPTH,
+    Entry,
+    FileMetadata,
+    ManifestBuilder,
+    NodeKind,
+    OpenedNode,
+    decode_node,
+    open_node,
+)
+from dht_dfs.refs import ReadReference, RootHash
+from dht_dfs.store import ChunkStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+ProgressFn = Callable[[int, int], None]
+"""Called with (bytes done, bytes total) as work advances."""
+
+PART_SUFFIX = ".dhtfs-part"
+
+
+class ChunkSink(Protocol):
+    """Where the publish engine puts sealed chunks."""
+
+    async def put(self, chunk: SealedChunk) -> None:
+        """Store one chunk durably (on every replica it needs), or raise."""
+
+    async def flush(self) -> None:
+        """Finish anything ``put`` left in the background."""
+
+
+class ChunkSource(Protocol):
+    """Where the fetch engine gets chunks."""
+
+    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
+        """Bytes that hash to ``chunk_id``; raise ChunkNotFoundError if none exist."""
+
+
+# --- local store adapters ----------------------------------------------------------
+
+
+class StoreSink:
+    """Publish into a local chunk store."""
+
+    def __init__(self, store: ChunkStore, executor: Executor | None = None) -> None:
+        self._store = store
+        self._executor = executor
+        self.stored = 0
+        self.already_had = 0
+
+    async def put(self, chunk: SealedChunk) -> None:
+        loop = asyncio.get_running_loop()
+        outcome = await loop.run_in_executor(
+            self._executor, self._store.put, chunk.chunk_id, chunk.data
+        )
+        if outcome.value == "stored":
+            self.stored += 1
+        else:
+            self.already_had += 1
+
+    async def flush(self) -> None:
+        return None
+
+
+class StoreSource:
+    """Fetch from a local chunk store (verifies every read)."""
+
+    def __init__(self, store: ChunkStore, executor: Executor | None = None) -> None:
+        self._store = store
+        self._executor = executor
+
+    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self._store.get, chunk_id)
+
+
+# --- helpers ---------------------------------------------------------------------------
+
+
+async def _ordered_map(
+    func: Callable[[T], R],
+    items: Iterable[T],
+    *,
+    concurrency: int,
+    executor: Executor,
+) -> AsyncIterator[R]:
+    """Run ``func`` over ``items`` in threads, ``concurrency`` at a time, in order."""
+    loop = asyncio.get_running_loop()
+    pending: deque[asyncio.Future[R]] = deque()
+    iterator = iter(items)
+    try:
+        for item in iterator:
+            pending.append(loop.run_in_executor(executor, func, item))
+            if len(pending) >= concurrency:
+                yield await pending.popleft()
+        while pending:
+            yield await pending.popleft()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+class _InOrderHasher:
+    """SHA-256 of a stream whose pieces arrive in order, hashed in a thread.
+
+    One single-thread executor keeps updates in submission order; at most
+    ``backlog`` pieces wait, so memory stays bounded.
+    """
+
+    def __init__(self, backlog: int) -> None:
+        self._hash = hashlib.sha256()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dhtfs-hash")
+        self._pending: deque[asyncio.Future[None]] = deque()
+        self._backlog = backlog
+
+    async def update(self, data: bytes) -> None:
+        loop = asyncio.get_running_loop()
+        self._pending.append(loop.run_in_executor(self._executor, self._hash.update, data))
+        while len(self._pending) > self._backlog:
+            await self._pending.popleft()
+
+    async def digest(self) -> bytes:
+        while self._pending:
+            await self._pending.popleft()
+        return self._hash.digest()
+
+    def close(self) -> None:
+        for future in self._pending:
+            future.cancel()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+
+# --- publish -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    reference: ReadReference
+    size: int
+    data_chunks: int
+    manifest_chunks: int
+    seconds: float
+
+    @property
+    def root_hash(self) -> RootHash:
+        return self.reference.root_hash
+
+
+async def publish_file(
+    path: Path,
+    sink: ChunkSink,
+    config: Config,
+    *,
+    executor: Executor,
+    name: str | None = None,
+    progress: ProgressFn | None = None,
+) -> PublishResult:
+    """Split, encrypt and store a file; return its read reference.
+
+    Reads the file once, in order of chunks, ``transfer_window`` chunks in
+    flight at most. A file that changes size while it is read is refused.
+    """
+    started = time.monotonic()
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise ConfigError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path} is a directory; publish takes a file") from None
+    except PermissionError:
+        raise ConfigError(f"cannot read {path}: permission denied") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise ConfigError(f"{path} is a directory; publish takes a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise ConfigError(f"{path} is not a regular file")
+        size = info.st_size
+        chunk_size = config.chunk_size
+        secret = config.convergence_secret
+
+        def read_and_seal(span: ChunkSpan) -> tuple[bytes, SealedChunk]:
+            plain = os.pread(fd, span.length, span.offset)
+            if len(plain) != span.length:
+                raise DhtfsError(f"{path} shrank while it was being published")
+            return plain, seal_chunk(plain, secret)
+
+        builder = ManifestBuilder(secret, config.manifest_fanout)
+        hasher = _InOrderHasher(config.transfer_window)
+        window = asyncio.Semaphore(config.transfer_window)
+        done_bytes = 0
+        manifest_chunks = 0
+
+        async def put_bounded(chunk: SealedChunk) -> None:
+            try:
+                await sink.put(chunk)
+            finally:
+                window.release()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+
+                async def put(chunk: SealedChunk) -> None:
+                    await window.acquire()
+                    group.create_task(put_bounded(chunk))
+
+                async for plain, sealed in _ordered_map(
+                    read_and_seal,
+                    chunk_spans(size, chunk_size),
+                    concurrency=config.transfer_window,
+                    executor=executor,
+                ):
+                    await hasher.update(plain)
+                    await put(sealed)
+                    for node in builder.add(sealed):
+                        manifest_chunks += 1
+                        await put(node)
+                    done_bytes += len(plain)
+                    if progress is not None:
+                        progress(done_bytes, size)
+                after = os.fstat(fd)
+                if after.st_size != size or after.st_mtime_ns != info.st_mtime_ns:
+                    raise DhtfsError(f"{path} changed while it was being published; try again")
+                metadata = FileMetadata(
+                    name=name if name is not None else path.name,
+                    size=size,
+                    mode=stat.S_IMODE(info.st_mode),
+                    chunk_size=chunk_size,
+                    plain_sha256=await hasher.digest(),
+                )
+                nodes, reference = builder.finish(metadata)
+                for node in nodes:
+                    manifest_chunks += 1
+                    await put(node)
+        except* DhtfsError as group_error:
+            raise _first(group_error) from None
+        finally:
+            hasher.close()
+        await sink.flush()
+    finally:
+        os.close(fd)
+    return PublishResult(
+        reference,
+        size,
+        chunk_count(size, chunk_size),
+        manifest_chunks,
+        time.monotonic() - started,
+    )
+
+
+def _first(group: BaseExceptionGroup[DhtfsError]) -> DhtfsError:
+    """The first error of a task group, to report as one line."""
+    error: BaseException = group
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert isinstance(error, DhtfsError)
+    return error
+
+
+# --- manifest walking ---------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LeafChunk:
+    """One data chunk of a file, where it goes, and how to open it."""
+
+    index: int
+    offset: int
+    entry: Entry
+    key: bytes
+
+
+async def read_node(
+    source: ChunkSource, chunk_id: ChunkId, size: int | None, executor: Executor
+) -> bytes:
+    data = await source.get(chunk_id, size)
+    if size is not None and len(data) != size:
+        raise ManifestError(
+            f"manifest chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
+        )
+    return data
+
+
+async def open_root(
+    source: ChunkSource, reference: ReadReference, executor: Executor
+) -> OpenedNode:
+    loop = asyncio.get_running_loop()
+    data = await read_node(source, reference.root, None, executor)
+    node = await loop.run_in_executor(executor, decode_node, reference.root, data)
+    if not node.is_root:
+        raise ManifestError(f"chunk {reference.root.hex()} is a manifest node but not a root")
+    return await loop.run_in_executor(executor, open_node, node, reference.key)
+
+
+async def walk_leaves(
+    source: ChunkSource, root: OpenedNode, executor: Executor
+) -> AsyncIterator[LeafChunk]:
+    """Every data chunk of the file in order, fetching manifest nodes lazily.
+
+    Holds one open node per tree level, so memory is bounded by the depth.
+    """
+    loop = asyncio.get_running_loop()
+    index = 0
+    offset = 0
+    stack: list[tuple[OpenedNode, int]] = [(root, 0)]
+    while stack:
+        opened, position = stack[-1]
+        if position == len(opened.node.entries):
+            stack.pop()
+            continue
+        stack[-1] = (opened, position + 1)
+        entry = opened.node.entries[position]
+        key = opened.keys[position]
+        if opened.node.kind == NodeKind.LEAF:
+            yield LeafChunk(index, offset, entry, key)
+            index += 1
+            offset += entry.plain_size
+            continue
+        if len(stack) >= MAX_DEPTH:
+            raise ManifestError(
+                f"manifest of {root.node.chunk_id.hex()} is deeper than {MAX_DEPTH} levels"
+            )
+        data = await read_node(source, entry.chunk_id, entry.stored_size, executor)
+        child = await loop.run_in_executor(executor, decode_node, entry.chunk_id, data)
+        if child.is_root:
+            raise ManifestError(f"manifest chunk {entry.chunk_id.hex()} is a root inside a tree")
+        stack.append((await loop.run_in_executor(executor, open_node, child, key), 0))
+
+
+async def walk_public(
+    source: ChunkSource, root: RootHash, executor: Executor
+) -> AsyncIterator[tuple[ChunkId, int, bool]]:
+    """Every chunk of a file without its key: (id, stored size, is manifest).
+
+    Manifest nodes come before their children. Enough to check, repair or
+    pin a file.
+    """
+    loop = asyncio.get_running_loop()
+    data = await read_node(source, root.root, None, executor)
+    node = await loop.run_in_executor(executor, decode_node, root.root, data)
+    if not node.is_root:
+        raise ManifestError(f"chunk {root.root.hex()} is a manifest node but not a root")
+    yield root.root, len(data), True
+    stack = [(node, 0)]
+    while stack:
+        current, position = stack[-1]
+        if position == len(current.entries):
+            stack.pop()
+            continue
+        stack[-1] = (current, position + 1)
+        entry = current.entries[position]
+        if current.kind == NodeKind.LEAF:
+            yield entry.chunk_id, entry.stored_size, False
+            continue
+        if len(stack) >= MAX_DEPTH:
+            raise ManifestError(f"manifest of {root.root.hex()} is deeper than {MAX_DEPTH} levels")
+        child_data = await read_node(source, entry.chunk_id, entry.stored_size, executor)
+        child = await loop.run_in_executor(executor, decode_node, entry.chunk_id, child_data)
+        yield entry.chunk_id, entry.stored_size, True
+        stack.append((child, 0))
+
+
+# --- fetch ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    path: Path
+    size: int
+    chunks: int
+    chunks_fetched: int
+    """Chunks downloaded in this run (the rest were already in a partial file)."""
+    chunks_resumed: int
+    seconds: float
+    metadata: FileMetadata
+
+
+def safe_file_name(name: str, fallback: str) -> str:
+    """A publisher-chosen name made safe to create in a directory."""
+    cleaned = name.replace("\x00", "").strip()
+    if not cleaned or cleaned in (".", "..") or "/" in cleaned or "\\" in cleaned:
+        return fallback
+    return cleaned
+
+
+def resolve_output(metadata: FileMetadata, reference: ReadReference, output: Path | None) -> Path:
+    fallback = f"dhtfs-{reference.root.hex()[:16]}"
+    name = safe_file_name(metadata.name, fallback)
+    if output is None:
+        return Path.cwd() / name
+    if output.is_dir():
+        return output / name
+    return output
+
+
+async def fetch_file(
+    reference: ReadReference,
+    source: ChunkSource,
+    config: Config,
+    *,
+    executor: Executor,
+    output: Path | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_metadata: Callable[[FileMetadata, Path], Awaitable[None] | None] | None = None,
+) -> FetchResult:
+    """Fetch, verify and decrypt a file, writing each chunk at its offset.
+
+    Writes into ``<output>.dhtfs-part`` and renames it when every chunk and
+    the whole-file hash check out. If a part file is already there, chunks
+    it holds intact (re-encrypting them gives their id) are not fetched
+    again. Memory is bounded by ``transfer_window`` chunks.
+    """
+    started = time.monotonic()
+    loop = asyncio.get_running_loop()
+    root = await open_root(source, reference, executor)
+    metadata = root.metadata
+    assert metadata is not None
+    target = resolve_output(metadata, reference, output)
+    if target.exists() and not overwrite:
+        raise ConfigError(f"{target} already exists; choose another output or allow overwriting")
+    if on_metadata is not None:
+        maybe = on_metadata(metadata, target)
+        if maybe is not None:
+            await maybe
+    part = target.with_name(target.name + PART_SUFFIX)
+    try:
+        fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError as exc:
+        raise ConfigError(f"cannot write {part}: {exc.strerror}") from None
+    size = metadata.size
+    fetched = resumed = chunks = 0
+    try:
+        resuming = os.fstat(fd).st_size > 0
+        os.ftruncate(fd, size)
+        hasher = _InOrderHasher(config.transfer_window)
+        window = asyncio.Semaphore(config.transfer_window)
+        ready: dict[int, bytes] = {}
+        next_to_hash = 0
+        done_bytes = 0
+        expected_offset = 0
+
+        def region_is_intact(leaf: LeafChunk) -> bytes | None:
+            if not _region_has_data(fd, leaf.offset, leaf.entry.plain_size):
+                return None
+            plain = os.pread(fd, leaf.entry.plain_size, leaf.offset)
+            if len(plain) != leaf.entry.plain_size:
+                return None
+            if ChunkId.of(encrypt_with_key(plain, leaf.key)) != leaf.entry.chunk_id:
+                return None
+            return plain
+
+        def open_and_write(leaf: LeafChunk, data: bytes) -> bytes:
+            plain = decrypt_with_key(data, leaf.key, leaf.entry.chunk_id)
+            if len(plain) != leaf.entry.plain_size:
+                raise ManifestError(
+                    f"chunk {leaf.entry.chunk_id.hex()} size disagrees with its manifest"
+                )
+            view = memoryview(plain)
+            position = leaf.offset
+            while view:
+                written = os.pwrite(fd, view, position)
+                view = view[written:]
+                position += written
+            return plain
+
+        async def drain_in_order() -> None:
+            nonlocal next_to_hash, done_bytes
+            while next_to_hash in ready:
+                plain = ready.pop(next_to_hash)
+                await hasher.update(plain)
+                done_bytes += len(plain)
+                next_to_hash += 1
+                window.release()
+                if progress is not None:
+                    progress(done_bytes, size)
+
+        async def fetch_one(leaf: LeafChunk) -> None:
+            nonlocal fetched, resumed
+            plain: bytes | None = None
+            if resuming:
+                plain = await loop.run_in_executor(executor, region_is_intact, leaf)
+            if plain is not None:
+                resumed += 1
+            else:
+                data = await source.get(leaf.entry.chunk_id, leaf.entry.stored_size)
+                if len(data) != leaf.entry.stored_size:
+                    raise IntegrityError(
+                        f"chunk {leaf.entry.chunk_id.hex()} has {len(data)} bytes, "
+                        f"manifest says {leaf.entry.stored_size}",
+                        leaf.entry.chunk_id.hex(),
+                    )
+                plain = await loop.run_in_executor(executor, open_and_write, leaf, data)
+                fetched += 1
+            ready[leaf.index] = plain
+            await drain_in_order()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for leaf in walk_leaves(source, root, executor):
+                    if leaf.offset != expected_offset or leaf.offset + leaf.entry.plain_size > size:
+                        raise ManifestError(
+                            f"manifest of {reference.root.hex()} does not add up to the file size"
+                        )
+                    expected_offset += leaf.entry.plain_size
+                    chunks += 1
+                    await window.acquire()
+                    group.create_task(fetch_one(leaf))
+            if expected_offset != size:
+                raise ManifestError(
+                    f"manifest of {reference.root.hex()} covers {expected_offset} bytes, "
+                    f"the file has {size}"
+                )
+            digest = await hasher.digest()
+        except* DhtfsError as group_error:
+            raise _first(group_error) from None
+        finally:
+            hasher.close()
+        if digest != metadata.plain_sha256:
+            raise IntegrityError(
+                f"file assembled from {reference.root.hex()} does not match its recorded "
+                "SHA-256; the partial file is kept for inspection"
+            )
+        await loop.run_in_executor(executor, os.fsync, fd)
+        os.fchmod(fd, metadata.mode & 0o777 or 0o644)
+    finally:
+        os.close(fd)
+    os.replace(part, target)
+    return FetchResult(target, size, chunks, fetched, resumed, time.monotonic() - started, metadata)
+
+
+def _region_has_data(fd: int, offset: int, length: int) -> bool:
+    """False when [offset, offset+length) is a hole: nothing was written there."""
+    if length == 0:
+        return True
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return False  # ENXIO: only a hole remains after offset
+    return data_at < offset + length
+
+
+# --- local round trip (no network) ---------------------------------------------------
+
+
+async def publish_to_store(
+    path: Path, store: ChunkStore, config: Config, *, name: str | None = None
+) -> PublishResult:
+    """Publish a file into a local store: the data path without a network."""
+    with ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-io") as executor:
+        return await publish_file(
+            path, StoreSink(store, executor), config, executor=executor, name=name
+        )
+
+
+async def restore_from_store(
+    reference: ReadReference,
+    store: ChunkStore,
+    config: Config,
+    output: Path | None = None,
+    *,
+    overwrite: bool = False,
+) -> FetchResult:
+    """Restore a file from a local store by its read reference."""
+    with ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-io") as executor:
+        return await fetch_file(
+            reference,
+            StoreSource(store, executor),
+            config,
+            executor=executor,
+            output=output,
+            overwrite=overwrite,
+        )
+
+
+__all__ = [
+    "TAG_SIZE",
+    "ChunkSink",
+    "ChunkSource",
+    "FetchResult",
+    "LeafChunk",
+    "PublishResult",
+    "StoreSink",
+    "StoreSource",
+    "fetch_file",
+    "open_root",
+    "publish_file",
+    "publish_to_store",
+    "restore_from_store",
+    "walk_leaves",
+    "walk_public",
+]

@@ -1,0 +1,129 @@
+"""Every tunable of dhtfs and its default, in one place.
+
+Modules take a ``Config`` (or read the fields they need from one); the CLI
+builds one from its options. Nothing else defines a default for these.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from dht_dfs.errors import ConfigError
+
+KiB = 1024
+MiB = 1024 * KiB
+GiB = 1024 * MiB
+
+DEFAULT_PORT = 4000
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    # --- data path -------------------------------------------------------------------
+    chunk_size: int = 1 * MiB
+    """Plaintext bytes per data chunk."""
+    manifest_fanout: int = 4096
+    """Entries per manifest node before the manifest becomes a tree (~280 KiB nodes)."""
+    convergence_secret: bytes = b""
+    """Empty: public convergence (dedup with everyone). See crypto.py."""
+
+    # --- replication and placement -------------------------------------------------------
+    replicas: int = 3
+    """Copies of each chunk, on the live nodes closest to its id."""
+
+    # --- the node's store ---------------------------------------------------------------
+    max_storage: int | None = None
+    """Quota in bytes for stored chunks; None means only the disk limits it."""
+    fsync: bool = True
+    """fsync each chunk before it becomes visible (crash safety)."""
+
+    # --- DHT (UDP) ----------------------------------------------------------------------
+    ksize: int = 20
+    """k of the Kademlia paper: bucket size and replication of provider records."""
+    alpha: int = 3
+    """Parallel requests per lookup."""
+    dht_rpc_timeout: float = 1.0
+    """Seconds one DHT request may take before the lookup moves on."""
+    dht_lookup_timeout: float = 10.0
+    """Seconds a whole lookup may take."""
+    contact_failures_before_eviction: int = 3
+    provider_ttl: float = 6 * 3600.0
+    """Lifetime of a provider record."""
+    max_providers_per_key: int = 32
+    max_provider_records: int = 500_000
+    bootstrap_attempts: int = 10
+
+    # --- TCP transport --------------------------------------------------------------------
+    max_chunk_size: int = 16 * MiB
+    """Largest chunk body a node accepts on the wire."""
+    connect_timeout: float = 5.0
+    handshake_timeout: float = 5.0
+    request_timeout: float = 30.0
+    """Seconds a chunk request may take, bodies included."""
+    idle_connection_timeout: float = 300.0
+
+    # --- publish / fetch engines ------------------------------------------------------
+    transfer_window: int = 16
+    """Chunks in flight in one publish or fetch."""
+    workers: int = max(2, os.cpu_count() or 2)
+    """Threads for hashing, encryption and file I/O."""
+
+    # --- maintenance --------------------------------------------------------------------
+    repair_interval: float = 60.0
+    """Seconds between two repair passes over the local store."""
+    repair_rate: float = 50.0
+    """Chunks per second a repair pass examines at most."""
+    scrub_interval: float = 3600.0
+    scrub_rate: float = 32 * MiB
+    """Bytes per second the background scrub re-hashes at most."""
+    leave_timeout: float = 30.0
+    """Seconds a leaving node spends handing off chunks it alone holds."""
+
+    def replace(self, **changes: object) -> Config:
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def validate(self) -> Config:
+        if self.chunk_size < 1 or self.chunk_size + 64 > self.max_chunk_size:
+            raise ConfigError(f"chunk size must be between 1 byte and {self.max_chunk_size - 64}")
+        if self.replicas < 1:
+            raise ConfigError("replicas must be at least 1")
+        if self.replicas > self.ksize:
+            raise ConfigError(f"replicas cannot exceed k ({self.ksize})")
+        if self.max_storage is not None and self.max_storage < 0:
+            raise ConfigError("max storage cannot be negative")
+        if self.transfer_window < 1:
+            raise ConfigError("transfer window must be at least 1")
+        if len(self.convergence_secret) > 64:
+            raise ConfigError("a convergence secret is at most 64 bytes")
+        return self
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtp]?)(i?b?)\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'500M', '1.5GiB', '4096' -> bytes (powers of 1024)."""
+    match = _SIZE.match(text)
+    if not match:
+        raise ConfigError(f"not a size: {text!r} (examples: 4096, 500M, 2GiB)")
+    number, unit = float(match.group(1)), match.group(2).lower()
+    factor = 1024 ** " kmgtp".index(unit or " ")
+    return int(number * factor)
+
+
+def format_size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def default_data_dir() -> Path:
+    """``$DHTFS_DATA_DIR`` or ``~/.dhtfs``."""
+    env = os.environ.get("DHTFS_DATA_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".dhtfs"

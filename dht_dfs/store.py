@@ -1,0 +1,410 @@
+"""A node's on-disk chunk store: content-addressed, crash-safe, with a quota.
+
+Layout under the store directory::
+
+    chunks/ab/abcdef…(64 hex)   one file per chunk, holding exactly its
+                                stored bytes; fan-out by the first byte
+    tmp/                        chunks being written; emptied at open
+    meta.sqlite                 index: size, when added, when last verified;
+                                pinned roots
+
+The chunk files are the truth; the SQLite index is rebuilt from them where
+they disagree (at open). A chunk is hashed before it is kept, written under
+a temporary name, fsynced, renamed into place, and its directory fsynced,
+so a node killed at any instant holds only whole, verified chunks.
+
+Blocking by nature (file I/O, SQLite): async callers run these methods in a
+thread. Methods are thread-safe.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import logging
+import os
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from dht_dfs.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
+from dht_dfs.ids import CHUNK_ID_SIZE, ChunkId
+
+log = logging.getLogger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chunks (
+    id BLOB PRIMARY KEY,
+    size INTEGER NOT NULL,
+    added REAL NOT NULL,
+    verified REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS chunks_by_verified ON chunks (verified);
+CREATE TABLE IF NOT EXISTS pins (
+    root BLOB PRIMARY KEY,
+    added REAL NOT NULL
+) WITHOUT ROWID;
+"""
+
+_HEX = frozenset("0123456789abcdef")
+
+
+class PutOutcome(enum.Enum):
+    STORED = "stored"
+    ALREADY_HAD = "already-had"
+
+
+@dataclass(frozen=True, slots=True)
+class StoreStats:
+    chunks: int
+    bytes_used: int
+    quota: int | None
+    """None when only the disk limits the store."""
+
+    @property
+    def bytes_free(self) -> int | None:
+        return None if self.quota is None else max(0, self.quota - self.bytes_used)
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubReport:
+    checked: int
+    bytes_checked: int
+    corrupt: tuple[ChunkId, ...]
+    """Chunks whose file no longer matched their id; they have been removed."""
+    missing: tuple[ChunkId, ...]
+    """Chunks in the index whose file had gone; their index rows were dropped."""
+
+
+class ChunkStore:
+    """Content-addressed chunk files with an SQLite index."""
+
+    def __init__(self, root: Path, *, quota: int | None = None, fsync: bool = True) -> None:
+        self.root = Path(root)
+        self.quota = quota
+        self._fsync = fsync
+        self._chunks_dir = self.root / "chunks"
+        self._tmp_dir = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._reserved = 0
+        self._used = 0
+        self._count = 0
+        self._tmp_counter = 0
+        self._db: sqlite3.Connection | None = None
+
+    # --- lifecycle -------------------------------------------------------------------
+
+    def open(self) -> ChunkStore:
+        """Create or reopen the store; clean leftovers; reconcile the index."""
+        for directory in (self.root, self._chunks_dir, self._tmp_dir):
+            directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        removed = 0
+        for leftover in self._tmp_dir.iterdir():
+            leftover.unlink(missing_ok=True)
+            removed += 1
+        if removed:
+            log.info("store: removed %d unfinished chunk file(s) left by a crash", removed)
+        db = sqlite3.connect(
+            self.root / "meta.sqlite", check_same_thread=False, isolation_level=None
+        )
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.executescript(_SCHEMA)
+        self._db = db
+        self._reconcile()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            if self._db is not None:
+                self._db.close()
+                self._db = None
+
+    def __enter__(self) -> ChunkStore:
+        return self.open()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def db(self) -> sqlite3.Connection:
+        if self._db is None:
+            raise StoreError("chunk store is not open")
+        return self._db
+
+    def _reconcile(self) -> None:
+        on_disk: dict[bytes, int] = {}
+        for fan in self._chunks_dir.iterdir():
+            if not fan.is_dir():
+                continue
+            for path in fan.iterdir():
+                name = path.name
+                if len(name) != CHUNK_ID_SIZE * 2 or not set(name) <= _HEX or name[:2] != fan.name:
+                    log.warning("store: ignoring stray file %s", path)
+                    continue
+                on_disk[bytes.fromhex(name)] = path.stat().st_size
+        with self._lock:
+            indexed = {row[0]: row[1] for row in self.db.execute("SELECT id, size FROM chunks")}
+            gone = [key for key in indexed if key not in on_disk]
+            new = [(key, size) for key, size in on_disk.items() if indexed.get(key) != size]
+            self.db.execute("BEGIN")
+            self.db.executemany("DELETE FROM chunks WHERE id = ?", [(key,) for key in gone])
+            # Files the index did not know (a crash between rename and insert)
+            # get verified = 0, so the scrub looks at them first.
+            self.db.executemany(
+                "INSERT OR REPLACE INTO chunks (id, size, added, verified) VALUES (?, ?, ?, 0)",
+                [(key, size, time.time()) for key, size in new],
+            )
+            self.db.execute("COMMIT")
+            self._count = len(on_disk)
+            self._used = sum(on_disk.values())
+        if gone or new:
+            log.info("store: index reconciled (%d dropped, %d added)", len(gone), len(new))
+
+    # --- paths ------------------------------------------------------------------------
+
+    def path_of(self, chunk_id: ChunkId) -> Path:
+        name = chunk_id.hex()
+        return self._chunks_dir / name[:2] / name
+
+    # --- queries ----------------------------------------------------------------------
+
+    def has(self, chunk_id: ChunkId) -> bool:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT 1 FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+        return row is not None
+
+    def __contains__(self, chunk_id: object) -> bool:
+        return isinstance(chunk_id, ChunkId) and self.has(chunk_id)
+
+    def have_which(self, chunk_ids: list[ChunkId]) -> list[bool]:
+        """For each id, whether this store holds it (one index query)."""
+        if not chunk_ids:
+            return []
+        held: set[bytes] = set()
+        with self._lock:
+            for start in range(0, len(chunk_ids), 500):
+                batch = [c.digest for c in chunk_ids[start : start + 500]]
+                marks = ",".join("?" * len(batch))
+                held.update(
+                    row[0]
+                    for row in self.db.execute(
+                        f"SELECT id FROM chunks WHERE id IN ({marks})", batch
+                    )
+                )
+        return [c.digest in held for c in chunk_ids]
+
+    def stats(self) -> StoreStats:
+        with self._lock:
+            return StoreStats(self._count, self._used, self.quota)
+
+    def ids(self, batch: int = 1000) -> Iterator[ChunkId]:
+        """Every chunk id, in id order, read in batches (the store may change meanwhile)."""
+        last = b""
+        while True:
+            with self._lock:
+                rows = self.db.execute(
+                    "SELECT id FROM chunks WHERE id > ? ORDER BY id LIMIT ?", (last, batch)
+                ).fetchall()
+            if not rows:
+                return
+            for (raw,) in rows:
+                yield ChunkId(raw)
+            last = rows[-1][0]
+
+    def size_of(self, chunk_id: ChunkId) -> int | None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+        return None if row is None else int(row[0])
+
+    def would_fit(self, size: int) -> bool:
+        with self._lock:
+            return self.quota is None or self._used + self._reserved + size <= self.quota
+
+    # --- writing ----------------------------------------------------------------------
+
+    def put(self, chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> PutOutcome:
+        """Keep a chunk. Verifies it first; a bad chunk never reaches disk."""
+        if not chunk_id.matches(data):
+            raise IntegrityError(
+                f"refusing chunk {chunk_id.hex()}: its bytes do not hash to its id",
+                chunk_id.hex(),
+            )
+        size = len(data)
+        with self._lock:
+            exists = self.db.execute(
+                "SELECT 1 FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+            if exists:
+                return PutOutcome.ALREADY_HAD
+            if self.quota is not None and self._used + self._reserved + size > self.quota:
+                raise StoreFullError(
+                    f"store full: {self._used + self._reserved} of {self.quota} bytes used, "
+                    f"chunk {chunk_id} needs {size}"
+                )
+            self._reserved += size
+            self._tmp_counter += 1
+            tmp = self._tmp_dir / f"{chunk_id.hex()}.{os.getpid()}.{self._tmp_counter}"
+        try:
+            self._write_durably(tmp, self.path_of(chunk_id), data)
+        except BaseException:
+            with self._lock:
+                self._reserved -= size
+            tmp.unlink(missing_ok=True)
+            raise
+        with self._lock:
+            self._reserved -= size
+            cursor = self.db.execute(
+                "INSERT OR IGNORE INTO chunks (id, size, added, verified) VALUES (?, ?, ?, ?)",
+                (chunk_id.digest, size, time.time(), time.time()),
+            )
+            if cursor.rowcount:
+                self._used += size
+                self._count += 1
+        return PutOutcome.STORED
+
+    def _write_durably(self, tmp: Path, final: Path, data: bytes | bytearray | memoryview) -> None:
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            os.replace(tmp, final)
+            if self._fsync:
+                dir_fd = os.open(final.parent, os.O_RDONLY)
+                try:
+                    os.fsync(dir_fd)
+                finally:
+                    os.close(dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise StoreFullError(f"disk full while storing a chunk in {self.root}") from exc
+            raise StoreError(f"cannot write chunk file {final.name}: {exc.strerror}") from exc
+
+    def delete(self, chunk_id: ChunkId) -> bool:
+        """Remove a chunk; False if it was not here."""
+        with self._lock:
+            row = self.db.execute(
+                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+            if row is None:
+                return False
+            self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.digest,))
+            self._used -= int(row[0])
+            self._count -= 1
+        self.path_of(chunk_id).unlink(missing_ok=True)
+        return True
+
+    # --- reading ----------------------------------------------------------------------
+
+    def get(self, chunk_id: ChunkId, *, verify: bool = True) -> bytes:
+        """The chunk's bytes. With verify, a corrupt copy is removed and reported."""
+        try:
+            data = self.path_of(chunk_id).read_bytes()
+        except FileNotFoundError:
+            if self.has(chunk_id):
+                self._forget(chunk_id)
+            raise ChunkNotFoundError(
+                f"chunk {chunk_id.hex()} is not in this store", chunk_id.hex()
+            ) from None
+        if verify and not chunk_id.matches(data):
+            self.delete(chunk_id)
+            log.warning("store: chunk %s was corrupt on disk; removed it", chunk_id.hex())
+            raise IntegrityError(
+                f"stored chunk {chunk_id.hex()} is corrupt (removed from the store)",
+                chunk_id.hex(),
+            )
+        return data
+
+    def open_for_sending(self, chunk_id: ChunkId) -> tuple[int, int] | None:
+        """An open file descriptor and size for sendfile, or None if absent.
+
+        The caller closes the descriptor. Because chunk files are only ever
+        replaced whole (rename), an open descriptor always sees whole bytes.
+        """
+        try:
+            fd = os.open(self.path_of(chunk_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
+        return fd, os.fstat(fd).st_size
+
+    def _forget(self, chunk_id: ChunkId) -> None:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+            if row is not None:
+                self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.digest,))
+                self._used -= int(row[0])
+                self._count -= 1
+
+    # --- scrub ------------------------------------------------------------------------
+
+    def scrub(self, max_bytes: int, *, older_than: float | None = None) -> ScrubReport:
+        """Re-hash the least recently verified chunks, up to ``max_bytes``.
+
+        Corrupt copies are removed (the caller fetches them again from
+        another holder); index rows whose file vanished are dropped.
+        ``older_than``: only chunks last verified before this time.
+        """
+        limit_time = time.time() if older_than is None else older_than
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id, size FROM chunks WHERE verified < ? ORDER BY verified LIMIT 10000",
+                (limit_time,),
+            ).fetchall()
+        checked = bytes_checked = 0
+        corrupt: list[ChunkId] = []
+        missing: list[ChunkId] = []
+        for raw, size in rows:
+            if checked and bytes_checked + size > max_bytes:
+                break
+            chunk_id = ChunkId(raw)
+            try:
+                data = self.path_of(chunk_id).read_bytes()
+            except FileNotFoundError:
+                self._forget(chunk_id)
+                missing.append(chunk_id)
+                continue
+            checked += 1
+            bytes_checked += len(data)
+            if chunk_id.matches(data):
+                with self._lock:
+                    self.db.execute(
+                        "UPDATE chunks SET verified = ? WHERE id = ?", (time.time(), raw)
+                    )
+            else:
+                log.warning("scrub: chunk %s is corrupt on disk; removing it", chunk_id.hex())
+                self.delete(chunk_id)
+                corrupt.append(chunk_id)
+        return ScrubReport(checked, bytes_checked, tuple(corrupt), tuple(missing))
+
+    # --- pins -------------------------------------------------------------------------
+
+    def pin(self, root: ChunkId) -> None:
+        with self._lock:
+            self.db.execute(
+                "INSERT OR IGNORE INTO pins (root, added) VALUES (?, ?)", (root.digest, time.time())
+            )
+
+    def unpin(self, root: ChunkId) -> bool:
+        with self._lock:
+            return self.db.execute("DELETE FROM pins WHERE root = ?", (root.digest,)).rowcount > 0
+
+    def pinned(self) -> list[ChunkId]:
+        with self._lock:
+            return [ChunkId(r[0]) for r in self.db.execute("SELECT root FROM pins ORDER BY added")]

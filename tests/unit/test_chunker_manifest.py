@@ -1,0 +1,186 @@
+"""Chunker spans and manifest codecs, with hypothesis."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from dht_dfs import client
+from dht_dfs.chunker import chunk_count, chunk_spans
+from dht_dfs.crypto import TAG_SIZE, SealedChunk, seal_chunk
+from dht_dfs.errors import ChunkNotFoundError, IntegrityError, ManifestError, WrongKeyError
+from dht_dfs.ids import ChunkId
+from dht_dfs.manifest import (
+    FileMetadata,
+    ManifestBuilder,
+    NodeKind,
+    decode_node,
+    open_node,
+)
+from dht_dfs.refs import ReadReference
+
+
+@given(st.integers(0, 10_000), st.integers(1, 700))
+def test_spans_tile_the_file(size: int, chunk_size: int) -> None:
+    spans = list(chunk_spans(size, chunk_size))
+    assert len(spans) == chunk_count(size, chunk_size)
+    position = 0
+    for index, span in enumerate(spans):
+        assert span.index == index
+        assert span.offset == position
+        assert 1 <= span.length <= chunk_size
+        if index < len(spans) - 1:
+            assert span.length == chunk_size
+        position += span.length
+    assert position == size
+
+
+class MemorySource:
+    def __init__(self, chunks: dict[ChunkId, bytes]) -> None:
+        self.chunks = chunks
+
+    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
+        try:
+            return self.chunks[chunk_id]
+        except KeyError:
+            raise ChunkNotFoundError(f"missing {chunk_id.hex()}") from None
+
+
+def fake_chunk(i: int) -> SealedChunk:
+    data = i.to_bytes(4, "big") * 10 + bytes(TAG_SIZE)
+    return SealedChunk(ChunkId.of(data), os.urandom(32), data, len(data) - TAG_SIZE)
+
+
+METADATA = FileMetadata("name.bin", 0, 0o644, 1 << 20, bytes(32))
+
+
+def build(count: int, fanout: int) -> tuple[dict[ChunkId, bytes], ReadReference, list[SealedChunk]]:
+    builder = ManifestBuilder(b"", fanout)
+    nodes: dict[ChunkId, bytes] = {}
+    data_chunks = [fake_chunk(i) for i in range(count)]
+    for chunk in data_chunks:
+        for node in builder.add(chunk):
+            nodes[node.chunk_id] = node.data
+    tail, reference = builder.finish(METADATA)
+    for node in tail:
+        nodes[node.chunk_id] = node.data
+    assert tail[-1].chunk_id == reference.root
+    return nodes, reference, data_chunks
+
+
+async def collect_leaves(
+    nodes: dict[ChunkId, bytes], reference: ReadReference
+) -> list[client.LeafChunk]:
+    source = MemorySource(nodes)
+    with ThreadPoolExecutor(2) as executor:
+        root = await client.open_root(source, reference, executor)
+        return [leaf async for leaf in client.walk_leaves(source, root, executor)]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 140), st.integers(2, 6))
+def test_manifest_tree_lists_every_chunk_in_order(count: int, fanout: int) -> None:
+    nodes, reference, data_chunks = build(count, fanout)
+    leaves = asyncio.run(collect_leaves(nodes, reference))
+    assert [leaf.entry.chunk_id for leaf in leaves] == [c.chunk_id for c in data_chunks]
+    assert [leaf.key for leaf in leaves] == [c.key for c in data_chunks]
+    assert all(leaf.index == i for i, leaf in enumerate(leaves))
+    # No node lists more than fanout entries, and small files need one node.
+    for chunk_id, data in nodes.items():
+        assert len(decode_node(chunk_id, data).entries) <= fanout
+    if count <= fanout:
+        assert len(nodes) == 1
+
+
+def test_manifest_tree_is_deterministic() -> None:
+    first = build(30, 3)
+    builder = ManifestBuilder(b"", 3)
+    for chunk in first[2]:
+        builder.add(chunk)
+    _, again = builder.finish(METADATA)
+    assert again == first[1]
+
+
+def test_root_metadata_round_trips() -> None:
+    metadata = FileMetadata("résumé.pdf", 12345, 0o640, 4096, os.urandom(32))
+    builder = ManifestBuilder(b"", 4)
+    (root,), reference = builder.finish(metadata)
+    opened = open_node(decode_node(root.chunk_id, root.data), reference.key)
+    assert opened.metadata == metadata
+    assert opened.node.is_root and opened.node.kind == NodeKind.LEAF
+
+
+def test_public_part_needs_no_key_and_hides_the_name() -> None:
+    metadata = FileMetadata("secret-plans.txt", 10, 0o600, 4096, bytes(32))
+    builder = ManifestBuilder(b"", 4)
+    chunk = seal_chunk(b"0123456789")
+    builder.add(chunk)
+    (root,), _ = builder.finish(metadata)
+    node = decode_node(root.chunk_id, root.data)
+    assert [e.chunk_id for e in node.entries] == [chunk.chunk_id]
+    assert b"secret-plans" not in root.data
+    assert chunk.key not in root.data
+
+
+def test_wrong_key_on_root_raises_wrong_key() -> None:
+    nodes, reference, _ = build(3, 4)
+    node = decode_node(reference.root, nodes[reference.root])
+    with pytest.raises(WrongKeyError, match="read key does not open"):
+        open_node(node, os.urandom(32))
+
+
+def test_corrupt_manifest_is_an_integrity_error() -> None:
+    nodes, reference, _ = build(3, 4)
+    data = bytearray(nodes[reference.root])
+    data[-1] ^= 0xFF
+    with pytest.raises(IntegrityError, match=reference.root.hex()):
+        decode_node(reference.root, bytes(data))
+
+
+@pytest.mark.parametrize(
+    ("mangle", "message"),
+    [
+        (lambda d: d[:5], "truncated"),
+        (lambda d: b"XXXX" + d[4:], "bad magic"),
+        (lambda d: d[:4] + b"\x09" + d[5:], "format version 9"),
+        (lambda d: d[:5] + b"\x07" + d[6:], "unknown node kind"),
+        (lambda d: d[:6] + b"\x80\x00" + d[8:], "unknown flags"),
+        (lambda d: d[:8] + (1 << 20).to_bytes(4, "big") + d[12:], "more than"),
+        (
+            lambda d: d[:8] + (3).to_bytes(4, "big") + d[12:],
+            "private part|entry list|impossible size",
+        ),
+        (lambda d: d + b"\x00", "private part is"),
+    ],
+)
+def test_malformed_manifest_layout_is_reported(mangle, message) -> None:  # type: ignore[no-untyped-def]
+    nodes, reference, _ = build(2, 4)
+    data = mangle(nodes[reference.root])
+    with pytest.raises(ManifestError, match=message):
+        decode_node(ChunkId.of(data), data)
+
+
+@given(st.binary(max_size=400))
+def test_any_bytes_decode_or_raise_manifest_error(data: bytes) -> None:
+    with contextlib.suppress(ManifestError):
+        decode_node(ChunkId.of(data), data)
+
+
+@given(st.data())
+def test_mutated_manifest_decodes_or_raises_manifest_error(data: st.DataObject) -> None:
+    nodes, reference, _ = build(3, 4)
+    raw = bytearray(nodes[reference.root])
+    position = data.draw(st.integers(0, len(raw) - 1))
+    raw[position] = data.draw(st.integers(0, 255))
+    mutated = bytes(raw[: data.draw(st.integers(0, len(raw)))])
+    try:
+        node = decode_node(ChunkId.of(mutated), mutated)
+        open_node(node, reference.key)
+    except (ManifestError, IntegrityError):
+        pass

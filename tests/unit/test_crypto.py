@@ -1,0 +1,67 @@
+"""Chunk encryption, convergence, and identity signatures."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dht_dfs.crypto import (
+    TAG_SIZE,
+    Identity,
+    open_chunk,
+    seal_chunk,
+    verify_signature,
+)
+from dht_dfs.errors import IntegrityError
+from dht_dfs.ids import ChunkId, NodeId
+
+
+def test_same_plaintext_same_secret_gives_same_chunk() -> None:
+    plain = os.urandom(1000)
+    a, b = seal_chunk(plain), seal_chunk(plain)
+    assert a.chunk_id == b.chunk_id
+    assert a.data == b.data
+    assert len(a.data) == len(plain) + TAG_SIZE
+    assert a.chunk_id == ChunkId.of(a.data)
+
+
+def test_private_secret_changes_the_chunk() -> None:
+    plain = os.urandom(1000)
+    public = seal_chunk(plain)
+    private = seal_chunk(plain, b"our team secret")
+    assert public.chunk_id != private.chunk_id
+    assert open_chunk(private.chunk_id, private.key, private.data) == plain
+
+
+def test_ciphertext_does_not_contain_the_plaintext() -> None:
+    plain = b"MARKER" * 1000
+    sealed = seal_chunk(plain)
+    assert b"MARKER" not in sealed.data
+
+
+def test_flipped_byte_is_detected_and_named() -> None:
+    sealed = seal_chunk(os.urandom(4096))
+    damaged = bytearray(sealed.data)
+    damaged[100] ^= 1
+    with pytest.raises(IntegrityError, match=sealed.chunk_id.hex()) as info:
+        open_chunk(sealed.chunk_id, sealed.key, bytes(damaged))
+    assert info.value.chunk_hex == sealed.chunk_id.hex()
+
+
+def test_wrong_key_is_detected() -> None:
+    sealed = seal_chunk(os.urandom(4096))
+    with pytest.raises(IntegrityError, match="does not decrypt"):
+        open_chunk(sealed.chunk_id, os.urandom(32), sealed.data)
+
+
+def test_node_id_is_hash_of_public_key_and_signatures_verify() -> None:
+    identity = Identity.generate()
+    assert identity.node_id == NodeId.for_public_key(identity.public_key)
+    signature = identity.sign(b"hello")
+    assert verify_signature(identity.public_key, b"hello", signature)
+    assert not verify_signature(identity.public_key, b"hellO", signature)
+    other = Identity.generate()
+    assert not verify_signature(other.public_key, b"hello", signature)
+    assert not verify_signature(b"short", b"hello", signature)
+    assert Identity(identity.seed).node_id == identity.node_id

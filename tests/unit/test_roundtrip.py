@@ -1,0 +1,147 @@
+"""Publish into a local store and restore: the data path without a network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from dht_dfs.client import PART_SUFFIX, publish_to_store, restore_from_store
+from dht_dfs.config import Config
+from dht_dfs.crypto import TAG_SIZE
+from dht_dfs.errors import ConfigError, IntegrityError, WrongKeyError
+from dht_dfs.refs import ReadReference, parse_read_reference
+from dht_dfs.store import ChunkStore
+
+CHUNK = 4096
+CONFIG = Config(chunk_size=CHUNK, manifest_fanout=4)
+
+
+@pytest.fixture
+def store(tmp_path: Path):  # type: ignore[no-untyped-def]
+    with ChunkStore(tmp_path / "store") as opened:
+        yield opened
+
+
+def write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+@pytest.mark.parametrize(
+    "size",
+    [0, 1, CHUNK, CHUNK + 1, 3 * CHUNK + 17, 4 * CHUNK, 23 * CHUNK + 5],
+    ids=["empty", "one-byte", "one-chunk", "chunk+1", "multi-chunk", "fanout", "tree"],
+)
+async def test_round_trip(tmp_path: Path, store: ChunkStore, size: int) -> None:
+    data = os.urandom(size)
+    source = write(tmp_path / "input.bin", data)
+    source.chmod(0o640)
+    result = await publish_to_store(source, store, CONFIG)
+    token = str(result.reference)
+    restored = await restore_from_store(
+        parse_read_reference(token), store, CONFIG, tmp_path / "out.bin"
+    )
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert restored.metadata.name == "input.bin"
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o640
+    assert not (tmp_path / ("out.bin" + PART_SUFFIX)).exists()
+    expected_data_chunks = (size + CHUNK - 1) // CHUNK
+    assert result.data_chunks == expected_data_chunks
+    if size == 23 * CHUNK + 5:
+        assert result.manifest_chunks > 1, "a file this big under fanout 4 needs a manifest tree"
+
+
+async def test_restore_into_directory_uses_published_name(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    source = write(tmp_path / "report.txt", b"hello")
+    result = await publish_to_store(source, store, CONFIG)
+    outdir = tmp_path / "downloads"
+    outdir.mkdir()
+    restored = await restore_from_store(result.reference, store, CONFIG, outdir)
+    assert restored.path == outdir / "report.txt"
+    with pytest.raises(ConfigError, match="already exists"):
+        await restore_from_store(result.reference, store, CONFIG, outdir)
+
+
+async def test_same_file_twice_same_root_no_new_chunk(tmp_path: Path, store: ChunkStore) -> None:
+    source = write(tmp_path / "a.bin", os.urandom(10 * CHUNK))
+    first = await publish_to_store(source, store, CONFIG)
+    before = store.stats()
+    second = await publish_to_store(source, store, CONFIG)
+    assert second.reference == first.reference
+    assert store.stats() == before
+
+
+async def test_shared_content_is_stored_once(tmp_path: Path, store: ChunkStore) -> None:
+    shared = os.urandom(6 * CHUNK)
+    a = write(tmp_path / "a.bin", shared + os.urandom(2 * CHUNK))
+    b = write(tmp_path / "b.bin", shared + os.urandom(3 * CHUNK))
+    await publish_to_store(a, store, CONFIG)
+    after_a = store.stats().chunks
+    await publish_to_store(b, store, CONFIG)
+    new_chunks = store.stats().chunks - after_a
+    # b adds its 3 own data chunks and its manifest nodes, none of the shared 6.
+    assert 3 <= new_chunks <= 3 + 4
+    data_bytes = sum(store.size_of(c) or 0 for c in store.ids())
+    assert data_bytes < (6 + 2 + 3) * (CHUNK + TAG_SIZE) + 8 * 2048
+
+
+async def test_no_plaintext_or_name_on_disk(tmp_path: Path, store: ChunkStore) -> None:
+    marker = b"TOP-SECRET-MARKER-7c1f"
+    source = write(tmp_path / "marker-file-name.txt", marker * (20 * CHUNK // len(marker)))
+    await publish_to_store(source, store, CONFIG)
+    for path in store.root.rglob("*"):
+        if path.is_file():
+            content = path.read_bytes()
+            assert marker not in content, path
+            assert b"marker-file-name" not in content, path
+
+
+async def test_flipped_byte_fails_restore_naming_the_chunk(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    data = os.urandom(5 * CHUNK)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    data_chunks = [c for c in store.ids() if store.size_of(c) == CHUNK + TAG_SIZE]
+    victim = data_chunks[0]
+    damaged = bytearray(store.path_of(victim).read_bytes())
+    damaged[7] ^= 0x40
+    store.path_of(victim).write_bytes(bytes(damaged))
+    out = tmp_path / "out.bin"
+    with pytest.raises(IntegrityError, match=victim.hex()):
+        await restore_from_store(result.reference, store, CONFIG, out)
+    assert not out.exists(), "wrong bytes must never be delivered as the file"
+
+
+async def test_wrong_key_is_a_clear_error(tmp_path: Path, store: ChunkStore) -> None:
+    result = await publish_to_store(write(tmp_path / "in.bin", b"abc"), store, CONFIG)
+    forged = ReadReference(result.reference.root, os.urandom(32))
+    with pytest.raises(WrongKeyError, match="read key does not open"):
+        await restore_from_store(forged, store, CONFIG, tmp_path / "out.bin")
+
+
+async def test_interrupted_restore_resumes_without_refetching(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    data = os.urandom(12 * CHUNK + 100)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    out = tmp_path / "out.bin"
+    # Simulate an interrupted fetch: the part file holds the first 5 chunks
+    # and a torn 6th.
+    part = tmp_path / ("out.bin" + PART_SUFFIX)
+    with open(part, "wb") as handle:
+        handle.write(data[: 5 * CHUNK + 1000])
+    restored = await restore_from_store(result.reference, store, CONFIG, out)
+    assert out.read_bytes() == data
+    assert restored.chunks_resumed == 5
+    assert restored.chunks_fetched == 13 - 5
+
+
+async def test_missing_input_file_is_a_clear_error(tmp_path: Path, store: ChunkStore) -> None:
+    with pytest.raises(ConfigError, match="no such file"):
+        await publish_to_store(tmp_path / "nope", store, CONFIG)
+    with pytest.raises(ConfigError, match="is a directory"):
+        await publish_to_store(tmp_path, store, CONFIG)
