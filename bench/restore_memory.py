@@ -98,7 +98,9 @@ def main() -> None:
     finally:
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
-    header = f"{'size':>9} {'publish RSS':>12} {'restore RSS':>12} {'publish':>10} {'restore':>10}  ok"
+    header = (
+        f"{'size':>9} {'publish RSS':>12} {'restore RSS':>12} {'publish':>10} {'restore':>10}  ok"
+    )
     print(header)
     for row in rows:
         print(

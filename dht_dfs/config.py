@@ -65,6 +65,10 @@ class Config:
     request_timeout: float = 30.0
     """Seconds a chunk request may take, bodies included."""
     idle_connection_timeout: float = 300.0
+    max_connections: int = 1024
+    """Accepted connections at once; more are closed right away."""
+    max_concurrent_requests: int = 64
+    """Requests served at once per connection; beyond it the socket is paused."""
 
     # --- publish / fetch engines ------------------------------------------------------
     transfer_window: int = 16

@@ -1,0 +1,83 @@
+"""Answering peers' chunk requests from a node's store.
+
+Implements ``transport.RequestHandler`` over a ``ChunkStore``: a stored
+chunk is verified (in a thread) before it is kept, so a bad body never
+reaches the disk; a full store answers FULL so the sender places the chunk
+elsewhere; stored chunks are served as open files for ``sendfile``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import Executor
+
+from dht_dfs.errors import IntegrityError, StoreError, StoreFullError
+from dht_dfs.ids import ChunkId, NodeId
+from dht_dfs.store import ChunkStore, PutOutcome
+from dht_dfs.transport import ChunkBody, FileBody
+from dht_dfs.wire import StoreStatus
+
+log = logging.getLogger(__name__)
+
+
+class ChunkService:
+    """The request handler of a storing node."""
+
+    def __init__(
+        self,
+        store: ChunkStore,
+        executor: Executor | None = None,
+        *,
+        receipt_for: Callable[[ChunkId], bytes] | None = None,
+        on_stored: Callable[[ChunkId], None] | None = None,
+        accept_stores: bool = True,
+    ) -> None:
+        self.store = store
+        self._executor = executor
+        self._receipt_for = receipt_for
+        self._on_stored = on_stored
+        self.accept_stores = accept_stores
+        self.chunks_received = 0
+        self.chunks_served = 0
+
+    async def _run(self, func: Callable[..., object], *args: object) -> object:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
+
+    async def handle_store(
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
+    ) -> tuple[StoreStatus, bytes]:
+        if not self.accept_stores:
+            return StoreStatus.FULL, b""
+        try:
+            outcome = await self._run(self.store.put, chunk_id, body)
+        except IntegrityError:
+            log.warning("peer %s sent chunk %s with wrong bytes; refused", peer, chunk_id)
+            return StoreStatus.REJECTED, b""
+        except StoreFullError as error:
+            log.info("refusing chunk %s from %s: %s", chunk_id, peer, error)
+            return StoreStatus.FULL, b""
+        except StoreError:
+            log.exception("cannot store chunk %s", chunk_id)
+            return StoreStatus.FULL, b""
+        self.chunks_received += 1
+        if outcome is PutOutcome.STORED and self._on_stored is not None:
+            self._on_stored(chunk_id)
+        receipt = self._receipt_for(chunk_id) if self._receipt_for is not None else b""
+        status = StoreStatus.STORED if outcome is PutOutcome.STORED else StoreStatus.ALREADY_HAD
+        return status, receipt
+
+    async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
+        opened = await self._run(self.store.open_for_sending, chunk_id)
+        if opened is None:
+            return None
+        assert isinstance(opened, tuple)
+        fd, size = opened
+        self.chunks_served += 1
+        return FileBody(fd, size)
+
+    async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
+        held = await self._run(self.store.have_which, list(chunk_ids))
+        assert isinstance(held, list)
+        return held
