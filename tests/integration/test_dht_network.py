@@ -1,0 +1,276 @@
+"""Networks of 20-50 DhtNodes in one process on 127.0.0.1: provider lookups from
+every node, expiry, late joiners, killed nodes, re-announcement, bootstrap and
+restart, client mode."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dht_dfs.config import Config
+from dht_dfs.crypto import Identity
+from dht_dfs.dht import DhtNode
+from dht_dfs.errors import LocalProtocolError, NetworkError
+from dht_dfs.ids import NodeId
+from tests.integration.dht_harness import (
+    LOCALHOST,
+    WAIT,
+    FakeClock,
+    RawPeer,
+    dht_network,
+    settle,
+    start_node,
+)
+
+CONFIG = Config(ksize=8, alpha=3, dht_rpc_timeout=0.5, dht_lookup_timeout=10.0)
+
+
+def ids(nodes: list[DhtNode]) -> set[NodeId]:
+    return {node.identity.node_id for node in nodes}
+
+
+def closest(nodes: list[DhtNode], key: bytes, count: int) -> list[DhtNode]:
+    return sorted(nodes, key=lambda n: n.identity.node_id.distance(key))[:count]
+
+
+async def test_every_provider_is_found_from_every_node() -> None:
+    rng = random.Random(7)
+    async with dht_network(40, CONFIG) as nodes:
+        providers_of: dict[bytes, list[DhtNode]] = {}
+        for count in (1, 2, 3, 4, 5):
+            key = os.urandom(20)
+            providers_of[key] = rng.sample(nodes, count)
+            for provider in providers_of[key]:
+                assert (await provider.announce([key]))[key] >= CONFIG.ksize - 1
+        await settle(nodes)
+        for key, providers in providers_of.items():
+            results = await asyncio.gather(*(node.find_providers(key) for node in nodes))
+            for node, records in zip(nodes, results, strict=True):
+                assert {r.node_id for r in records} == ids(providers), f"from {node.contact}"
+                assert all(r.verify(node.clock()) for r in records)
+                assert {r.tcp_address for r in records} == {
+                    p.contact.tcp_address for p in providers
+                }
+
+
+async def test_lookup_with_want_stops_early() -> None:
+    async with dht_network(30, CONFIG) as nodes:
+        key = os.urandom(20)
+        for provider in nodes[1:6]:
+            await provider.announce([key])
+        asker = next(n for n in nodes[6:] if not n.local_providers(key))
+        full = await asker.lookup(key)
+        early = await asker.lookup(key, want=1)
+        assert len(full.providers) == 5
+        assert len(early.providers) >= 1
+        assert early.stats.messages < full.stats.messages
+        assert early.stats.hops >= 1 and not early.stats.timed_out
+
+
+async def test_records_expire_with_the_injected_clock() -> None:
+    clock = FakeClock()
+    config = CONFIG.replace(provider_ttl=600.0)
+    provided: list[bytes] = []
+    async with dht_network(
+        30, config, node_kwargs=lambda i: {"clock": clock, "provided_keys": lambda: provided}
+    ) as nodes:
+        key = os.urandom(20)
+        provider, asker = nodes[3], nodes[17]
+        await provider.announce([key])
+        provided.append(key)
+        assert [r.node_id for r in await asker.find_providers(key)] == [provider.identity.node_id]
+        holders = [n for n in nodes if n.local_providers(key)]
+        assert len(holders) >= CONFIG.ksize - 1
+
+        clock.advance(599)
+        assert len(await asker.find_providers(key)) == 1
+        clock.advance(2)
+        assert await asker.find_providers(key) == []
+        assert all(n.local_providers(key) == [] for n in nodes)
+        assert all(n.providers.expire(clock()) <= 1 for n in holders)
+        assert all(len(n.providers) == 0 for n in nodes)
+
+        # The provider's next re-announcement brings it back.
+        assert await provider.reannounce() == 1
+        assert [r.node_id for r in await asker.find_providers(key)] == [provider.identity.node_id]
+
+
+async def test_late_joiner_receives_records_it_is_now_closest_to() -> None:
+    rng = random.Random(11)
+    async with dht_network(30, CONFIG) as nodes:
+        keys = [os.urandom(20) for _ in range(40)]
+        for key in keys:
+            await rng.choice(nodes).announce([key])
+        await settle(nodes)
+        late = await start_node(CONFIG)
+        nodes.append(late)  # stopped with the others
+        await late.bootstrap([(LOCALHOST, nodes[0].port)])
+        await settle(nodes)
+        expected = [key for key in keys if late in closest(nodes, key, CONFIG.ksize)]
+        assert len(expected) >= 3  # the seed gives ~10; the test needs some to be meaningful
+        missing = [key.hex()[:8] for key in expected if not late.local_providers(key)]
+        assert missing == []
+        # Only records it is close to: not everything.
+        assert len(late.providers) < len(keys)
+
+
+async def test_lookups_succeed_with_a_third_of_the_nodes_killed() -> None:
+    rng = random.Random(5)
+    async with dht_network(45, CONFIG) as nodes:
+        keys = [os.urandom(20) for _ in range(8)]
+        providers_of = {key: rng.sample(nodes, 2) for key in keys}
+        for key, providers in providers_of.items():
+            for provider in providers:
+                await provider.announce([key])
+        keep = set().union(*map(ids, providers_of.values()))
+        victims = rng.sample([n for n in nodes if n.identity.node_id not in keep], 15)
+        await asyncio.gather(*(victim.stop() for victim in victims))
+        alive = [n for n in nodes if n not in victims]
+
+        askers = rng.sample(alive, 10)
+        lookups = [(key, asker) for key in keys for asker in askers]
+        results = await asyncio.gather(*(asker.find_providers(key) for key, asker in lookups))
+        for (key, asker), records in zip(lookups, results, strict=True):
+            assert {r.node_id for r in records} == ids(providers_of[key]), f"from {asker.contact}"
+
+        # Placement sees only live nodes, and the true closest of them.
+        for key in keys[:4]:
+            asker = rng.choice(alive)
+            live = await asker.closest_live_nodes(key, 3)
+            assert [c.node_id for c in live] == [n.identity.node_id for n in closest(alive, key, 3)]
+
+
+async def test_closest_live_nodes_can_leave_this_node_out() -> None:
+    async with dht_network(20, CONFIG) as nodes:
+        asker = nodes[5]
+        key = asker.identity.node_id.digest  # this node is the closest of all
+        with_self = await asker.closest_live_nodes(key, 4)
+        without = await asker.closest_live_nodes(key, 4, include_self=False)
+        assert with_self[0] == asker.contact
+        assert asker.contact not in without
+        assert [c.node_id for c in without] == [
+            n.identity.node_id for n in closest([n for n in nodes if n is not asker], key, 4)
+        ]
+
+
+async def test_reannounce_loop_renews_records_before_they_expire() -> None:
+    # Real time here: the loop runs every provider_ttl / 2 seconds.
+    config = CONFIG.replace(provider_ttl=4.0)
+    key = os.urandom(20)
+    async with dht_network(
+        20, config, node_kwargs=lambda i: {"provided_keys": lambda: [key]} if i == 1 else {}
+    ) as nodes:
+        provider, asker = nodes[1], nodes[12]
+        await provider.announce([key])
+        (first,) = await asker.find_providers(key)
+        provider.reannounced.clear()
+        await asyncio.wait_for(provider.reannounced.wait(), WAIT)
+        (renewed,) = await asker.find_providers(key)
+        assert renewed.node_id == provider.identity.node_id
+        assert renewed.expiry > first.expiry
+        assert provider.counters.reannounce_passes >= 1
+
+
+async def test_announce_batches_records_per_target(monkeypatch: pytest.MonkeyPatch) -> None:
+    async with dht_network(20, CONFIG) as nodes:
+        provider = nodes[4]
+        calls: list[str] = []
+        original = provider.protocol.call
+
+        async def counting(address: Any, name: str, args: list[object]) -> Any:
+            calls.append(name)
+            return await original(address, name, args)
+
+        monkeypatch.setattr(provider.protocol, "call", counting)
+        keys = [os.urandom(20) for _ in range(100)]
+        confirmations = await provider.announce(keys)
+        assert set(confirmations) == set(keys)
+        assert min(confirmations.values()) >= CONFIG.ksize - 1
+        records_sent = sum(confirmations.values())
+        # ~30 records per datagram: far fewer requests than records.
+        assert calls.count("add_providers") < records_sent / 10
+
+
+async def test_bootstrap_retries_then_raises() -> None:
+    config = CONFIG.replace(dht_rpc_timeout=0.2, bootstrap_attempts=2)
+    async with RawPeer.open() as silent:
+        node = await start_node(config)
+        try:
+            with pytest.raises(
+                NetworkError, match=r"no DHT node answered at 127\.0\.0\.1:\d+ after 2"
+            ):
+                await node.bootstrap([f"{LOCALHOST}:{silent.port}"])
+            assert await node.bootstrap([]) == 0  # the first node of a network
+        finally:
+            await node.stop()
+
+
+async def test_bootstrap_resolves_host_names_and_learns_its_address() -> None:
+    async with dht_network(5, CONFIG) as nodes:
+        joiner = DhtNode(Identity.generate(), CONFIG)
+        await joiner.start("0.0.0.0", 0)
+        try:
+            assert joiner.contact.host == "0.0.0.0"
+            assert await joiner.bootstrap([f"localhost:{nodes[0].port}"]) == 5
+            assert joiner.contact.host == LOCALHOST  # as the peers saw it
+            assert joiner.sign_record(os.urandom(20)).host == LOCALHOST
+        finally:
+            await joiner.stop()
+
+
+async def test_restarted_node_rejoins_from_saved_contacts(tmp_path: Path) -> None:
+    path = tmp_path / "dht-contacts.json"
+    identity = Identity.generate()
+    key = os.urandom(20)
+    async with dht_network(12, CONFIG) as nodes:
+        seed = nodes[0]
+        first = DhtNode(identity, CONFIG, state_path=path)
+        await first.start(LOCALHOST, 0)
+        try:
+            await first.bootstrap([(LOCALHOST, seed.port)])
+            await nodes[6].announce([key])
+        finally:
+            await first.stop()
+        assert path.exists()
+        await seed.stop()  # the bootstrap node is gone
+
+        again = DhtNode(identity, CONFIG, state_path=path)
+        await again.start(LOCALHOST, 0)
+        try:
+            assert await again.bootstrap([]) >= 5
+            assert seed.identity.node_id not in {c.node_id for c in again.known_contacts()}
+            records = await again.find_providers(key)
+            assert [r.node_id for r in records] == [nodes[6].identity.node_id]
+        finally:
+            await again.stop()
+
+
+async def test_client_mode_node_is_never_added_nor_sent_records() -> None:
+    async with dht_network(20, CONFIG) as nodes:
+        client = DhtNode(Identity.generate(), CONFIG, client_mode=True)
+        await client.start(LOCALHOST, 0)
+        try:
+            assert await client.bootstrap([(LOCALHOST, nodes[0].port)]) > 0
+            key = client.identity.node_id.digest  # the client would be the closest holder
+            await nodes[3].announce([key])
+            assert [r.node_id for r in await client.find_providers(key)] == [
+                nodes[3].identity.node_id
+            ]
+            live = await client.closest_live_nodes(key, 3)
+            assert client.contact not in live and len(live) == 3
+            with pytest.raises(LocalProtocolError):
+                client.sign_record(key)
+            await settle([*nodes, client])
+            assert all(client.identity.node_id not in ids_known(n) for n in nodes)
+            assert len(client.providers) == 0
+        finally:
+            await client.stop()
+
+
+def ids_known(node: DhtNode) -> set[NodeId]:
+    return {c.node_id for c in node.known_contacts()}
