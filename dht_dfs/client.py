@@ -15,13 +15,14 @@ source returns. A source returns only bytes that hash to the id asked for.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import os
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,11 +78,42 @@ class ChunkSink(Protocol):
         """Finish anything ``put`` left in the background."""
 
 
+Consume = Callable[[bytes | bytearray], T]
+"""Runs on a chunk's bytes in a worker thread; raises IntegrityError if they are bad."""
+
+
+def verified(chunk_id: ChunkId) -> Consume[bytes | bytearray]:
+    """A consume function that only checks the bytes hash to ``chunk_id``."""
+
+    def check(data: bytes | bytearray) -> bytes | bytearray:
+        if not chunk_id.matches(data):
+            raise IntegrityError(f"chunk {chunk_id.hex()} is corrupt", chunk_id.hex())
+        return data
+
+    return check
+
+
 class ChunkSource(Protocol):
     """Where the fetch engine gets chunks."""
 
-    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
-        """Bytes that hash to ``chunk_id``; raise ChunkNotFoundError if none exist."""
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume: Consume[T]) -> T:
+        """Get a chunk and run ``consume`` on its bytes in a worker thread.
+
+        If ``consume`` raises IntegrityError the copy was bad: another holder
+        is tried. Raises ChunkNotFoundError when no good copy can be had.
+        Checking, decrypting and writing in the one worker call saves a
+        thread hop per chunk.
+        """
+
+    async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
+        """A hint: these chunks will be asked for soon, in this order."""
+
+
+async def get_verified(
+    source: ChunkSource, chunk_id: ChunkId, size_hint: int | None = None
+) -> bytes | bytearray:
+    """A chunk's bytes, checked against its id."""
+    return await source.fetch(chunk_id, size_hint, verified(chunk_id))
 
 
 # --- local store adapters ----------------------------------------------------------
@@ -117,9 +149,16 @@ class StoreSource:
         self._store = store
         self._executor = executor
 
-    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume: Consume[T]) -> T:
+        def read_and_consume() -> T:
+            # The store checks the hash on read (and drops a corrupt copy).
+            return consume(self._store.get(chunk_id))
+
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._executor, self._store.get, chunk_id)
+        return await loop.run_in_executor(self._executor, read_and_consume)
+
+    async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
+        return None
 
 
 # --- helpers ---------------------------------------------------------------------------
@@ -322,7 +361,7 @@ class LeafChunk:
 async def read_node(
     source: ChunkSource, chunk_id: ChunkId, size: int | None, executor: Executor
 ) -> bytes:
-    data = await source.get(chunk_id, size)
+    data = bytes(await get_verified(source, chunk_id, size))
     if size is not None and len(data) != size:
         raise ManifestError(
             f"manifest chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
@@ -352,6 +391,8 @@ async def walk_leaves(
     index = 0
     offset = 0
     stack: list[tuple[OpenedNode, int]] = [(root, 0)]
+    if root.node.kind == NodeKind.LEAF:
+        await source.prefetch([entry.chunk_id for entry in root.node.entries])
     while stack:
         opened, position = stack[-1]
         if position == len(opened.node.entries):
@@ -373,6 +414,8 @@ async def walk_leaves(
         child = await loop.run_in_executor(executor, decode_node, entry.chunk_id, data)
         if child.is_root:
             raise ManifestError(f"manifest chunk {entry.chunk_id.hex()} is a root inside a tree")
+        if child.kind == NodeKind.LEAF:
+            await source.prefetch([leaf.chunk_id for leaf in child.entries])
         stack.append((await loop.run_in_executor(executor, open_node, child, key), 0))
 
 
@@ -499,8 +542,11 @@ async def fetch_file(
                 return None
             return plain
 
-        def open_and_write(leaf: LeafChunk, data: bytes) -> bytes:
-            plain = decrypt_with_key(data, leaf.key, leaf.entry.chunk_id)
+        def check_open_and_write(leaf: LeafChunk, data: bytes | bytearray) -> bytes:
+            chunk_id = leaf.entry.chunk_id
+            if len(data) != leaf.entry.stored_size or not chunk_id.matches(data):
+                raise IntegrityError(f"chunk {chunk_id.hex()} is corrupt", chunk_id.hex())
+            plain = decrypt_with_key(bytes(data), leaf.key, chunk_id)
             if len(plain) != leaf.entry.plain_size:
                 raise ManifestError(
                     f"chunk {leaf.entry.chunk_id.hex()} size disagrees with its manifest"
@@ -532,14 +578,11 @@ async def fetch_file(
             if plain is not None:
                 resumed += 1
             else:
-                data = await source.get(leaf.entry.chunk_id, leaf.entry.stored_size)
-                if len(data) != leaf.entry.stored_size:
-                    raise IntegrityError(
-                        f"chunk {leaf.entry.chunk_id.hex()} has {len(data)} bytes, "
-                        f"manifest says {leaf.entry.stored_size}",
-                        leaf.entry.chunk_id.hex(),
-                    )
-                plain = await loop.run_in_executor(executor, open_and_write, leaf, data)
+                plain = await source.fetch(
+                    leaf.entry.chunk_id,
+                    leaf.entry.stored_size,
+                    functools.partial(check_open_and_write, leaf),
+                )
                 fetched += 1
             ready[leaf.index] = plain
             await drain_in_order()

@@ -78,10 +78,11 @@ class Config:
 
     # --- maintenance --------------------------------------------------------------------
     repair_interval: float = 60.0
-    """Seconds between two repair passes over the local store."""
+    """Seconds between two repair passes over the local store (0: no repair loop)."""
     repair_rate: float = 50.0
     """Chunks per second a repair pass examines at most."""
-    scrub_interval: float = 3600.0
+    scrub_interval: float = 24 * 3600.0
+    """Each stored chunk is re-verified once per this many seconds (0: no scrub loop)."""
     scrub_rate: float = 32 * MiB
     """Bytes per second the background scrub re-hashes at most."""
     leave_timeout: float = 30.0

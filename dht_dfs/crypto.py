@@ -57,6 +57,13 @@ PUBLIC_CONVERGENCE_SECRET = b""
 # --- convergent chunk encryption --------------------------------------------
 
 
+def secret_from_file_content(content: bytes) -> bytes:
+    """A 32-byte convergence secret from any file (a passphrase, random bytes...)."""
+    if not content:
+        raise ValueError("a convergence secret file is empty")
+    return hashlib.blake2b(content, digest_size=SECRET_SIZE, person=b"dhtfs/secret").digest()
+
+
 def derive_chunk_key(plaintext: bytes | memoryview, secret: bytes) -> bytes:
     """The convergent key of a plaintext chunk under a convergence secret."""
     if len(secret) > 64:

@@ -45,11 +45,14 @@ class MemorySource:
     def __init__(self, chunks: dict[ChunkId, bytes]) -> None:
         self.chunks = chunks
 
-    async def get(self, chunk_id: ChunkId, size_hint: int | None = None) -> bytes:
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume):  # type: ignore[no-untyped-def]
         try:
-            return self.chunks[chunk_id]
+            return consume(self.chunks[chunk_id])
         except KeyError:
             raise ChunkNotFoundError(f"missing {chunk_id.hex()}") from None
+
+    async def prefetch(self, chunk_ids: object) -> None:
+        return None
 
 
 def fake_chunk(i: int) -> SealedChunk:

@@ -1,0 +1,313 @@
+"""Keeping every chunk at full replication without anyone asking.
+
+Each node runs three kinds of upkeep on the chunks it stores:
+
+- Repair (``repair_pass``): for each stored chunk, the ``replicas`` live
+  nodes closest to its id (a DHT lookup: dead nodes do not answer) are its
+  rightful holders. They are asked (one batched HAVE per peer) whether they
+  hold it; any that lack it get a copy. To keep several holders from all
+  pushing the same chunk, only the closest node that holds it acts; a node
+  outside the rightful set acts only when no rightful node holds it, which
+  is how a chunk moves to a node that joined closer to its id. A copy far
+  outside the rightful set (beyond ``2 * replicas``) is dropped once the
+  rightful set is complete. Paced at ``repair_rate`` chunks per second.
+- Scrub (``scrub_step``): re-hash stored chunks at ``scrub_rate`` bytes per
+  second; a corrupt or vanished copy is removed and fetched again from
+  another holder.
+- Hand-off (``hand_off``): before a node leaves, every chunk with fewer than
+  ``replicas`` copies elsewhere is copied to the closest nodes lacking it,
+  within ``leave_timeout``.
+
+Provider records are renewed by the DHT's re-announce loop; records of a
+provider that stops answering are dropped when a fetch or check meets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from dht_dfs.client import get_verified
+from dht_dfs.config import Config
+from dht_dfs.dht import Contact
+from dht_dfs.errors import ChunkNotFoundError, DhtfsError, NetworkError
+from dht_dfs.ids import ChunkId, NodeId
+from dht_dfs.network import Network, NetworkSource, Placer, address_of
+from dht_dfs.store import ChunkStore, ScrubReport
+
+log = logging.getLogger(__name__)
+
+_BATCH = 64
+_DROP_FACTOR = 2
+
+
+@dataclass
+class RepairStats:
+    examined: int = 0
+    copies_added: int = 0
+    copies_dropped: int = 0
+    under_replicated: int = 0
+    """Chunks still short of ``replicas`` copies after the pass."""
+    errors: int = 0
+
+    def merge(self, other: RepairStats) -> None:
+        self.examined += other.examined
+        self.copies_added += other.copies_added
+        self.copies_dropped += other.copies_dropped
+        self.under_replicated += other.under_replicated
+        self.errors += other.errors
+
+
+@dataclass(frozen=True, slots=True)
+class ScrubResult:
+    report: ScrubReport
+    refetched: tuple[ChunkId, ...]
+    lost: tuple[ChunkId, ...]
+    """Bad local copies that no other node could supply."""
+
+
+class _Pacer:
+    """At most ``rate`` units per second, with a burst of one second's worth."""
+
+    def __init__(self, rate: float) -> None:
+        self._rate = rate
+        self._allowance = rate
+        self._last = time.monotonic()
+
+    async def take(self, amount: float) -> None:
+        if self._rate <= 0:
+            return
+        now = time.monotonic()
+        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
+        self._last = now
+        self._allowance -= amount
+        if self._allowance < 0:
+            await asyncio.sleep(-self._allowance / self._rate)
+
+
+class Maintainer:
+    """Repair, scrub and hand-off for one node's store."""
+
+    def __init__(self, network: Network, store: ChunkStore, config: Config) -> None:
+        self._network = network
+        self._store = store
+        self._config = config
+        self.totals = RepairStats()
+        self.scrub_refetched = 0
+        self.repair_passes = 0
+        self.pass_completed = asyncio.Event()
+        """Set after each complete repair pass (tests and benchmarks wait on it)."""
+
+    @property
+    def _me(self) -> NodeId:
+        return self._network.node_id
+
+    # --- repair ---------------------------------------------------------------------
+
+    async def repair_pass(self, *, rate: float | None = None) -> RepairStats:
+        """Examine every stored chunk once; fix what is short."""
+        stats = RepairStats()
+        pacer = _Pacer(self._config.repair_rate if rate is None else rate)
+        batch: list[ChunkId] = []
+        for chunk_id in list(self._store.ids()):
+            batch.append(chunk_id)
+            if len(batch) >= _BATCH:
+                await pacer.take(len(batch))
+                stats.merge(await self._repair_batch(batch, leaving=False))
+                batch = []
+        if batch:
+            await pacer.take(len(batch))
+            stats.merge(await self._repair_batch(batch, leaving=False))
+        self.totals.merge(stats)
+        self.repair_passes += 1
+        self.pass_completed.set()
+        if stats.copies_added or stats.copies_dropped or stats.under_replicated:
+            log.info(
+                "repair pass: %d chunks examined, %d copies added, %d dropped, %d still short",
+                stats.examined,
+                stats.copies_added,
+                stats.copies_dropped,
+                stats.under_replicated,
+            )
+        return stats
+
+    async def hand_off(self, *, within: float | None = None) -> RepairStats:
+        """Before leaving: make sure each chunk has ``replicas`` copies elsewhere."""
+        stats = RepairStats()
+        limit = self._config.leave_timeout if within is None else within
+        ids = list(self._store.ids())
+        try:
+            async with asyncio.timeout(limit):
+                for start in range(0, len(ids), _BATCH):
+                    stats.merge(await self._repair_batch(ids[start : start + _BATCH], leaving=True))
+        except TimeoutError:
+            log.warning(
+                "hand-off stopped after %.0f s with %d of %d chunks examined",
+                limit,
+                stats.examined,
+                len(ids),
+            )
+        if stats.copies_added:
+            log.info("handed off %d copies before leaving", stats.copies_added)
+        return stats
+
+    async def _repair_batch(self, ids: Sequence[ChunkId], *, leaving: bool) -> RepairStats:
+        network = self._network
+        replicas = self._config.replicas
+        stats = RepairStats(examined=len(ids))
+        lookups = asyncio.Semaphore(self._config.transfer_window)
+
+        async def closest_of(chunk_id: ChunkId) -> list[Contact]:
+            async with lookups:
+                return await network.dht.closest_live_nodes(
+                    chunk_id.dht_key, self._config.ksize, include_self=not leaving
+                )
+
+        async with asyncio.TaskGroup() as group:
+            tasks = {chunk_id: group.create_task(closest_of(chunk_id)) for chunk_id in ids}
+        closest = {chunk_id: task.result() for chunk_id, task in tasks.items()}
+
+        # Ask each rightful holder, once, which of the batch's chunks it has.
+        asked: dict[NodeId, tuple[Contact, list[ChunkId]]] = {}
+        for chunk_id, contacts in closest.items():
+            for contact in contacts[:replicas]:
+                if contact.node_id != self._me:
+                    asked.setdefault(contact.node_id, (contact, []))[1].append(chunk_id)
+        holds: dict[tuple[NodeId, ChunkId], bool] = {}
+        unreachable: set[NodeId] = set()
+
+        async def ask(contact: Contact, chunk_ids: list[ChunkId]) -> None:
+            try:
+                connection = await network.connect(address_of(contact))
+                answers = await connection.have(chunk_ids)
+            except (NetworkError, OSError) as error:
+                log.info("repair: %s did not answer: %s", contact.node_id, error)
+                unreachable.add(contact.node_id)
+                return
+            for chunk_id, here in zip(chunk_ids, answers, strict=True):
+                holds[(contact.node_id, chunk_id)] = here
+
+        async with asyncio.TaskGroup() as group:
+            for contact, chunk_ids in asked.values():
+                group.create_task(ask(contact, chunk_ids))
+
+        work = asyncio.Semaphore(self._config.transfer_window)
+
+        async def settle(chunk_id: ChunkId) -> None:
+            async with work:
+                await self._settle(
+                    chunk_id, closest[chunk_id], holds, unreachable, stats, leaving=leaving
+                )
+
+        async with asyncio.TaskGroup() as group:
+            for chunk_id in ids:
+                group.create_task(settle(chunk_id))
+        return stats
+
+    async def _settle(
+        self,
+        chunk_id: ChunkId,
+        closest: list[Contact],
+        holds: dict[tuple[NodeId, ChunkId], bool],
+        unreachable: set[NodeId],
+        stats: RepairStats,
+        *,
+        leaving: bool,
+    ) -> None:
+        replicas = self._config.replicas
+        candidates = [c for c in closest if c.node_id not in unreachable]
+        rightful = candidates[:replicas]
+
+        def has(contact: Contact) -> bool:
+            if contact.node_id == self._me:
+                return not leaving
+            return holds.get((contact.node_id, chunk_id), False)
+
+        holders = [c for c in rightful if has(c)]
+        if len(holders) >= replicas:
+            near = {c.node_id for c in candidates[: _DROP_FACTOR * replicas]}
+            # The rightful holders all have it: a copy this far away is surplus.
+            if not leaving and self._me not in near and self._store.delete(chunk_id):
+                stats.copies_dropped += 1
+            return
+        if not leaving and holders and holders[0].node_id != self._me:
+            return  # a closer holder is responsible for this chunk
+        missing = [c for c in candidates if not has(c) and c.node_id != self._me]
+        try:
+            data = await self._network.run(self._store.get, chunk_id)
+        except ChunkNotFoundError:
+            return  # deleted meanwhile
+        except DhtfsError as error:
+            log.warning("repair: local copy unusable: %s", error)
+            stats.errors += 1
+            return
+        assert isinstance(data, bytes)
+        placer = Placer(self._network, chunk_id, data, closest)
+        try:
+            added, records = await placer.place(missing, replicas - len(holders))
+        except DhtfsError as error:
+            log.warning("repair: could not copy chunk %s: %s", chunk_id, error)
+            stats.errors += 1
+            stats.under_replicated += 1
+            return
+        stats.copies_added += len(added)
+        if len(holders) + len(added) < replicas:
+            stats.under_replicated += 1
+        if records:
+            with contextlib.suppress(NetworkError):
+                await self._network.dht.put_records(records, {chunk_id.dht_key: closest})
+
+    # --- scrub ----------------------------------------------------------------------
+
+    async def scrub_step(self, max_bytes: int, *, older_than: float | None = None) -> ScrubResult:
+        """Re-hash up to ``max_bytes`` of stored chunks; re-fetch any bad copy."""
+        report = await asyncio.to_thread(self._store.scrub, max_bytes, older_than=older_than)
+        refetched: list[ChunkId] = []
+        lost: list[ChunkId] = []
+        source = NetworkSource(self._network)
+        for chunk_id in (*report.corrupt, *report.missing):
+            if await self._refetch(source, chunk_id):
+                refetched.append(chunk_id)
+            else:
+                lost.append(chunk_id)
+        self.scrub_refetched += len(refetched)
+        return ScrubResult(report, tuple(refetched), tuple(lost))
+
+    async def _refetch(self, source: NetworkSource, chunk_id: ChunkId) -> bool:
+        try:
+            data = await get_verified(source, chunk_id)
+            await self._network.run(self._store.put, chunk_id, data)
+        except DhtfsError as error:
+            problem = str(error)
+        else:
+            log.info("scrub: replaced bad copy of chunk %s from another holder", chunk_id)
+            return True
+        log.error("scrub: chunk %s is bad here and no holder has it: %s", chunk_id.hex(), problem)
+        return False
+
+    # --- the loops a running node owns ---------------------------------------------------
+
+    async def run_repair(self) -> None:
+        """Repair passes forever, staggered so nodes do not all act at once."""
+        interval = self._config.repair_interval
+        await asyncio.sleep(interval * random.uniform(0.1, 1.0))
+        while True:
+            try:
+                await self.repair_pass()
+            except DhtfsError as error:
+                log.warning("repair pass failed: %s", error)
+            await asyncio.sleep(interval * random.uniform(0.8, 1.2))
+
+    async def run_scrub(self) -> None:
+        """Re-verify every chunk once per ``scrub_interval``, at ``scrub_rate``."""
+        step = 1.0
+        while True:
+            cutoff = time.time() - self._config.scrub_interval
+            result = await self.scrub_step(int(self._config.scrub_rate * step), older_than=cutoff)
+            idle = result.report.checked == 0 and not result.report.missing
+            await asyncio.sleep(min(60.0, self._config.scrub_interval / 10) if idle else step)

@@ -1,0 +1,312 @@
+"""A running node: chunk store + TCP endpoint + DHT + maintenance, one port.
+
+The DHT (UDP) and the chunk transport (TCP) listen on the same port number,
+so a node is named by one ``HOST:PORT``. A node owns its data dir while it
+runs (an flock on ``node.lock``), so two nodes never share a store by
+mistake; the data dir holds::
+
+    identity.key        Ed25519 seed, mode 0600
+    store/              chunk files and their SQLite index (store.py)
+    dht-contacts.json   routing table, to rejoin without a bootstrap node
+    control.sock        local control endpoint for the CLI (api.py), 0600
+    node.lock           held while the node runs
+
+Also here: ``client_network``, the short-lived client a CLI command uses
+when no node runs on this machine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from dht_dfs import __version__
+from dht_dfs.api import ControlServer
+from dht_dfs.config import Config
+from dht_dfs.crypto import Identity
+from dht_dfs.dht import DhtNode
+from dht_dfs.errors import ConfigError, DhtfsError
+from dht_dfs.identity import ensure_data_dir, load_or_create_identity
+from dht_dfs.ids import ChunkId
+from dht_dfs.maintenance import Maintainer
+from dht_dfs.network import Network
+from dht_dfs.service import ChunkService
+from dht_dfs.store import ChunkStore
+from dht_dfs.transport import Endpoint
+
+log = logging.getLogger(__name__)
+
+CONTROL_SOCKET = "control.sock"
+LOCK_FILE = "node.lock"
+CONTACTS_FILE = "dht-contacts.json"
+_PORT_ATTEMPTS = 20
+
+
+class Node:
+    """One dhtfs node. ``start``, then ``stop`` (or use ``async with``)."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        config: Config | None = None,
+        *,
+        host: str = "0.0.0.0",
+        port: int = 0,
+        advertise_host: str | None = None,
+        bootstrap: Sequence[str] = (),
+        control: bool = True,
+    ) -> None:
+        self.data_dir = Path(data_dir).expanduser()
+        self.config = (config or Config()).validate()
+        self.host = host
+        self.requested_port = port
+        self.advertise_host = advertise_host
+        self.bootstrap_addresses = list(bootstrap)
+        self._control_enabled = control
+        self.identity: Identity | None = None
+        self.store: ChunkStore | None = None
+        self.endpoint: Endpoint | None = None
+        self.dht: DhtNode | None = None
+        self.network: Network | None = None
+        self.service: ChunkService | None = None
+        self.maintainer: Maintainer | None = None
+        self._executor: ThreadPoolExecutor | None = None
+        self._lock_fd: int | None = None
+        self._control: ControlServer | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.started_at = 0.0
+        self.stopped = asyncio.Event()
+        self.announced = asyncio.Event()
+        """Set once the node rejoined and announced the chunks found in its store."""
+
+    # --- lifecycle ------------------------------------------------------------------
+
+    async def start(self) -> Node:
+        ensure_data_dir(self.data_dir)
+        self._take_lock()
+        try:
+            await self._start()
+        except BaseException:
+            await self.stop(leave=False)
+            raise
+        return self
+
+    def _take_lock(self) -> None:
+        fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConfigError(
+                f"another dhtfs node is already running with data dir {self.data_dir}"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+
+    async def _start(self) -> None:
+        config = self.config
+        self.identity = load_or_create_identity(self.data_dir)
+        self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-node")
+        self.store = ChunkStore(
+            self.data_dir / "store", quota=config.max_storage, fsync=config.fsync
+        ).open()
+        self.service = ChunkService(
+            self.store,
+            self._executor,
+            receipt_for=self._receipt_for,
+        )
+        self.endpoint, self.dht = await self._bind(self.identity)
+        self.network = Network(config, self.dht, self.endpoint, self._executor, self.store)
+        self.maintainer = Maintainer(self.network, self.store, config)
+        if self.bootstrap_addresses:
+            # Asked for by the user: joining must work, or starting fails.
+            await self.dht.bootstrap(self.bootstrap_addresses)
+        self._spawn(self._rejoin_and_announce(), "rejoin")
+        if config.repair_interval > 0:
+            self._spawn(self.maintainer.run_repair(), "repair")
+        if config.scrub_interval > 0:
+            self._spawn(self.maintainer.run_scrub(), "scrub")
+        if self._control_enabled:
+            control = ControlServer(self, self.data_dir / CONTROL_SOCKET)
+            await control.start()
+            self._control = control
+        self.started_at = time.time()
+        log.info(
+            "node %s listening on %s:%d (data dir %s)",
+            self.identity.node_id.hex(),
+            self.host,
+            self.port,
+            self.data_dir,
+        )
+
+    async def _bind(self, identity: Identity) -> tuple[Endpoint, DhtNode]:
+        """TCP and UDP on the same port number (a free pair if port is 0)."""
+        assert self.service is not None and self.store is not None
+        last_error: OSError | None = None
+        for _ in range(_PORT_ATTEMPTS if self.requested_port == 0 else 1):
+            endpoint = Endpoint(identity, self.config, self.service)
+            try:
+                tcp_port = await endpoint.start(self.host, self.requested_port)
+            except OSError as error:
+                await endpoint.close()
+                raise ConfigError(
+                    f"cannot listen on TCP {self.host}:{self.requested_port}: {error.strerror}"
+                ) from None
+            dht = DhtNode(
+                identity,
+                self.config,
+                tcp_port=tcp_port,
+                advertise_host=self.advertise_host,
+                state_path=self.data_dir / CONTACTS_FILE,
+                provided_keys=self._provided_keys,
+            )
+            try:
+                await dht.start(self.host, tcp_port)
+            except OSError as error:
+                last_error = error
+                await endpoint.close()
+                continue
+            return endpoint, dht
+        detail = last_error.strerror if last_error else "no free port"
+        raise ConfigError(f"cannot listen on UDP {self.host}:{self.requested_port}: {detail}")
+
+    async def stop(self, *, leave: bool = True) -> None:
+        """Stop serving. With ``leave``, hand off what only this node holds first."""
+        if leave and self.maintainer is not None and self.store is not None:
+            for task in self._tasks:
+                task.cancel()  # no repair or scrub while handing off
+            try:
+                await self.maintainer.hand_off()
+            except DhtfsError as error:
+                log.warning("hand-off failed: %s", error)
+        for task in self._tasks:
+            task.cancel()
+        for task in list(self._tasks):
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        if self._control is not None:
+            await self._control.close()
+            self._control = None
+        if self.dht is not None:
+            await self.dht.stop()
+        if self.endpoint is not None:
+            await self.endpoint.close()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+        if self.store is not None:
+            self.store.close()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+        self.stopped.set()
+
+    async def __aenter__(self) -> Node:
+        return await self.start()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop(leave=False)
+
+    # --- state --------------------------------------------------------------------
+
+    @property
+    def port(self) -> int:
+        return self.endpoint.port if self.endpoint is not None else self.requested_port
+
+    @property
+    def address(self) -> str:
+        host = self.dht.contact.host if self.dht is not None else self.host
+        return f"{host}:{self.port}"
+
+    def _spawn(self, coroutine: Coroutine[Any, Any, None], name: str) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine, name=f"dhtfs-{name}")
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+
+    def _task_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("node task %s failed", task.get_name(), exc_info=task.exception())
+
+    async def _rejoin_and_announce(self) -> None:
+        assert self.dht is not None and self.store is not None
+        try:
+            if not self.bootstrap_addresses:
+                # A restart: rejoin through the contacts saved last time. If
+                # none answers, run alone until some node joins through us.
+                try:
+                    await self.dht.bootstrap([])
+                except DhtfsError as error:
+                    log.warning("%s; running alone until another node joins", error)
+            # Whatever this node stored before a restart is announced again
+            # now, not at the next periodic pass: the records others held
+            # for it may be gone with their own restarts.
+            if self.store.stats().chunks:
+                count = await self.dht.reannounce()
+                log.info("announced %d stored chunk(s)", count)
+        finally:
+            self.announced.set()
+
+    def _provided_keys(self) -> Iterable[bytes]:
+        """The DHT keys this node announces: one per chunk it stores."""
+        assert self.store is not None
+        return (chunk_id.dht_key for chunk_id in self.store.ids())
+
+    def _receipt_for(self, chunk_id: ChunkId) -> bytes:
+        assert self.dht is not None
+        return self.dht.sign_record(chunk_id.dht_key).to_bytes()
+
+    def status(self) -> dict[str, object]:
+        assert self.store is not None and self.dht is not None and self.endpoint is not None
+        assert self.identity is not None
+        stats = self.store.stats()
+        contacts = self.dht.known_contacts()
+        return {
+            "version": __version__,
+            "node_id": self.identity.node_id.hex(),
+            "address": self.address,
+            "data_dir": str(self.data_dir),
+            "pid": os.getpid(),
+            "uptime_s": round(time.time() - self.started_at, 1),
+            "replicas": self.config.replicas,
+            "peers": {
+                "known": len(contacts),
+                "connected": len(self.endpoint.connected_peers()),
+                "contacts": [
+                    {"node_id": c.node_id.hex(), "address": f"{c.host}:{c.tcp_port}"}
+                    for c in contacts[:50]
+                ],
+            },
+            "store": {
+                "chunks": stats.chunks,
+                "bytes": stats.bytes_used,
+                "quota": stats.quota,
+            },
+        }
+
+
+@contextlib.asynccontextmanager
+async def client_network(config: Config, bootstrap: Sequence[str]) -> AsyncIterator[Network]:
+    """Join the network briefly as a client (stores nothing, not in routing tables)."""
+    if not bootstrap:
+        raise ConfigError("a client needs --bootstrap HOST:PORT of a running node")
+    identity = Identity.generate()
+    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-client")
+    endpoint = Endpoint(identity, config, None, client_mode=True)
+    dht = DhtNode(identity, config, client_mode=True)
+    try:
+        await dht.start("0.0.0.0", 0)
+        await dht.bootstrap(list(bootstrap))
+        yield Network(config, dht, endpoint, executor, None)
+    finally:
+        await dht.stop()
+        await endpoint.close()
+        executor.shutdown(wait=False, cancel_futures=True)
