@@ -1,1 +1,415 @@
-def main() -> None: ...
+"""The ``dhtfs`` command: parses, calls the library, prints.
+
+No logic of its own beyond translating: options become a ``Config`` and a
+request, library errors become one line on stderr and an exit code
+(1 error, 2 usage, 3 check found missing copies, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import signal
+import sys
+from collections.abc import Callable, Coroutine
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from dht_dfs import __version__, api
+from dht_dfs.config import DEFAULT_PORT, Config, default_data_dir, format_size, parse_size
+from dht_dfs.crypto import secret_from_file_content
+from dht_dfs.errors import ConfigError, DhtfsError, InvalidReferenceError
+from dht_dfs.node import CONTROL_SOCKET, Node, client_network
+from dht_dfs.refs import parse_read_reference, parse_root_hash
+
+from . import devnet as devnet_module
+from . import output
+
+T = TypeVar("T")
+
+app = typer.Typer(
+    name="dhtfs",
+    help="A peer-to-peer file store: encrypted chunks, located through a Kademlia DHT.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+DataDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        "-d",
+        help="Node data dir: use the node running there [default: $DHTFS_DATA_DIR or ~/.dhtfs].",
+        show_default=False,
+    ),
+]
+Bootstrap = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bootstrap",
+        "-b",
+        help="HOST:PORT of a node; without a local node, join briefly through it as a client.",
+        show_default=False,
+    ),
+]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")]
+Replicas = Annotated[int | None, typer.Option("--replicas", help="Copies of each chunk [3].")]
+
+
+def run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
+    """Run a coroutine; map every failure to one line and an exit code."""
+    try:
+        return asyncio.run(coroutine_factory())
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        raise typer.Exit(output.EXIT_INTERRUPTED) from None
+    except DhtfsError as error:
+        output.error(str(error))
+        raise typer.Exit(output.EXIT_ERROR) from None
+    except OSError as error:
+        output.error(
+            f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        )
+        raise typer.Exit(output.EXIT_ERROR) from None
+
+
+def _config(replicas: int | None = None, **changes: Any) -> Config:
+    config = Config()
+    if replicas is not None:
+        changes["replicas"] = replicas
+    try:
+        return config.replace(**changes).validate()
+    except ConfigError as error:
+        output.error(str(error))
+        raise typer.Exit(output.EXIT_USAGE) from None
+
+
+async def _operate(
+    request: dict[str, Any],
+    data_dir: Path | None,
+    bootstrap: list[str] | None,
+    config: Config,
+    on_event: Callable[[dict[str, Any]], None],
+) -> dict[str, Any]:
+    """Run through the local node, or as a short-lived client with --bootstrap."""
+    if bootstrap:
+        async with client_network(config, bootstrap) as network:
+            return await api.operate(network, request, on_event)
+    directory = (data_dir or default_data_dir()).expanduser()
+    return await api.call(directory / CONTROL_SOCKET, request, on_event)
+
+
+@app.command()
+def join(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
+    port: Annotated[int, typer.Option(help="UDP (DHT) and TCP (chunks) port.")] = DEFAULT_PORT,
+    bootstrap: Bootstrap = None,
+    replicas: Replicas = None,
+    max_storage: Annotated[
+        str | None, typer.Option("--max-storage", help="Quota for stored chunks, e.g. 20G.")
+    ] = None,
+    advertise_host: Annotated[
+        str | None, typer.Option(help="Address other nodes should use to reach this one.")
+    ] = None,
+    data_dir: DataDir = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Run a node in the foreground until Ctrl-C (which hands off its chunks first)."""
+    output.setup_logging(verbose, default=logging.INFO)
+    quota = None
+    if max_storage is not None:
+        try:
+            quota = parse_size(max_storage)
+        except ConfigError as error:
+            output.error(str(error))
+            raise typer.Exit(output.EXIT_USAGE) from None
+    config = _config(replicas, max_storage=quota)
+    directory = (data_dir or default_data_dir()).expanduser()
+
+    async def serve() -> None:
+        node = Node(
+            directory,
+            config,
+            host=host,
+            port=port,
+            advertise_host=advertise_host,
+            bootstrap=bootstrap or [],
+        )
+        await node.start()
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        status = node.status()
+        if json_output:
+            output.print_line(json.dumps({"event": "ready", **status}))
+        else:
+            output.print_line(f"dhtfs node {status['node_id']} listening on {status['address']}")
+        await stop.wait()
+        logging.getLogger("dhtfs").info("stopping (handing off chunks first)")
+        await node.stop(leave=True)
+
+    run(serve)
+
+
+@app.command()
+def publish(
+    file: Annotated[Path, typer.Argument(help="The file to publish.", show_default=False)],
+    name: Annotated[str | None, typer.Option(help="Name to record instead of the file's.")] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--secret-file",
+            help="Private convergence secret: only publishers sharing this file dedup "
+            "against each other, and nobody else can tell whether a known file is stored.",
+        ),
+    ] = None,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    replicas: Replicas = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Store a file on the network; prints its read reference (last line of stdout)."""
+    output.setup_logging(verbose)
+    config = _config(replicas)
+    request: dict[str, Any] = {
+        "op": "publish",
+        "path": str(file.expanduser().resolve()),
+        "name": name,
+    }
+    if secret_file is not None:
+        try:
+            secret = secret_from_file_content(secret_file.expanduser().read_bytes())
+        except (OSError, ValueError) as error:
+            output.error(f"cannot use secret file {secret_file}: {error}")
+            raise typer.Exit(output.EXIT_USAGE) from None
+        request["convergence_secret"] = secret.hex()
+    with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
+        result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+    if json_output:
+        output.print_json(result)
+        return
+    output.stderr.print(
+        f"published {format_size(result['size'])} in {result['seconds']:.2f} s "
+        f"({result['data_chunks']} chunks); root hash {result['root_hash']}",
+        markup=False,
+    )
+    output.print_line(result["reference"])
+
+
+@app.command()
+def fetch(
+    reference: Annotated[str, typer.Argument(help="Read reference printed by publish.")],
+    out: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="File or directory to write [default: ./NAME]."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Fetch a file by its read reference, verifying every chunk; resumes if interrupted."""
+    output.setup_logging(verbose)
+    try:
+        parse_read_reference(reference)
+    except InvalidReferenceError as error:
+        output.error(str(error))
+        raise typer.Exit(output.EXIT_USAGE) from None
+    config = _config()
+    target = (out.expanduser() if out is not None else Path.cwd()).resolve()
+    request = {"op": "fetch", "reference": reference, "output": str(target), "overwrite": force}
+    with output.progress_bar("fetch", enabled=not json_output) as on_event:
+        result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+    if json_output:
+        output.print_json(result)
+        return
+    output.stderr.print(
+        f"fetched {format_size(result['size'])} in {result['seconds']:.2f} s "
+        f"({result['mb_per_s'] or 0:.0f} MB/s)"
+        + (f", {result['chunks_resumed']} chunks resumed" if result["chunks_resumed"] else ""),
+        markup=False,
+    )
+    output.print_line(result["path"])
+
+
+def _survey(
+    op: str,
+    root: str,
+    *,
+    data_dir: Path | None,
+    bootstrap: list[str] | None,
+    replicas: int | None,
+    json_output: bool,
+    verbose: int,
+) -> None:
+    output.setup_logging(verbose)
+    try:
+        parse_root_hash(root)
+    except InvalidReferenceError as error:
+        output.error(str(error))
+        raise typer.Exit(output.EXIT_USAGE) from None
+    config = _config(replicas)
+    request = {"op": op, "root": root}
+    with output.progress_bar(op, enabled=False) as on_event:
+        report = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+    if json_output:
+        output.print_json(report)
+    else:
+        state = "OK" if report["ok"] else "DEGRADED"
+        output.print_line(
+            f"{state}: {report['healthy']}/{report['chunks']} chunks have "
+            f">= {report['replicas_wanted']} live copies (fewest: {report['min_copies']})"
+            + (f"; {report['copies_added']} copies added" if op == "repair" else "")
+        )
+        for item in report["under_replicated"][:20]:
+            output.print_line(f"  under-replicated {item['chunk']} ({item['copies']} copies)")
+        for item in report["lost"][:20]:
+            output.print_line(f"  LOST {item['chunk']} (no live copy)")
+    if not report["ok"]:
+        raise typer.Exit(output.EXIT_DEGRADED)
+
+
+@app.command()
+def check(
+    root: Annotated[str, typer.Argument(help="Root hash (dhtfs:v1:...) or read reference.")],
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    replicas: Replicas = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Count live copies of every chunk of a file; exit 3 if any has too few."""
+    _survey(
+        "check",
+        root,
+        data_dir=data_dir,
+        bootstrap=bootstrap,
+        replicas=replicas,
+        json_output=json_output,
+        verbose=verbose,
+    )
+
+
+@app.command()
+def repair(
+    root: Annotated[str, typer.Argument(help="Root hash (dhtfs:v1:...) or read reference.")],
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    replicas: Replicas = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Copy every chunk of a file until it has enough live copies; exit 3 if it cannot."""
+    _survey(
+        "repair",
+        root,
+        data_dir=data_dir,
+        bootstrap=bootstrap,
+        replicas=replicas,
+        json_output=json_output,
+        verbose=verbose,
+    )
+
+
+@app.command()
+def status(
+    data_dir: DataDir = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Show the local node: id, address, peers, chunks and bytes stored."""
+    output.setup_logging(verbose)
+    directory = (data_dir or default_data_dir()).expanduser()
+    result = run(lambda: api.call(directory / CONTROL_SOCKET, {"op": "status"}))
+    if json_output:
+        output.print_json(result)
+        return
+    store = result["store"]
+    quota = format_size(store["quota"]) if store["quota"] is not None else "no quota"
+    output.print_line(f"node      {result['node_id']}")
+    output.print_line(
+        f"address   {result['address']}  (dhtfs {result['version']}, pid "
+        f"{result['pid']}, up {result['uptime_s']:.0f} s)"
+    )
+    output.print_line(f"data dir  {result['data_dir']}")
+    output.print_line(
+        f"peers     {result['peers']['known']} known, {result['peers']['connected']} connected"
+    )
+    output.print_line(
+        f"stored    {store['chunks']} chunks, {format_size(store['bytes'])} ({quota})"
+    )
+
+
+@app.command()
+def devnet(
+    nodes: Annotated[int, typer.Option(help="How many nodes.")] = 5,
+    port: Annotated[int, typer.Option(help="First port; nodes use PORT..PORT+N-1.")] = DEFAULT_PORT,
+    directory: Annotated[
+        Path | None, typer.Option("--dir", help="Data dirs go to DIR/node-0... [default: temp]")
+    ] = None,
+    replicas: Replicas = None,
+    max_storage: Annotated[str | None, typer.Option("--max-storage")] = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Run a whole network of NODES nodes on 127.0.0.1 until Ctrl-C."""
+    output.setup_logging(verbose, default=logging.INFO)
+    if nodes < 1:
+        output.error("a devnet needs at least one node")
+        raise typer.Exit(output.EXIT_USAGE)
+    run(lambda: devnet_module.run_devnet(nodes, port, directory, replicas, max_storage))
+
+
+@app.command()
+def demo(
+    nodes: Annotated[int, typer.Option(help="Nodes in the demo network.")] = 5,
+    size: Annotated[str, typer.Option(help="Size of the sample file.")] = "64M",
+    keep: Annotated[bool, typer.Option(help="Keep the demo's data dir.")] = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Start a local network, publish a sample file, fetch it from another node."""
+    output.setup_logging(verbose)
+    try:
+        size_bytes = parse_size(size)
+    except ConfigError as error:
+        output.error(str(error))
+        raise typer.Exit(output.EXIT_USAGE) from None
+    result = run(lambda: devnet_module.run_demo(nodes, size_bytes, keep=keep))
+    if not result:
+        raise typer.Exit(output.EXIT_ERROR)
+
+
+@app.command()
+def version() -> None:
+    """Print the dhtfs version."""
+    output.print_line(__version__)
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        output.error("interrupted")
+        sys.exit(output.EXIT_INTERRUPTED)
+
+
+if __name__ == "__main__":
+    main()

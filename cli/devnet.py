@@ -1,0 +1,301 @@
+"""A whole network on this machine: ``dhtfs devnet`` and ``dhtfs demo``.
+
+Each node is a real ``dhtfs join`` process on 127.0.0.1 with its own data
+dir; the devnet starts node 0, then the rest bootstrapping from it, and
+waits for each to report ready on stdout (no polling). Nodes log to
+``DIR/node-N/node.log``. Stopping sends SIGTERM (a node then hands off its
+chunks), and SIGKILL only to a node that overstays its leave timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dht_dfs import api
+from dht_dfs.config import Config, format_size
+from dht_dfs.errors import ConfigError, DhtfsError
+from dht_dfs.node import CONTROL_SOCKET
+
+from . import output
+
+READY_TIMEOUT = 60.0
+
+
+@dataclass
+class DevnetNode:
+    index: int
+    port: int
+    data_dir: Path
+    process: asyncio.subprocess.Process
+    node_id: str = ""
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    @property
+    def control(self) -> Path:
+        return self.data_dir / CONTROL_SOCKET
+
+
+@dataclass
+class Devnet:
+    directory: Path
+    nodes: list[DevnetNode] = field(default_factory=list)
+
+    async def stop(self, grace: float) -> None:
+        for node in self.nodes:
+            if node.process.returncode is None:
+                with contextlib.suppress(ProcessLookupError):
+                    node.process.send_signal(signal.SIGTERM)
+        for node in self.nodes:
+            try:
+                await asyncio.wait_for(node.process.wait(), grace)
+            except TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    node.process.kill()
+                await node.process.wait()
+
+
+def join_command(port: int, data_dir: Path, bootstrap: str | None, extra: list[str]) -> list[str]:
+    command = [
+        sys.executable,
+        "-m",
+        "dhtfs_cli.main",
+        "join",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--data-dir",
+        str(data_dir),
+        "--json",
+        *extra,
+    ]
+    if bootstrap:
+        command += ["--bootstrap", bootstrap]
+    return command
+
+
+async def start_node(
+    index: int, port: int, directory: Path, bootstrap: str | None, extra: list[str]
+) -> DevnetNode:
+    data_dir = directory / f"node-{index}"
+    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    log_file = (data_dir / "node.log").open("ab")
+    try:
+        process = await asyncio.create_subprocess_exec(
+            *join_command(port, data_dir, bootstrap, extra),
+            stdout=asyncio.subprocess.PIPE,
+            stderr=log_file,
+            stdin=asyncio.subprocess.DEVNULL,
+        )
+    finally:
+        log_file.close()
+    node = DevnetNode(index, port, data_dir, process)
+    assert process.stdout is not None
+    try:
+        line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT)
+    except TimeoutError:
+        process.kill()
+        await process.wait()
+        raise DhtfsError(
+            f"node {index} did not start within {READY_TIMEOUT:.0f} s; see {data_dir / 'node.log'}"
+        ) from None
+    try:
+        ready = json.loads(line)
+    except ValueError:
+        await process.wait()
+        tail = (data_dir / "node.log").read_text(errors="replace").strip().splitlines()[-1:]
+        raise DhtfsError(f"node {index} failed to start: {' '.join(tail) or 'no output'}") from None
+    node.node_id = str(ready.get("node_id", ""))
+    return node
+
+
+async def start_devnet(
+    count: int, base_port: int, directory: Path, extra: list[str] | None = None
+) -> Devnet:
+    net = Devnet(directory)
+    extra = extra or []
+    try:
+        net.nodes.append(await start_node(0, base_port, directory, None, extra))
+        first = net.nodes[0].address
+        rest = await asyncio.gather(
+            *(start_node(i, base_port + i, directory, first, extra) for i in range(1, count)),
+            return_exceptions=True,
+        )
+        for item in rest:
+            if isinstance(item, DevnetNode):
+                net.nodes.append(item)
+        failures = [item for item in rest if isinstance(item, BaseException)]
+        if failures:
+            raise failures[0]
+    except BaseException:
+        await net.stop(grace=10)
+        raise
+    return net
+
+
+def _node_args(replicas: int | None, max_storage: str | None) -> list[str]:
+    extra: list[str] = []
+    if replicas is not None:
+        extra += ["--replicas", str(replicas)]
+    if max_storage is not None:
+        extra += ["--max-storage", max_storage]
+    return extra
+
+
+async def run_devnet(
+    count: int,
+    base_port: int,
+    directory: Path | None,
+    replicas: int | None,
+    max_storage: str | None,
+) -> None:
+    temporary = directory is None
+    root = Path(tempfile.mkdtemp(prefix="dhtfs-devnet-")) if directory is None else directory
+    root.mkdir(parents=True, exist_ok=True)
+    net = await start_devnet(count, base_port, root, _node_args(replicas, max_storage))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    last = net.nodes[-1]
+    output.print_line(
+        f"devnet: {count} node(s) on 127.0.0.1:{base_port}-{base_port + count - 1}, "
+        f"data in {root}\n"
+        f"  publish: dhtfs publish FILE --data-dir {net.nodes[0].data_dir}\n"
+        f"  fetch:   dhtfs fetch REFERENCE --data-dir {last.data_dir}\n"
+        f"  client:  dhtfs fetch REFERENCE --bootstrap {net.nodes[0].address}\n"
+        f"  status:  dhtfs status --data-dir {net.nodes[0].data_dir}\n"
+        "Ctrl-C stops the network."
+    )
+    exited = [asyncio.create_task(node.process.wait()) for node in net.nodes]
+    stopper = asyncio.create_task(stop.wait())
+    await asyncio.wait([stopper, *exited], return_when=asyncio.FIRST_COMPLETED)
+    for node in net.nodes:
+        if node.process.returncode is not None:
+            output.error(
+                f"node {node.index} exited with code {node.process.returncode}; "
+                f"see {node.data_dir / 'node.log'}"
+            )
+    output.stderr.print("stopping the devnet...", markup=False)
+    await net.stop(grace=Config().leave_timeout + 10)
+    stopper.cancel()
+    if temporary:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def ports_free(base: int, count: int) -> bool:
+    for port in range(base, base + count):
+        for kind in (socket.SOCK_STREAM, socket.SOCK_DGRAM):
+            with socket.socket(socket.AF_INET, kind) as probe:
+                try:
+                    probe.bind(("127.0.0.1", port))
+                except OSError:
+                    return False
+    return True
+
+
+def find_free_ports(count: int, attempts: int = 50) -> int:
+    """A base port with ``count`` consecutive free TCP+UDP ports on 127.0.0.1."""
+    for _ in range(attempts):
+        base = random.randrange(20000, 60000 - count)
+        if ports_free(base, count):
+            return base
+    raise ConfigError(f"found no {count} consecutive free ports")
+
+
+def _write_sample(path: Path, size: int) -> str:
+    digest = hashlib.sha256()
+    block = os.urandom(min(size, 4 * 1024 * 1024)) if size else b""
+    with open(path, "wb") as handle:
+        written = 0
+        counter = 0
+        while written < size:
+            piece = (counter.to_bytes(8, "big") + block[8:])[: size - written]
+            handle.write(piece)
+            digest.update(piece)
+            written += len(piece)
+            counter += 1
+    return digest.hexdigest()
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(4 * 1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+async def run_demo(count: int, size: int, *, keep: bool) -> bool:
+    root = Path(tempfile.mkdtemp(prefix="dhtfs-demo-"))
+    base = find_free_ports(count)
+    output.stderr.print(
+        f"starting {count} nodes on 127.0.0.1:{base}-{base + count - 1} ...", markup=False
+    )
+    started = time.monotonic()
+    net = await start_devnet(count, base, root)
+    try:
+        output.stderr.print(
+            f"network up in {time.monotonic() - started:.1f} s; "
+            f"writing a {format_size(size)} sample file",
+            markup=False,
+        )
+        sample = root / "sample.bin"
+        expected = await asyncio.to_thread(_write_sample, sample, size)
+        publisher, fetcher = net.nodes[0], net.nodes[-1]
+        with output.progress_bar(
+            f"publish via node 0 ({publisher.address})", enabled=True
+        ) as on_event:
+            published: dict[str, Any] = await api.call(
+                publisher.control, {"op": "publish", "path": str(sample)}, on_event
+            )
+        out = root / "fetched.bin"
+        with output.progress_bar(
+            f"fetch via node {fetcher.index} ({fetcher.address})", enabled=True
+        ) as on_event:
+            fetched = await api.call(
+                fetcher.control,
+                {"op": "fetch", "reference": published["reference"], "output": str(out)},
+                on_event,
+            )
+        identical = await asyncio.to_thread(_sha256, out) == expected
+        checked = await api.call(fetcher.control, {"op": "check", "root": published["root_hash"]})
+        output.print_line(f"root:      {published['reference']}")
+        output.print_line(f"root hash: {published['root_hash']}")
+        output.print_line(
+            f"publish:   {format_size(size)} in {published['seconds']:.2f} s "
+            f"({published['mb_per_s']} MB/s) through node 0"
+        )
+        output.print_line(
+            f"fetch:     {format_size(size)} in {fetched['seconds']:.2f} s "
+            f"({fetched['mb_per_s']} MB/s) through node {fetcher.index}"
+        )
+        output.print_line(
+            f"copies:    every chunk on >= {checked['min_copies']} nodes "
+            f"(wanted {checked['replicas_wanted']})"
+        )
+        output.print_line(f"identical: {'yes' if identical else 'NO'}")
+        return identical and bool(checked["ok"])
+    finally:
+        await net.stop(grace=Config().leave_timeout + 10)
+        if keep:
+            output.stderr.print(f"demo data kept in {root}", markup=False)
+        else:
+            shutil.rmtree(root, ignore_errors=True)

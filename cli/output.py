@@ -1,0 +1,91 @@
+"""Everything the CLI shows: results on stdout, progress and errors on stderr."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
+
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_DEGRADED = 3
+"""check/repair: some chunk has fewer than the wanted copies."""
+EXIT_INTERRUPTED = 130
+
+
+def setup_logging(verbosity: int, *, default: int = logging.WARNING) -> None:
+    level = default - 10 * verbosity
+    handler: logging.Handler
+    if stderr.is_terminal:
+        handler = RichHandler(console=stderr, show_path=False, rich_tracebacks=False)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.basicConfig(level=max(logging.DEBUG, level), handlers=[handler], force=True)
+    # The DHT library logs every datagram at INFO; keep it for -vv.
+    logging.getLogger("kademlia").setLevel(logging.WARNING if verbosity < 2 else logging.DEBUG)
+    logging.getLogger("rpcudp").setLevel(logging.WARNING if verbosity < 2 else logging.DEBUG)
+
+
+def print_json(document: dict[str, Any]) -> None:
+    sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    sys.stdout.flush()
+
+
+def print_line(text: str) -> None:
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+
+
+def error(message: str) -> None:
+    stderr.print(f"dhtfs: error: {message}", markup=False)
+
+
+@contextmanager
+def progress_bar(label: str, *, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A bytes/rate/ETA bar on stderr fed by progress events (off when not a terminal)."""
+    show = enabled and stderr.is_terminal
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=stderr,
+        disable=not show,
+        transient=False,
+    )
+    task = progress.add_task(label, total=None)
+
+    def on_event(event: dict[str, Any]) -> None:
+        kind = event.get("event")
+        if kind == "progress":
+            total = event.get("total") or None
+            progress.update(task, completed=event.get("done", 0), total=total)
+        elif kind == "meta":
+            progress.update(
+                task,
+                description=f"{label} {event.get('name', '')}".strip(),
+                total=event.get("size") or None,
+            )
+
+    with progress:
+        yield on_event

@@ -1,0 +1,268 @@
+"""The real ``dhtfs`` command, run as subprocesses against a devnet."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from dhtfs_cli.devnet import find_free_ports
+
+NODES = 6
+TIMEOUT = 120
+
+
+def dhtfs_command() -> list[str]:
+    script = Path(sys.executable).parent / "dhtfs"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dhtfs_cli.main"]
+
+
+@dataclass
+class Devnet:
+    process: subprocess.Popen[str]
+    directory: Path
+    base_port: int
+    env: dict[str, str]
+
+    def node_dir(self, index: int) -> Path:
+        return self.directory / f"node-{index}"
+
+    def run(
+        self, *args: str, check: bool = True, cwd: Path | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*dhtfs_command(), *args],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            env=self.env,
+            cwd=cwd,
+            check=False,
+        )
+        if check and done.returncode != 0:
+            raise AssertionError(f"dhtfs {' '.join(args)} exited {done.returncode}: {done.stderr}")
+        return done
+
+
+def read_banner(process: subprocess.Popen[str], timeout: float) -> list[str]:
+    """Lines the devnet prints up to its 'Ctrl-C' line, waiting at most ``timeout``."""
+    lines: list[str] = []
+    finished = threading.Event()
+
+    def reader() -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            lines.append(line.rstrip("\n"))
+            if "Ctrl-C stops the network" in line:
+                break
+        finished.set()
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not finished.wait(timeout):
+        raise AssertionError(f"devnet did not come up in {timeout} s: {lines}")
+    return lines
+
+
+@pytest.fixture(scope="module")
+def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
+    directory = tmp_path_factory.mktemp("devnet")
+    base = find_free_ports(NODES)
+    env = {**os.environ, "DHTFS_DATA_DIR": str(directory / "default-home")}
+    process = subprocess.Popen(
+        [
+            *dhtfs_command(),
+            "devnet",
+            "--nodes",
+            str(NODES),
+            "--port",
+            str(base),
+            "--dir",
+            str(directory),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=env,
+    )
+    try:
+        banner = read_banner(process, 90)
+        assert banner[0].startswith(f"devnet: {NODES} node(s) on 127.0.0.1:{base}")
+        yield Devnet(process, directory, base, env)
+    finally:
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+
+
+def write(path: Path, size: int) -> bytes:
+    data = os.urandom(size)
+    path.write_bytes(data)
+    return data
+
+
+def assert_one_line_error(done: subprocess.CompletedProcess[str], code: int, text: str) -> None:
+    assert done.returncode == code, done
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("dhtfs: error: "), lines
+    assert text in lines[0]
+    assert "Traceback" not in done.stderr
+
+
+def test_publish_on_one_node_fetch_on_another_and_as_client(devnet: Devnet, tmp_path: Path) -> None:
+    data = write(tmp_path / "movie.bin", 3_000_000)
+    published = devnet.run(
+        "publish", str(tmp_path / "movie.bin"), "--data-dir", str(devnet.node_dir(0))
+    )
+    reference = published.stdout.strip().splitlines()[-1]
+    assert reference.startswith("dhtfs:r1:")
+
+    out = tmp_path / "copy.bin"
+    fetched = devnet.run("fetch", reference, "-o", str(out), "--data-dir", str(devnet.node_dir(5)))
+    assert out.read_bytes() == data
+    assert fetched.stdout.strip().splitlines()[-1] == str(out)
+
+    # Without a local node: a short-lived client through any node; no -o
+    # means the published name in the current directory.
+    workdir = tmp_path / "elsewhere"
+    workdir.mkdir()
+    devnet.run("fetch", reference, "--bootstrap", f"127.0.0.1:{devnet.base_port + 3}", cwd=workdir)
+    assert (workdir / "movie.bin").read_bytes() == data
+
+    again = devnet.run(
+        "fetch", reference, "-o", str(out), "--data-dir", str(devnet.node_dir(2)), check=False
+    )
+    assert_one_line_error(again, 1, "already exists")
+    devnet.run("fetch", reference, "-o", str(out), "--force", "--data-dir", str(devnet.node_dir(2)))
+
+
+def test_json_documents(devnet: Devnet, tmp_path: Path) -> None:
+    write(tmp_path / "doc.bin", 700_000)
+    published = json.loads(
+        devnet.run(
+            "publish", str(tmp_path / "doc.bin"), "--json", "--data-dir", str(devnet.node_dir(1))
+        ).stdout
+    )
+    assert published["size"] == 700_000
+    assert published["reference"].startswith("dhtfs:r1:")
+    assert published["root_hash"].startswith("dhtfs:v1:")
+    fetched = json.loads(
+        devnet.run(
+            "fetch",
+            published["reference"],
+            "-o",
+            str(tmp_path / "doc.out"),
+            "--json",
+            "--bootstrap",
+            f"127.0.0.1:{devnet.base_port}",
+        ).stdout
+    )
+    assert fetched["size"] == 700_000
+    assert fetched["name"] == "doc.bin"
+    # check needs only the root hash, which cannot read the file.
+    report = json.loads(
+        devnet.run(
+            "check", published["root_hash"], "--json", "--data-dir", str(devnet.node_dir(4))
+        ).stdout
+    )
+    assert report["ok"] is True
+    assert report["min_copies"] >= 3
+    status = json.loads(
+        devnet.run("status", "--json", "--data-dir", str(devnet.node_dir(1))).stdout
+    )
+    assert len(status["node_id"]) == 40
+    assert status["address"] == f"127.0.0.1:{devnet.base_port + 1}"
+    assert status["peers"]["known"] >= NODES - 1
+    assert status["store"]["chunks"] > 0
+
+
+def test_human_status_and_check(devnet: Devnet, tmp_path: Path) -> None:
+    status = devnet.run("status", "--data-dir", str(devnet.node_dir(0)))
+    assert "node " in status.stdout and "peers" in status.stdout
+    write(tmp_path / "small.bin", 1000)
+    published = json.loads(
+        devnet.run(
+            "publish", str(tmp_path / "small.bin"), "--json", "--data-dir", str(devnet.node_dir(0))
+        ).stdout
+    )
+    checked = devnet.run("check", published["root_hash"], "--data-dir", str(devnet.node_dir(3)))
+    assert checked.stdout.startswith("OK: ")
+
+
+def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> None:
+    node = ["--data-dir", str(devnet.node_dir(0))]
+    assert_one_line_error(
+        devnet.run("fetch", "garbage", *node, check=False), 2, "not a dhtfs reference"
+    )
+    assert_one_line_error(devnet.run("fetch", "dhtfs:r1:abc", *node, check=False), 2, "truncated")
+    unknown = "dhtfs:r1:" + "a" * 109
+    assert_one_line_error(devnet.run("fetch", unknown, *node, check=False), 2, "checksum")
+    from dht_dfs.ids import ChunkId
+    from dht_dfs.refs import ReadReference
+
+    never_published = str(ReadReference(ChunkId(os.urandom(32)), os.urandom(32)))
+    assert_one_line_error(
+        devnet.run("fetch", never_published, *node, check=False), 1, "no node has root"
+    )
+    assert_one_line_error(
+        devnet.run("publish", str(tmp_path / "missing"), *node, check=False), 1, "no such file"
+    )
+    empty = tmp_path / "no-node-here"
+    assert_one_line_error(
+        devnet.run("status", "--data-dir", str(empty), check=False), 1, "no dhtfs node is running"
+    )
+    assert_one_line_error(
+        devnet.run("publish", str(tmp_path), "--bootstrap", "127.0.0.1:1", check=False), 1, ""
+    )
+
+
+def test_devnet_stops_its_nodes_on_ctrl_c(tmp_path: Path) -> None:
+    base = find_free_ports(3)
+    process = subprocess.Popen(
+        [*dhtfs_command(), "devnet", "--nodes", "3", "--port", str(base), "--dir", str(tmp_path)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        read_banner(process, 90)
+        pids = []
+        for index in range(3):
+            done = subprocess.run(
+                [
+                    *dhtfs_command(),
+                    "status",
+                    "--json",
+                    "--data-dir",
+                    str(tmp_path / f"node-{index}"),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=TIMEOUT,
+                check=True,
+            )
+            pids.append(json.loads(done.stdout)["pid"])
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        assert process.stdout is not None
+        process.stdout.close()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
