@@ -150,6 +150,7 @@ class Network:
         overwrite: bool = False,
         progress: ProgressFn | None = None,
         on_metadata: Callable[[FileMetadata, Path], None] | None = None,
+        verify_hash: bool | None = None,
     ) -> FetchResult:
         source = NetworkSource(self)
         try:
@@ -162,6 +163,7 @@ class Network:
                 overwrite=overwrite,
                 progress=progress,
                 on_metadata=on_metadata,
+                verify_hash=verify_hash,
             )
         except ChunkNotFoundError as error:
             if error.chunk_hex == reference.root.hex():
@@ -566,7 +568,8 @@ class NetworkSource:
                 return local[0]
         tried: set[NodeId] = {network.node_id}
         errors: list[str] = []
-        hinted = self._hints.pop(chunk_id, [])
+        # Not popped: a file may list the same chunk many times (zero blocks).
+        hinted = self._hints.get(chunk_id, [])
         found = await self._try_each(chunk_id, hinted, tried, errors, consume)
         if found is not None:
             return found[0]

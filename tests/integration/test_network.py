@@ -186,3 +186,25 @@ async def test_private_convergence_secret_gives_other_chunks(net: Cluster, tmp_p
     assert fetcher.network is not None
     await fetcher.network.fetch(private.reference, output=tmp_path / "private.bin")
     assert (tmp_path / "private.bin").read_bytes() == data
+
+
+async def test_repeated_chunks_are_fetched_without_a_lookup_each(
+    net: Cluster, tmp_path: Path
+) -> None:
+    """A file that repeats one chunk many times (zero blocks, disk images) is
+    served from the holders found for its first occurrence: no DHT lookup per
+    repetition."""
+    block = os.urandom(TEST_CONFIG.chunk_size)
+    data = block * 40 + os.urandom(1000)
+    (tmp_path / "repeats.bin").write_bytes(data)
+    node = net.live[0]
+    assert node.network is not None
+    result = await node.network.publish(tmp_path / "repeats.bin")
+    # 2 distinct data chunks and 3 manifest nodes (two leaves are equal too).
+    assert len(net.stored_chunks()) <= 6, "40 equal chunks are stored once"
+    async with net.client() as client:
+        before = client.dht.counters.lookups
+        await client.fetch(result.reference, output=tmp_path / "out.bin")
+        lookups = client.dht.counters.lookups - before
+    assert (tmp_path / "out.bin").read_bytes() == data
+    assert lookups <= 5, f"{lookups} DHT lookups for a file of 2 distinct chunks"
