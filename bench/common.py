@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import random
 import resource
 import statistics
 import time
@@ -17,21 +18,15 @@ RESULTS = Path(__file__).resolve().parent / "results"
 MiB = 1024 * 1024
 
 
-def make_file(path: Path, size: int, *, seed_block: int = 16 * MiB) -> Path:
-    """An incompressible file of ``size`` bytes, written in blocks (bounded memory)."""
-    if path.exists() and path.stat().st_size == size:
-        return path
-    block = os.urandom(min(seed_block, max(size, 1)))
+def make_file(path: Path, size: int, *, block: int = 16 * MiB) -> Path:
+    """A file of ``size`` random bytes, no two chunks alike, written in blocks."""
+    generator = random.Random(os.urandom(16))
     with open(path, "wb") as handle:
         written = 0
-        counter = 0
         while written < size:
-            # Vary each block so no two chunks of the file are equal (no dedup).
-            piece = counter.to_bytes(8, "big") + block[8:]
-            piece = piece[: size - written]
+            piece = generator.randbytes(min(block, size - written))
             handle.write(piece)
             written += len(piece)
-            counter += 1
     return path
 
 

@@ -118,6 +118,10 @@ def join(
     advertise_host: Annotated[
         str | None, typer.Option(help="Address other nodes should use to reach this one.")
     ] = None,
+    repair_interval: Annotated[
+        float | None,
+        typer.Option(help="Seconds between repair passes over stored chunks (0: never) [60]."),
+    ] = None,
     data_dir: DataDir = None,
     json_output: Json = False,
     verbose: Verbose = 0,
@@ -131,7 +135,10 @@ def join(
         except ConfigError as error:
             output.error(str(error))
             raise typer.Exit(output.EXIT_USAGE) from None
-    config = _config(replicas, max_storage=quota)
+    changes: dict[str, Any] = {"max_storage": quota}
+    if repair_interval is not None:
+        changes["repair_interval"] = repair_interval
+    config = _config(replicas, **changes)
     directory = (data_dir or default_data_dir()).expanduser()
 
     async def serve() -> None:
@@ -214,6 +221,13 @@ def fetch(
         typer.Option("--output", "-o", help="File or directory to write [default: ./NAME]."),
     ] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    verify_hash: Annotated[
+        bool,
+        typer.Option(
+            "--verify-hash",
+            help="Also recompute the whole file's SHA-256 (every chunk is verified anyway).",
+        ),
+    ] = False,
     data_dir: DataDir = None,
     bootstrap: Bootstrap = None,
     json_output: Json = False,
@@ -228,7 +242,14 @@ def fetch(
         raise typer.Exit(output.EXIT_USAGE) from None
     config = _config()
     target = (out.expanduser() if out is not None else Path.cwd()).resolve()
-    request = {"op": "fetch", "reference": reference, "output": str(target), "overwrite": force}
+    request: dict[str, Any] = {
+        "op": "fetch",
+        "reference": reference,
+        "output": str(target),
+        "overwrite": force,
+    }
+    if verify_hash:
+        request["verify_hash"] = True
     with output.progress_bar("fetch", enabled=not json_output) as on_event:
         result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
     if json_output:

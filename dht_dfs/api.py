@@ -118,6 +118,7 @@ async def operate(network: Network, request: dict[str, Any], emit: Emit) -> dict
             overwrite=bool(request.get("overwrite", False)),
             progress=progress,
             on_metadata=on_metadata,
+            verify_hash=bool(request["verify_hash"]) if "verify_hash" in request else None,
         )
         return fetch_document(fetched)
     if op in ("check", "repair"):

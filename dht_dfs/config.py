@@ -75,6 +75,8 @@ class Config:
     """Chunks in flight in one publish or fetch."""
     workers: int = max(2, os.cpu_count() or 2)
     """Threads for hashing, encryption and file I/O."""
+    verify_file_hash: bool = False
+    """Fetch also recomputes the whole file's SHA-256 (every chunk is checked anyway)."""
 
     # --- maintenance --------------------------------------------------------------------
     repair_interval: float = 60.0

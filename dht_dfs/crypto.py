@@ -108,6 +108,64 @@ def decrypt_with_key(
         ) from None
 
 
+try:
+    # PyNaCl's own cffi handle on libsodium. Its public binding can only
+    # return a fresh bytes object: it copies the input to bytes, allocates
+    # and zeroes the output, then copies it out again. Decrypting straight
+    # from the receive buffer into a reused buffer measured 0.14-0.18 ms per
+    # MiB against 0.33-0.52 ms (1 and 2 threads) on the project machine.
+    from nacl._sodium import ffi as _ffi
+    from nacl._sodium import lib as _lib
+except ImportError:  # pragma: no cover - a PyNaCl that moved its internals
+    _ffi = _lib = None
+
+
+def decrypt_into(
+    ciphertext: bytes | bytearray | memoryview,
+    key: bytes,
+    out: bytearray,
+    chunk_id: ChunkId | None = None,
+) -> int:
+    """Decrypt a sealed chunk into ``out``; returns the plaintext length.
+
+    ``out`` must hold at least ``len(ciphertext) - TAG_SIZE`` bytes. Raises
+    IntegrityError if the key or the bytes are wrong (``out`` then holds no
+    plaintext worth anything and must not be used).
+    """
+    length = len(ciphertext) - TAG_SIZE
+    if len(key) != KEY_SIZE:
+        raise ValueError("a chunk key is 32 bytes")
+    if length < 0 or len(out) < length:
+        where = f" {chunk_id.hex()}" if chunk_id is not None else ""
+        if length < 0:
+            raise IntegrityError(
+                f"chunk{where} is shorter than its tag", chunk_id.hex() if chunk_id else None
+            )
+        raise ValueError("output buffer too small")
+    if _lib is None:
+        plain = decrypt_with_key(bytes(ciphertext), key, chunk_id)
+        out[:length] = plain
+        return length
+    produced = _ffi.new("unsigned long long *")
+    status = _lib.crypto_aead_aegis256_decrypt(
+        _ffi.from_buffer(out, require_writable=True),
+        produced,
+        _ffi.NULL,
+        _ffi.from_buffer(ciphertext),
+        len(ciphertext),
+        _CHUNK_AD,
+        len(_CHUNK_AD),
+        _nonce_for(key),
+        key,
+    )
+    if status != 0:
+        where = f" {chunk_id.hex()}" if chunk_id is not None else ""
+        raise IntegrityError(
+            f"chunk{where} does not decrypt with its key", chunk_id.hex() if chunk_id else None
+        )
+    return int(produced[0])
+
+
 @dataclass(frozen=True, slots=True)
 class SealedChunk:
     """An encrypted chunk ready to store, with what is needed to open it."""

@@ -65,3 +65,25 @@ def test_node_id_is_hash_of_public_key_and_signatures_verify() -> None:
     assert not verify_signature(other.public_key, b"hello", signature)
     assert not verify_signature(b"short", b"hello", signature)
     assert Identity(identity.seed).node_id == identity.node_id
+
+
+def test_decrypt_into_a_reused_buffer_matches_and_checks() -> None:
+    from dht_dfs.crypto import decrypt_into
+
+    buffer = bytearray(5000)
+    for size in (0, 1, 4096):
+        plain = os.urandom(size)
+        sealed = seal_chunk(plain)
+        length = decrypt_into(bytearray(sealed.data), sealed.key, buffer, sealed.chunk_id)
+        assert bytes(buffer[:length]) == plain
+    sealed = seal_chunk(os.urandom(100))
+    damaged = bytearray(sealed.data)
+    damaged[3] ^= 1
+    with pytest.raises(IntegrityError, match=sealed.chunk_id.hex()):
+        decrypt_into(damaged, sealed.key, buffer, sealed.chunk_id)
+    with pytest.raises(IntegrityError, match="does not decrypt"):
+        decrypt_into(sealed.data, os.urandom(32), buffer)
+    with pytest.raises(IntegrityError, match="shorter than its tag"):
+        decrypt_into(b"short", sealed.key, buffer)
+    with pytest.raises(ValueError, match="too small"):
+        decrypt_into(sealed.data, sealed.key, bytearray(10))

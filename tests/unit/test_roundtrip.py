@@ -145,3 +145,37 @@ async def test_missing_input_file_is_a_clear_error(tmp_path: Path, store: ChunkS
         await publish_to_store(tmp_path / "nope", store, CONFIG)
     with pytest.raises(ConfigError, match="is a directory"):
         await publish_to_store(tmp_path, store, CONFIG)
+
+
+async def test_whole_file_hash_is_checked_on_request(tmp_path: Path, store: ChunkStore) -> None:
+    """A manifest whose recorded SHA-256 disagrees with its chunks (a publisher
+    bug) is caught by --verify-hash; chunk checks alone cannot see it."""
+    from dht_dfs.crypto import seal_chunk
+    from dht_dfs.manifest import FileMetadata, ManifestBuilder
+
+    data = os.urandom(3 * CHUNK)
+    builder = ManifestBuilder(b"", CONFIG.manifest_fanout)
+    for start in range(0, len(data), CHUNK):
+        sealed = seal_chunk(data[start : start + CHUNK])
+        store.put(sealed.chunk_id, sealed.data)
+        for node in builder.add(sealed):
+            store.put(node.chunk_id, node.data)
+    wrong = FileMetadata("x.bin", len(data), 0o644, CHUNK, bytes(32))
+    nodes, reference = builder.finish(wrong)
+    for node in nodes:
+        store.put(node.chunk_id, node.data)
+
+    checked = CONFIG.replace(verify_file_hash=True)
+    with pytest.raises(IntegrityError, match="does not match its recorded SHA-256"):
+        await restore_from_store(reference, store, checked, tmp_path / "checked.bin")
+    assert not (tmp_path / "checked.bin").exists()
+    await restore_from_store(reference, store, CONFIG, tmp_path / "plain.bin")
+    assert (tmp_path / "plain.bin").read_bytes() == data
+
+
+async def test_verified_round_trip_of_a_tree(tmp_path: Path, store: ChunkStore) -> None:
+    data = os.urandom(23 * CHUNK + 5)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    checked = CONFIG.replace(verify_file_hash=True)
+    await restore_from_store(result.reference, store, checked, tmp_path / "out.bin")
+    assert (tmp_path / "out.bin").read_bytes() == data

@@ -1,0 +1,273 @@
+"""Publish and fetch throughput on a 5-node devnet, against a raw TCP copy.
+
+For each file size, rounds alternate (A B A B ...):
+
+    raw      a loopback TCP copy of the same file: sendfile on one side,
+             recv_into + write + fsync on the other (a durable copy, as a
+             fetch is)
+    publish  ``dhtfs publish FILE --bootstrap`` as a short-lived client
+             process: encrypt, place 3 copies on the devnet, announce
+    fetch    ``dhtfs fetch ROOT --bootstrap -o OUT`` as a client process:
+             find, download from several nodes, verify, decrypt, fsync
+
+Every timed step starts after a sync(), so none pays for the writeback
+of the previous one. MB/s comes from each command's own timing (``--json`` "seconds"); the wall
+time including process start-up is kept too. Peak RSS of the publish and
+fetch processes comes from wait4(). CPU seconds per GiB count our processes
+only (client + the 5 nodes); "others" is what the rest of the machine used
+meanwhile. Prints a table, writes bench/results/throughput.json and .png.
+
+    python -m bench.throughput                      # 10 MiB, 100 MiB, 1 GiB
+    python -m bench.throughput --sizes 10,100 --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, MiB, machine_cpu_seconds, make_file, median, read_through, save
+
+
+def cpu_of(pid: int) -> float:
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def dhtfs() -> list[str]:
+    script = Path(sys.executable).parent / "dhtfs"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "dhtfs_cli.main"]
+
+
+def measured(command: list[str]) -> tuple[dict[str, Any], float, float, float]:
+    """Run a command; return (its JSON stdout, wall seconds, peak RSS MB, CPU seconds)."""
+    started = time.perf_counter()
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        process = subprocess.Popen(command, stdout=out, stderr=err)
+        _, status, usage = os.wait4(process.pid, 0)
+        process.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - started
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(), err.read().decode()
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:3])} failed ({process.returncode}): {stderr}")
+    return json.loads(stdout), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
+
+
+def raw_copy(source: Path, target: Path) -> float:
+    """Copy a file over loopback TCP to a file; returns seconds."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received = [0]
+
+    def receive() -> None:
+        connection, _ = listener.accept()
+        buffer = bytearray(MiB)
+        view = memoryview(buffer)
+        with connection, open(target, "wb") as handle:
+            while True:
+                n = connection.recv_into(view)
+                if not n:
+                    break
+                handle.write(view[:n])
+                received[0] += n
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    thread = threading.Thread(target=receive)
+    thread.start()
+    started = time.perf_counter()
+    with socket.create_connection(("127.0.0.1", port)) as sender, open(source, "rb") as handle:
+        sender.sendfile(handle)
+    thread.join()
+    seconds = time.perf_counter() - started
+    listener.close()
+    if received[0] != source.stat().st_size:
+        raise SystemExit("raw copy lost bytes")
+    return seconds
+
+
+async def start_network(directory: Path, extra: list[str]) -> Any:
+    from dhtfs_cli.devnet import find_free_ports, start_devnet
+
+    base = find_free_ports(5)
+    return await start_devnet(5, base, directory, extra)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", default="10,100,1024", help="file sizes in MiB")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
+    parser.add_argument(
+        "--repair-interval",
+        type=float,
+        default=60.0,
+        help="the nodes' repair interval (0: no background repair)",
+    )
+    args = parser.parse_args()
+    scratch = Path(args.dir or tempfile.mkdtemp(prefix="dhtfs-bench-throughput-"))
+    scratch.mkdir(parents=True, exist_ok=True)
+    loop = asyncio.new_event_loop()
+    extra = ["--repair-interval", str(args.repair_interval)]
+    net = loop.run_until_complete(start_network(scratch / "net", extra))
+    node_pids = [node.process.pid for node in net.nodes]
+    bootstrap = net.nodes[0].address
+    rows: list[dict[str, Any]] = []
+    try:
+        for size_mib in (int(s) for s in args.sizes.split(",")):
+            size = size_mib * MiB
+            samples: dict[str, list[dict[str, float]]] = {"raw": [], "publish": [], "fetch": []}
+            for round_number in range(args.rounds):
+                # A fresh file each round: publishing the same bytes twice
+                # would dedup to nothing.
+                source = make_file(scratch / f"in-{size_mib}-{round_number}.bin", size)
+                read_through(source)
+                for mode in ("raw", "publish", "fetch"):
+                    out = scratch / f"out-{mode}.bin"
+                    out.unlink(missing_ok=True)
+                    # Each step starts with no dirty pages left by the one before
+                    # (a publish writes 3 copies), so no step pays another's writeback.
+                    os.sync()
+                    ours_before = sum(cpu_of(pid) for pid in node_pids)
+                    machine_before = machine_cpu_seconds()
+                    rss = client_cpu = 0.0
+                    if mode == "raw":
+                        started = time.perf_counter()
+                        seconds = raw_copy(source, out)
+                        wall = time.perf_counter() - started
+                    elif mode == "publish":
+                        document, wall, rss, client_cpu = measured(
+                            [*dhtfs(), "publish", str(source), "--json", "--bootstrap", bootstrap]
+                        )
+                        seconds = float(document["seconds"])
+                        reference = document["reference"]
+                    else:
+                        document, wall, rss, client_cpu = measured(
+                            [
+                                *dhtfs(),
+                                "fetch",
+                                reference,
+                                "-o",
+                                str(out),
+                                "--json",
+                                "--bootstrap",
+                                bootstrap,
+                            ]
+                        )
+                        seconds = float(document["seconds"])
+                        if document["size"] != size:
+                            raise SystemExit("fetch returned the wrong size")
+                    nodes_cpu = sum(cpu_of(pid) for pid in node_pids) - ours_before
+                    ours = nodes_cpu + client_cpu
+                    others = max(0.0, machine_cpu_seconds() - machine_before - ours)
+                    samples[mode].append(
+                        {
+                            "seconds": seconds,
+                            "wall_seconds": wall,
+                            "mb_s": size / 1e6 / seconds,
+                            "peak_rss_mb": rss,
+                            "cpu_s_per_gib": ours * (1 << 30) / size,
+                            "client_cpu_s": client_cpu,
+                            "nodes_cpu_s": nodes_cpu,
+                            "others_cpu_s": others,
+                        }
+                    )
+                    out.unlink(missing_ok=True)
+                source.unlink()
+            raw_rate = median([s["mb_s"] for s in samples["raw"]])
+            row: dict[str, Any] = {"size_mib": size_mib, "raw_mb_s": round(raw_rate, 1)}
+            for mode in ("publish", "fetch"):
+                rate = median([s["mb_s"] for s in samples[mode]])
+                row[f"{mode}_mb_s"] = round(rate, 1)
+                row[f"{mode}_ratio"] = round(rate / raw_rate, 3)
+                row[f"{mode}_peak_rss_mb"] = round(max(s["peak_rss_mb"] for s in samples[mode]), 1)
+                row[f"{mode}_cpu_s_per_gib"] = round(
+                    median([s["cpu_s_per_gib"] for s in samples[mode]]), 2
+                )
+                row[f"{mode}_wall_s"] = round(median([s["wall_seconds"] for s in samples[mode]]), 2)
+            row["others_cpu_s"] = round(
+                sum(s["others_cpu_s"] for v in samples.values() for s in v), 1
+            )
+            row["samples"] = samples
+            rows.append(row)
+            print(f"{size_mib} MiB done", file=sys.stderr)
+    finally:
+        loop.run_until_complete(net.stop(grace=60))
+        loop.close()
+        if args.dir is None:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    print(f"5-node devnet, {args.rounds} rounds, medians; ratios against a raw loopback TCP copy")
+    print(
+        f"{'size':>9} {'raw MB/s':>9} {'publish':>8} {'ratio':>6} {'fetch':>8} {'ratio':>6} "
+        f"{'pub RSS':>8} {'fetch RSS':>9} {'fetch CPU s/GiB':>16} {'others CPU s':>13}"
+    )
+    for row in rows:
+        print(
+            f"{row['size_mib']:>5} MiB {row['raw_mb_s']:>9.0f} {row['publish_mb_s']:>8.0f} "
+            f"{row['publish_ratio']:>6.2f} {row['fetch_mb_s']:>8.0f} {row['fetch_ratio']:>6.2f} "
+            f"{row['publish_peak_rss_mb']:>5.0f} MB {row['fetch_peak_rss_mb']:>6.0f} MB "
+            f"{row['fetch_cpu_s_per_gib']:>16.2f} {row['others_cpu_s']:>13.1f}"
+        )
+    path = save("throughput", {"args": vars(args), "rows": rows})
+    print("results:", path)
+    plot(rows)
+
+
+def plot(rows: list[dict[str, Any]]) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed (pip install -e '.[bench]'); no plot", file=sys.stderr)
+        return
+    labels = [f"{r['size_mib']} MiB" for r in rows]
+    positions = range(len(rows))
+    width = 0.27
+    figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
+    for offset, key, label in (
+        (-width, "raw_mb_s", "raw TCP copy"),
+        (0, "publish_mb_s", "dhtfs publish"),
+        (width, "fetch_mb_s", "dhtfs fetch"),
+    ):
+        speed.bar([p + offset for p in positions], [r[key] for r in rows], width, label=label)
+    speed.set_xticks(list(positions), labels)
+    speed.set_ylabel("MB/s (median)")
+    speed.set_title("Throughput on a 5-node loopback devnet")
+    speed.legend()
+    for offset, key, label in (
+        (-width / 2, "publish_peak_rss_mb", "publish"),
+        (width / 2, "fetch_peak_rss_mb", "fetch"),
+    ):
+        memory.bar([p + offset for p in positions], [r[key] for r in rows], width, label=label)
+    memory.set_xticks(list(positions), labels)
+    memory.set_ylabel("peak RSS of the client process (MB)")
+    memory.set_title("Memory does not grow with file size")
+    memory.legend()
+    figure.tight_layout()
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    figure.savefig(RESULTS / "throughput.png", dpi=110)
+    print("plot:", RESULTS / "throughput.png")
+
+
+if __name__ == "__main__":
+    main()
