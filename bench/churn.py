@@ -218,12 +218,12 @@ def main() -> None:
                 asyncio.run(
                     run_rate(
                         root,
-                        args.nodes,
-                        args.files,
-                        args.file_kib * KiB,
-                        interval,
-                        args.repair_interval,
-                        args.seed,
+                        nodes=args.nodes,
+                        files=args.files,
+                        file_size=args.file_kib * KiB,
+                        interval=interval,
+                        repair_interval=args.repair_interval,
+                        seed=args.seed,
                     )
                 )
             )

@@ -34,6 +34,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.common import MiB, median, save
 
@@ -139,7 +140,7 @@ def raw_copy(port: int, expected: int) -> None:
 
 
 async def over_dhtfs(
-    info: dict[str, object],
+    info: dict[str, Any],
     window: int,
     mode: str,
     encrypt_bulk: bool,
@@ -150,9 +151,9 @@ async def over_dhtfs(
     from dht_dfs.ids import ChunkId, NodeId
     from dht_dfs.transport import Endpoint, PeerAddress
 
-    ids = [ChunkId.from_hex(h) for h in info["ids"]]  # type: ignore[union-attr]
+    ids = [ChunkId.from_hex(h) for h in info["ids"]]
     key = bytes.fromhex(str(info["key"]))
-    address = PeerAddress("127.0.0.1", int(info["port"]), NodeId.from_hex(str(info["node_id"])))  # type: ignore[call-overload]
+    address = PeerAddress("127.0.0.1", int(info["port"]), NodeId.from_hex(str(info["node_id"])))
     endpoint = Endpoint(Identity.generate(), Config(max_chunk_size=2 * MiB + 64 * 1024), None)
     connection = await endpoint.connect(address)
     semaphore = asyncio.Semaphore(window)

@@ -2,7 +2,8 @@
 
 Each node runs three kinds of upkeep on the chunks it stores:
 
-- Repair (``repair_pass``): for each stored chunk, the ``replicas`` live
+- Repair (``repair_pass``): skipped while the same nearby nodes answer
+  pings as after the last clean pass. Otherwise, for each stored chunk, the ``replicas`` live
   nodes closest to its id (a DHT lookup: dead nodes do not answer) are its
   rightful holders. They are asked (one batched HAVE per peer) whether they
   hold it; any that lack it get a copy. To keep several holders from all
@@ -44,10 +45,16 @@ log = logging.getLogger(__name__)
 
 _BATCH = 64
 _DROP_FACTOR = 2
+_FULL_PASS_EVERY = 10
+"""A pass runs in full at least every this many passes, even if nothing changed."""
+_PROBED_CONTACTS = 64
+_PROBE_TIMEOUT = 2.0
 
 
 @dataclass
 class RepairStats:
+    skipped: bool = False
+    """Nothing changed since a clean pass: no chunk was examined."""
     examined: int = 0
     copies_added: int = 0
     copies_dropped: int = 0
@@ -56,6 +63,7 @@ class RepairStats:
     errors: int = 0
 
     def merge(self, other: RepairStats) -> None:
+        self.skipped = self.skipped and other.skipped
         self.examined += other.examined
         self.copies_added += other.copies_added
         self.copies_dropped += other.copies_dropped
@@ -102,6 +110,8 @@ class Maintainer:
         self.repair_passes = 0
         self.pass_completed = asyncio.Event()
         """Set after each complete repair pass (tests and benchmarks wait on it)."""
+        self._last_membership: frozenset[NodeId] | None = None
+        self._clean_passes_skipped = 0
 
     @property
     def _me(self) -> NodeId:
@@ -109,8 +119,42 @@ class Maintainer:
 
     # --- repair ---------------------------------------------------------------------
 
-    async def repair_pass(self, *, rate: float | None = None) -> RepairStats:
-        """Examine every stored chunk once; fix what is short."""
+    async def live_membership(self) -> frozenset[NodeId]:
+        """The nearest known nodes that answer a ping now (this node included)."""
+        network = self._network
+        contacts = network.dht.known_contacts()[:_PROBED_CONTACTS]
+
+        async def alive(contact: Contact) -> NodeId | None:
+            try:
+                async with asyncio.timeout(_PROBE_TIMEOUT):
+                    connection = await network.connect(address_of(contact))
+                    await connection.ping()
+            except (NetworkError, OSError, TimeoutError):
+                return None
+            return contact.node_id
+
+        answers = await asyncio.gather(*(alive(c) for c in contacts))
+        return frozenset(n for n in answers if n is not None) | {self._me}
+
+    async def repair_pass(self, *, rate: float | None = None, force: bool = False) -> RepairStats:
+        """Examine every stored chunk once; fix what is short.
+
+        Per-chunk DHT lookups are the cost of a pass, so a pass first pings
+        the nearest known nodes: if the same nodes answer as after the last
+        pass, and that pass found nothing to do, nothing can have moved and
+        the pass is skipped (``force`` or every ``_FULL_PASS_EVERY``-th pass
+        runs anyway, for losses a ping cannot see, like a wiped disk).
+        """
+        membership = await self.live_membership()
+        if (
+            not force
+            and membership == self._last_membership
+            and self._clean_passes_skipped < _FULL_PASS_EVERY - 1
+        ):
+            self._clean_passes_skipped += 1
+            self.repair_passes += 1
+            self.pass_completed.set()
+            return RepairStats(skipped=True)
         stats = RepairStats()
         pacer = _Pacer(self._config.repair_rate if rate is None else rate)
         batch: list[ChunkId] = []
@@ -125,6 +169,10 @@ class Maintainer:
             stats.merge(await self._repair_batch(batch, leaving=False))
         self.totals.merge(stats)
         self.repair_passes += 1
+        clean = not (stats.copies_added or stats.under_replicated or stats.errors)
+        # Remember the membership only after a pass with nothing left to do.
+        self._last_membership = membership if clean else None
+        self._clean_passes_skipped = 0
         self.pass_completed.set()
         if stats.copies_added or stats.copies_dropped or stats.under_replicated:
             log.info(
