@@ -3,8 +3,9 @@
 Owns the node's DHT identity proof, its routing table, provider records (who
 holds which chunk, DESIGN property 6), iterative lookups, announcement and
 re-announcement, and the persisted contact list. This is the only module of
-dht_dfs that imports ``kademlia``, ``rpcudp`` or ``umsgpack``; it knows
-nothing of chunk bytes, the chunk store or TCP.
+dht_dfs that imports ``kademlia`` (or its ``rpcudp``); the values it sends
+and their MessagePack codec are in ``dhtwire.py``, which has no I/O. It
+knows nothing of chunk bytes, the chunk store or TCP.
 
 It depends on kademlia 2.2.3 / rpcudp 5.0.1 and overrides, in subclasses,
 what those releases get wrong. Each fix has a regression test that runs
@@ -37,21 +38,6 @@ against the library too (marked xfail there):
 * the contact list is persisted as JSON, never pickle; the bucket refresh
   is a task this node owns and cancels.
 
-Wire format. Datagrams keep rpcudp's framing: one kind byte (0x00 request,
-0x01 reply), a 20-byte random message id, then exactly one MessagePack
-value. A request's value is ``[name, args]`` and its first argument is the
-sender header ``[node_id, tcp_port, flags]`` (flags bit 0: client mode)::
-
-    ping(header, nonce)              -> [node_id, public_key, tcp_port, flags,
-                                         signature, [observed_host, observed_port]]
-    find_node(header, key)           -> [contact, ...]
-    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...]]
-    add_providers(header, [record, ...]) -> [accepted, ...]
-
-    contact = [node_id(20), host (IP literal), udp_port, tcp_port]
-    record  = [key(20), node_id(20), public_key(32), host, tcp_port,
-               expiry (unix seconds), signature(64)]
-
 Joining follows section 2.3 of the paper: a lookup of our own id, then one
 per distance level farther than our closest neighbour, so that every holder
 of records we should now hold hears of us and pushes them (section 2.5).
@@ -61,13 +47,9 @@ attacker with many keys (it filling a key's record slots, or a region of the
 id space). An identity proof is not bound to the prover's address: a node
 that relays challenges to another can appear in routing tables under that
 node's id at its own address (it still cannot sign records for it). The
-limits below are protocol constants rather than Config fields.
+limits are protocol constants rather than Config fields.
 
-A ping signature covers ``PING_DOMAIN | len(nonce) | nonce | node_id |
-tcp_port(2) | flags(1)``; a record signature covers ``RECORD_DOMAIN | key |
-node_id | len(host) | host | tcp_port(2) | expiry(8)``. A record does not
-depend on who sends it, so any node may forward it (that is how late
-joiners receive records).
+The values and the datagram format live in ``dhtwire.py``.
 """
 
 from __future__ import annotations
@@ -76,7 +58,6 @@ import asyncio
 import contextlib
 import functools
 import heapq
-import io
 import json
 import logging
 import os
@@ -91,52 +72,73 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, Final
 
-import umsgpack
 from kademlia.network import Server
 from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
 from dht_dfs.config import Config
-from dht_dfs.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
+from dht_dfs.crypto import Identity
+from dht_dfs.dhtwire import (
+    CLOCK_SKEW_ALLOWANCE,
+    DATAGRAM_BUDGET,
+    FLAG_CLIENT,
+    FRAME_HEADER_SIZE,
+    KIND_REQUEST,
+    MAX_CONTACTS_PER_REPLY,
+    MAX_NONCE_SIZE,
+    MAX_RECORDS_PER_MESSAGE,
+    MESSAGE_ID_SIZE,
+    MIN_NONCE_SIZE,
+    NONCE_SIZE,
+    REMOTE_PROCEDURES,
+    UNSPECIFIED_HOSTS,
+    Address,
+    Contact,
+    Datagram,
+    Encoded,
+    FindReply,
+    IdentityProof,
+    LookupResult,
+    LookupStats,
+    ProviderRecord,
+    ProviderStore,
+    array_header,
+    check_key,
+    check_ping_reply,
+    decode_datagram,
+    encode_reply,
+    encode_request,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    is_ip_literal,
+    normalize_address,
+    pack,
+    parse_address,
+    parse_find_reply,
+    ping_proof_message,
+    remote_error,
+    split_into_batches,
+)
 from dht_dfs.errors import LocalProtocolError, NetworkError, RemoteProtocolError
 from dht_dfs.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
 
 log = logging.getLogger(__name__)
 
-Address = tuple[str, int]
-"""A UDP or TCP endpoint: (host, port)."""
+__all__ = [
+    "Address",
+    "Contact",
+    "DhtNode",
+    "LookupResult",
+    "LookupStats",
+    "ProviderRecord",
+    "parse_address",
+]
 
-# --- limits --------------------------------------------------------------------------
-# Fixed by the protocol rather than tuned per deployment, so they live here and
-# not in Config.
 
-MAX_DATAGRAM_SIZE: Final = 8192
-"""Largest datagram accepted; anything longer is dropped unread."""
-DATAGRAM_BUDGET: Final = 6144
-"""Largest datagram this node sends. Well under the receive limit, so a peer
-running the same code never drops what we send, and fewer IP fragments."""
-MESSAGE_ID_SIZE: Final = 20
-_FRAME_HEADER_SIZE: Final = 1 + MESSAGE_ID_SIZE
-KIND_REQUEST: Final = 0x00
-KIND_REPLY: Final = 0x01
-
-MIN_NONCE_SIZE: Final = 16
-MAX_NONCE_SIZE: Final = 64
-NONCE_SIZE: Final = 20
-MAX_HOST_LENGTH: Final = 253
-MAX_CONTACTS_PER_REPLY: Final = 64
-MAX_RECORDS_PER_MESSAGE: Final = 64
-MAX_EXPIRY: Final = 2**40
-"""Unix seconds; far beyond any real expiry, small enough for 8 bytes."""
-FLAG_CLIENT: Final = 0x01
-MAX_RECORD_BYTES: Final = 512
-"""A record's MessagePack encoding is about 190 bytes with a 15-character host."""
-
-MAX_PROVIDER_TTL: Final = 7 * 24 * 3600.0
-"""Default upper bound on a record's remaining lifetime in ProviderRecord.verify."""
-CLOCK_SKEW_ALLOWANCE: Final = 300.0
-"""Seconds a record may expire beyond now + provider_ttl (clocks differ)."""
+# --- node behaviour limits --------------------------------------------------------
+# Fixed by the protocol rather than tuned per deployment.
 
 MAX_LOOKUP_QUERIES: Final = 256
 """Queries one lookup may send at most, whatever the network answers."""
@@ -149,14 +151,12 @@ FAILURE_MEMORY_SIZE: Final = 4096
 DEAD_CONTACT_MEMORY: Final = 300.0
 """Seconds a contact that failed repeatedly is skipped by lookups (unless it
 answers or sends us a request meanwhile)."""
-
 VERIFY_CONCURRENCY: Final = 16
 MAX_PENDING_VERIFICATIONS: Final = 512
 VERIFIED_CACHE_SIZE: Final = 8192
 FAILED_VERIFICATION_MEMORY: Final = 60.0
 """Seconds a failed identity proof is remembered, so a flood of forged ids
 cannot make this node ping the same address over and over."""
-
 WELCOME_PUSHERS: Final = 3
 """A holder pushes records to a new node only if it is among this many
 closest holders it knows of (Kademlia section 2.5, relaxed from 1 so that one
@@ -167,11 +167,10 @@ REANNOUNCE_KEYS_PER_SECOND: Final = 100.0
 ANNOUNCE_GROUP: Final = 32
 """Keys announced together in one re-announcement step."""
 ANNOUNCE_CONCURRENCY: Final = 8
+"""Lookups and add_providers requests in flight for one announcement."""
 PUT_GROUP_KEYS: Final = 256
 """Keys whose records put_records places together (one lookup task each)."""
-"""Lookups and add_providers requests in flight for one announcement."""
 MAX_REANNOUNCE_KEYS: Final = 10_000_000
-
 MAINTENANCE_INTERVAL: Final = 60.0
 STATE_SAVE_INTERVAL: Final = 600.0
 MAX_STATE_FILE_SIZE: Final = 1024 * 1024
@@ -183,519 +182,8 @@ MAX_JOIN_REFRESHES: Final = NODE_ID_SIZE * 8
 MAX_BOOTSTRAP_CONTACTS: Final = 64
 """Saved contacts pinged at once when rejoining (the closest to this node)."""
 MAX_OBSERVED_HOSTS: Final = 16
-
 DROP_LOG_BURST: Final = 20
 DROP_LOG_WINDOW: Final = 10.0
-
-PING_DOMAIN: Final = b"dhtfs/dht/ping-proof/v1\x00"
-RECORD_DOMAIN: Final = b"dhtfs/dht/provider-record/v1\x00"
-
-_HOST_CHARACTERS: Final = frozenset(
-    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:%_"
-)
-_UNSPECIFIED_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
-
-REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
-"""The only procedure names this node calls or serves."""
-
-
-# --- argument validation (shared by requests, replies, state file) --------------------
-
-
-def _bad(message: str) -> RemoteProtocolError:
-    return RemoteProtocolError(message)
-
-
-def _expect_bytes(value: object, size: int, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise _bad(f"{what} must be bytes, got {type(value).__name__}")
-    if len(value) != size:
-        raise _bad(f"{what} must be {size} bytes, got {len(value)}")
-    return value
-
-
-def _expect_int(value: object, low: int, high: int, what: str) -> int:
-    # bool is an int subclass; a peer that sends true for a port is wrong.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise _bad(f"{what} must be an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise _bad(f"{what} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def _expect_list(
-    value: object, what: str, *, exact: int | None = None, limit: int | None = None
-) -> list[Any]:
-    if not isinstance(value, list):
-        raise _bad(f"{what} must be a list, got {type(value).__name__}")
-    if exact is not None and len(value) != exact:
-        raise _bad(f"{what} must have {exact} items, got {len(value)}")
-    if limit is not None and len(value) > limit:
-        raise _bad(f"{what} has {len(value)} items, more than {limit}")
-    return value
-
-
-def _expect_host(value: object, what: str, *, ip_only: bool) -> str:
-    if not isinstance(value, str):
-        raise _bad(f"{what} must be a string, got {type(value).__name__}")
-    if not 1 <= len(value) <= MAX_HOST_LENGTH or not set(value) <= _HOST_CHARACTERS:
-        raise _bad(f"{what} is not a host name or address")
-    if not ip_only:
-        return value
-    # Contacts are sent to at once: a host name would block the event loop in a
-    # DNS lookup inside sendto, so only IP literals are accepted, in the form the
-    # kernel reports (replies are matched against the address a request went to).
-    canonical = _canonical_ip(value)
-    if canonical is None:
-        raise _bad(f"{what} is not an IP address")
-    return canonical
-
-
-def _canonical_ip(host: str) -> str | None:
-    """The IP literal ``host`` in canonical form, or None if it is not one."""
-    # inet_pton rather than ipaddress: this runs for every contact of every reply.
-    address, percent, scope = host.partition("%")
-    for family in (socket.AF_INET, socket.AF_INET6):
-        try:
-            packed = socket.inet_pton(family, address)
-        except OSError:
-            continue
-        return socket.inet_ntop(family, packed) + percent + scope
-    return None
-
-
-def _is_ip_literal(host: str) -> bool:
-    return _canonical_ip(host) is not None
-
-
-def _check_key(key: bytes) -> bytes:
-    if not isinstance(key, bytes) or len(key) != DHT_KEY_SIZE:
-        raise ValueError(f"a DHT key is {DHT_KEY_SIZE} bytes (ChunkId.dht_key)")
-    return key
-
-
-def _normalize_address(address: Any) -> Address:
-    """(host, port) from what a datagram transport reports (IPv6 adds two fields)."""
-    return (str(address[0]), int(address[1]))
-
-
-# --- values ----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Contact:
-    """A DHT node as other nodes reach it."""
-
-    node_id: NodeId
-    """The node's key-derived id, also its position in the DHT key space."""
-    host: str
-    """IP address (as observed by whoever reported the contact)."""
-    udp_port: int
-    """The DHT port."""
-    tcp_port: int
-    """The chunk transport port (the same number as udp_port by convention)."""
-
-    @property
-    def udp_address(self) -> Address:
-        return (self.host, self.udp_port)
-
-    @property
-    def tcp_address(self) -> Address:
-        return (self.host, self.tcp_port)
-
-    def distance(self, key: bytes) -> int:
-        return self.node_id.distance(key)
-
-    def to_wire(self) -> list[object]:
-        return [self.node_id.digest, self.host, self.udp_port, self.tcp_port]
-
-    @classmethod
-    def from_wire(cls, value: object) -> Contact:
-        """Parse a contact from a peer; raises RemoteProtocolError."""
-        items = _expect_list(value, "contact", exact=4)
-        return cls(
-            NodeId(_expect_bytes(items[0], NODE_ID_SIZE, "contact node id")),
-            _expect_host(items[1], "contact host", ip_only=True),
-            _expect_int(items[2], 1, 65535, "contact UDP port"),
-            _expect_int(items[3], 1, 65535, "contact TCP port"),
-        )
-
-    def __str__(self) -> str:
-        return f"{self.node_id}@{self.host}:{self.udp_port}"
-
-
-@dataclass(frozen=True, slots=True)
-class ProviderRecord:
-    """A signed statement: the node ``node_id`` serves the chunk under ``key``."""
-
-    key: bytes
-    """The 160-bit DHT key (``ChunkId.dht_key``)."""
-    node_id: NodeId
-    """The provider; must equal ``NodeId.for_public_key(public_key)``."""
-    public_key: bytes
-    """The provider's Ed25519 public key (32 bytes)."""
-    host: str
-    """Where the provider serves chunks over TCP."""
-    tcp_port: int
-    expiry: int
-    """Absolute unix time (seconds) after which the record is void."""
-    signature: bytes
-    """Ed25519 signature by the provider over ``signed_message``."""
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.key, bytes) or len(self.key) != DHT_KEY_SIZE:
-            raise ValueError(f"a record key is {DHT_KEY_SIZE} bytes")
-        if not isinstance(self.node_id, NodeId):
-            raise TypeError("a record's node_id is a NodeId")
-        if not isinstance(self.public_key, bytes) or len(self.public_key) != PUBLIC_KEY_SIZE:
-            raise ValueError(f"a record public key is {PUBLIC_KEY_SIZE} bytes")
-        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
-            raise ValueError(f"a record signature is {SIGNATURE_SIZE} bytes")
-        try:
-            _expect_host(self.host, "record host", ip_only=False)
-            _expect_int(self.tcp_port, 1, 65535, "record TCP port")
-            _expect_int(self.expiry, 0, MAX_EXPIRY, "record expiry")
-        except RemoteProtocolError as exc:
-            raise ValueError(str(exc)) from None
-
-    @staticmethod
-    def signed_message(key: bytes, node_id: NodeId, host: str, tcp_port: int, expiry: int) -> bytes:
-        """The domain-separated bytes a provider signs."""
-        host_bytes = host.encode("ascii")
-        return b"".join(
-            (
-                RECORD_DOMAIN,
-                key,
-                node_id.digest,
-                bytes([len(host_bytes)]),
-                host_bytes,
-                tcp_port.to_bytes(2, "big"),
-                expiry.to_bytes(8, "big"),
-            )
-        )
-
-    @classmethod
-    def create(  # noqa: PLR0917  # the node engine's agreed positional signature
-        cls, identity: Identity, key: bytes, host: str, tcp_port: int, ttl: float, now: float
-    ) -> ProviderRecord:
-        """This identity's record for ``key``, valid for ``ttl`` seconds from ``now``."""
-        _check_key(key)
-        if ttl < 1:
-            raise ValueError("a provider record lives at least one second")
-        expiry = int(now + ttl)
-        signature = identity.sign(cls.signed_message(key, identity.node_id, host, tcp_port, expiry))
-        return cls(key, identity.node_id, identity.public_key, host, tcp_port, expiry, signature)
-
-    def problem(self, now: float, *, max_ttl: float = MAX_PROVIDER_TTL) -> str | None:
-        """Why this record must be refused at ``now``, or None if it is valid."""
-        if self.expiry <= now:
-            return "expired"
-        if self.expiry > now + max_ttl:
-            return f"expires {self.expiry - now:.0f} s from now, beyond the {max_ttl:.0f} s limit"
-        if NodeId.for_public_key(self.public_key) != self.node_id:
-            return "node id is not the hash of the public key"
-        message = self.signed_message(self.key, self.node_id, self.host, self.tcp_port, self.expiry)
-        if not verify_signature(self.public_key, message, self.signature):
-            return "bad signature"
-        return None
-
-    def verify(self, now: float, *, max_ttl: float = MAX_PROVIDER_TTL) -> bool:
-        """True if the record is authentic and live at ``now``."""
-        return self.problem(now, max_ttl=max_ttl) is None
-
-    def expired(self, now: float) -> bool:
-        return self.expiry <= now
-
-    @property
-    def tcp_address(self) -> Address:
-        return (self.host, self.tcp_port)
-
-    def to_wire(self) -> list[object]:
-        return [
-            self.key,
-            self.node_id.digest,
-            self.public_key,
-            self.host,
-            self.tcp_port,
-            self.expiry,
-            self.signature,
-        ]
-
-    @classmethod
-    def from_wire(cls, value: object) -> ProviderRecord:
-        """Parse (not verify) a record from a peer; raises RemoteProtocolError."""
-        items = _expect_list(value, "record", exact=7)
-        return cls(
-            _expect_bytes(items[0], DHT_KEY_SIZE, "record key"),
-            NodeId(_expect_bytes(items[1], NODE_ID_SIZE, "record node id")),
-            _expect_bytes(items[2], PUBLIC_KEY_SIZE, "record public key"),
-            _expect_host(items[3], "record host", ip_only=False),
-            _expect_int(items[4], 1, 65535, "record TCP port"),
-            _expect_int(items[5], 0, MAX_EXPIRY, "record expiry"),
-            _expect_bytes(items[6], SIGNATURE_SIZE, "record signature"),
-        )
-
-    def to_bytes(self) -> bytes:
-        """The record as one MessagePack value (e.g. a store receipt on TCP)."""
-        return _pack(self.to_wire())
-
-    @classmethod
-    def from_bytes(cls, data: bytes) -> ProviderRecord:
-        """Parse (not verify) ``to_bytes`` output; raises ValueError if malformed."""
-        if len(data) > MAX_RECORD_BYTES:
-            raise ValueError(f"a provider record is at most {MAX_RECORD_BYTES} bytes")
-        try:
-            return cls.from_wire(_unpack_exact(bytes(data)))
-        except RemoteProtocolError as exc:
-            raise ValueError(f"malformed provider record: {exc}") from None
-
-    def wire_size(self) -> int:
-        """An upper bound of ``len(self.to_bytes())``, without encoding."""
-        # array(1) key(22) node id(22) public key(34) host(2+n) port(3) expiry(9) signature(66)
-        return 159 + len(self.host)
-
-    def __repr__(self) -> str:
-        where = f"{self.host}:{self.tcp_port}"
-        return f"ProviderRecord({self.key.hex()[:12]}… by {self.node_id} at {where})"
-
-
-@dataclass(frozen=True, slots=True)
-class LookupStats:
-    """What one lookup cost, for the benchmark and for logs."""
-
-    hops: int
-    """Deepest hop that answered: contacts from the routing table are hop 1, the
-    contacts they return hop 2, and so on."""
-    messages: int
-    """Requests sent."""
-    answered: int
-    failed: int
-    seconds: float
-    timed_out: bool
-    """The whole-lookup deadline (``dht_lookup_timeout``) cut it short."""
-
-
-@dataclass(frozen=True, slots=True)
-class LookupResult:
-    """The outcome of one iterative lookup."""
-
-    key: bytes
-    providers: tuple[ProviderRecord, ...]
-    """Verified, unexpired, one per provider, closest provider to the key first."""
-    closest: tuple[Contact, ...]
-    """Nodes that answered, closest to the key first."""
-    stats: LookupStats
-
-
-# --- datagram codec (sans-IO) -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    """One decoded datagram."""
-
-    kind: int
-    """KIND_REQUEST or KIND_REPLY."""
-    message_id: bytes
-    """20 random bytes that pair a reply with its request."""
-    body: Any
-    """The decoded MessagePack value (not yet validated)."""
-
-
-def _pack(value: object) -> bytes:
-    packed: bytes = umsgpack.packb(value)
-    return packed
-
-
-def encode_request(message_id: bytes, name: str, args: Sequence[object]) -> bytes:
-    return bytes([KIND_REQUEST]) + message_id + _pack([name, list(args)])
-
-
-def encode_reply(message_id: bytes, body: object) -> bytes:
-    packed = body.data if isinstance(body, Encoded) else _pack(body)
-    return bytes([KIND_REPLY]) + message_id + packed
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """A value already in MessagePack form, assembled from cached pieces."""
-
-    data: bytes
-
-
-def _array_header(count: int) -> bytes:
-    """The MessagePack header of an array of ``count`` items."""
-    if count < 16:
-        return bytes([0x90 | count])
-    if count < 1 << 16:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
-
-
-def _unpack_exact(payload: bytes) -> Any:
-    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError."""
-    stream = io.BytesIO(payload)
-    try:
-        value = umsgpack.unpack(stream)
-    # umsgpack raises its own UnpackException family, but hostile input also reaches
-    # RecursionError (deep nesting), ValueError/OverflowError (timestamps) and more;
-    # the decoder does not document the full set, so everything it raises is "bad input".
-    except Exception as exc:
-        raise _bad(f"body is not MessagePack ({type(exc).__name__})") from None
-    trailing = len(payload) - stream.tell()
-    if trailing:
-        raise _bad(f"{trailing} trailing byte(s) after the MessagePack body")
-    return value
-
-
-def decode_datagram(data: bytes) -> Datagram:
-    """Split and decode a datagram; raises RemoteProtocolError with the reason."""
-    if len(data) > MAX_DATAGRAM_SIZE:
-        raise _bad(f"datagram of {len(data)} bytes exceeds the {MAX_DATAGRAM_SIZE}-byte limit")
-    if len(data) <= _FRAME_HEADER_SIZE:
-        raise _bad(
-            f"datagram of {len(data)} bytes is shorter than the "
-            f"{_FRAME_HEADER_SIZE + 1}-byte minimum"
-        )
-    kind = data[0]
-    if kind not in (KIND_REQUEST, KIND_REPLY):
-        raise _bad(f"unknown datagram kind 0x{kind:02x}")
-    body = _unpack_exact(bytes(data[_FRAME_HEADER_SIZE:]))
-    return Datagram(kind, bytes(data[1:_FRAME_HEADER_SIZE]), body)
-
-
-def split_into_batches(
-    records: Sequence[ProviderRecord], budget: int = DATAGRAM_BUDGET
-) -> list[list[ProviderRecord]]:
-    """Group records so that each add_providers request fits in ``budget`` bytes."""
-    # Frame header, [name, [header, [...]]] and the sender header: under 96 bytes.
-    room = budget - _FRAME_HEADER_SIZE - 96
-    batches: list[list[ProviderRecord]] = []
-    current: list[ProviderRecord] = []
-    used = 0
-    for record in records:
-        size = record.wire_size()
-        if current and (used + size > room or len(current) >= MAX_RECORDS_PER_MESSAGE):
-            batches.append(current)
-            current, used = [], 0
-        current.append(record)
-        used += size
-    if current:
-        batches.append(current)
-    return batches
-
-
-# --- provider records held by this node (pure) -----------------------------------------------
-
-
-class ProviderStore:
-    """The provider records this node holds for others, bounded and expiring.
-
-    At most ``max_per_key`` records per key and ``max_total`` in all; when full,
-    the record that expires soonest gives way to one that lives longer. Records
-    are verified before they get here; this class only keeps them.
-    """
-
-    def __init__(self, max_per_key: int, max_total: int) -> None:
-        if max_per_key < 1 or max_total < 1:
-            raise ValueError("provider store limits must be positive")
-        self.max_per_key = max_per_key
-        self.max_total = max_total
-        self._by_key: dict[bytes, dict[NodeId, ProviderRecord]] = {}
-        # (expiry, key, node id) with lazy deletion: an entry whose record was
-        # replaced or removed is skipped when it surfaces.
-        self._expiry_heap: list[tuple[int, bytes, bytes]] = []
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def keys(self) -> list[bytes]:
-        return list(self._by_key)
-
-    def holds(self, record: ProviderRecord) -> bool:
-        """True if this exact record is already held (so it needs no new check)."""
-        return self._by_key.get(record.key, {}).get(record.node_id) == record
-
-    def get(self, key: bytes, now: float) -> list[ProviderRecord]:
-        """Unexpired records for ``key``, longest-lived first."""
-        records = [r for r in self._by_key.get(key, {}).values() if not r.expired(now)]
-        records.sort(key=lambda r: r.expiry, reverse=True)
-        return records
-
-    def add(self, record: ProviderRecord, now: float) -> bool:
-        """Keep a verified record; False if it is expired or loses to the caps."""
-        if record.expired(now):
-            return False
-        per_key = self._by_key.get(record.key, {})
-        held = per_key.get(record.node_id)
-        if held is not None:
-            if held.expiry >= record.expiry:
-                return True  # already held, as long-lived: the store confirms it
-            per_key[record.node_id] = record
-            self._push(record)
-            return True
-        if len(per_key) >= self.max_per_key:
-            soonest = min(per_key.values(), key=lambda r: r.expiry)
-            if soonest.expiry >= record.expiry and not soonest.expired(now):
-                return False
-            self._remove(soonest.key, soonest.node_id)
-        if self._count >= self.max_total:
-            self.expire(now)
-        if self._count >= self.max_total:
-            victim = self._soonest()
-            if victim is None or victim.expiry >= record.expiry:
-                return False
-            self._remove(victim.key, victim.node_id)
-        self._by_key.setdefault(record.key, {})[record.node_id] = record
-        self._count += 1
-        self._push(record)
-        return True
-
-    def remove(self, key: bytes, node_id: NodeId) -> bool:
-        return self._remove(key, node_id)
-
-    def expire(self, now: float) -> int:
-        """Drop every record expired at ``now``; returns how many."""
-        dropped = 0
-        # Bounded: each iteration pops one heap entry.
-        while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            _expiry, key, digest = heapq.heappop(self._expiry_heap)
-            node_id = NodeId(digest)
-            record = self._by_key.get(key, {}).get(node_id)
-            if record is not None and record.expired(now):
-                self._remove(key, node_id)
-                dropped += 1
-        return dropped
-
-    def _push(self, record: ProviderRecord) -> None:
-        heapq.heappush(self._expiry_heap, (record.expiry, record.key, record.node_id.digest))
-        if len(self._expiry_heap) > 2 * self._count + 1024:
-            self._expiry_heap = [
-                (r.expiry, r.key, r.node_id.digest)
-                for per_key in self._by_key.values()
-                for r in per_key.values()
-            ]
-            heapq.heapify(self._expiry_heap)
-
-    def _soonest(self) -> ProviderRecord | None:
-        # Bounded by the heap's length; stale entries are discarded on the way.
-        while self._expiry_heap:
-            expiry, key, digest = self._expiry_heap[0]
-            record = self._by_key.get(key, {}).get(NodeId(digest))
-            if record is not None and record.expiry == expiry:
-                return record
-            heapq.heappop(self._expiry_heap)
-        return None
-
-    def _remove(self, key: bytes, node_id: NodeId) -> bool:
-        per_key = self._by_key.get(key)
-        if per_key is None or per_key.pop(node_id, None) is None:
-            return False
-        self._count -= 1
-        if not per_key:
-            del self._by_key[key]
-        return True
 
 
 # --- routing table ---------------------------------------------------------------------------
@@ -708,7 +196,7 @@ class DhtPeer(Node):  # type: ignore[misc]  # kademlia is untyped: Node is Any t
         super().__init__(contact.node_id.digest, contact.host, contact.udp_port)
         self.contact: Contact = contact
         self.public_key: bytes | None = public_key
-        self.packed: bytes = _pack(contact.to_wire())
+        self.packed: bytes = pack(contact.to_wire())
         """The contact in MessagePack form: it goes into many replies, so encode it once."""
 
 
@@ -1008,7 +496,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         log.debug("UDP error: %s", exc)
 
     def datagram_received(self, data: bytes, addr: Any) -> None:
-        address = _normalize_address(addr)
+        address = normalize_address(addr)
         try:
             datagram = decode_datagram(data)
             if datagram.kind == KIND_REQUEST:
@@ -1028,19 +516,19 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
     def _serve(self, datagram: Datagram, address: Address) -> None:
         body = datagram.body
         if not isinstance(body, list) or len(body) != 2:
-            raise _bad("request is not [name, args]")
+            raise remote_error("request is not [name, args]")
         name, args = body
         if not isinstance(name, str):
-            raise _bad("procedure name is not a string")
+            raise remote_error("procedure name is not a string")
         handler = self._handlers.get(name)
         if handler is None:
-            raise _bad(f"unknown procedure {name[:40]!r}")
+            raise remote_error(f"unknown procedure {name[:40]!r}")
         if not isinstance(args, list):
-            raise _bad(f"{name} arguments are not a list")
+            raise remote_error(f"{name} arguments are not a list")
         try:
             reply = handler(address, args)
         except RemoteProtocolError as exc:
-            raise _bad(f"bad {name} request: {exc}") from None
+            raise remote_error(f"bad {name} request: {exc}") from None
         packed = encode_reply(datagram.message_id, reply)
         if len(packed) > DATAGRAM_BUDGET:
             # Handlers trim their replies; reaching this is a bug here, not the peer's.
@@ -1057,7 +545,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
             log.debug("reply from %s:%d matches no request", *address)
             return
         if pending.address != address:
-            raise _bad("reply from an address the request was not sent to")
+            raise remote_error("reply from an address the request was not sent to")
         del self._pending[datagram.message_id]
         self.counters.replies_received += 1
         if not pending.future.done():
@@ -1104,20 +592,20 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
     # --- handlers: each validates every argument, then answers synchronously -----------
 
     def _sender(self, address: Address, header: object) -> NodeId:
-        items = _expect_list(header, "sender header", exact=3)
-        node_id = NodeId(_expect_bytes(items[0], NODE_ID_SIZE, "sender node id"))
-        flags = _expect_int(items[2], 0, 255, "sender flags")
+        items = expect_list(header, "sender header", exact=3)
+        node_id = NodeId(expect_bytes(items[0], NODE_ID_SIZE, "sender node id"))
+        flags = expect_int(items[2], 0, 255, "sender flags")
         client = bool(flags & FLAG_CLIENT)
-        tcp_port = _expect_int(items[1], 0 if client else 1, 65535, "sender TCP port")
+        tcp_port = expect_int(items[1], 0 if client else 1, 65535, "sender TCP port")
         if not client and node_id != self.identity.node_id:
             self.hooks.sender_seen(node_id, tcp_port, address)
         return node_id
 
     def _serve_ping(self, address: Address, args: list[Any]) -> object:
-        _expect_list(args, "ping arguments", exact=2)
+        expect_list(args, "ping arguments", exact=2)
         nonce = args[1]
         if not isinstance(nonce, bytes) or not MIN_NONCE_SIZE <= len(nonce) <= MAX_NONCE_SIZE:
-            raise _bad(f"nonce must be {MIN_NONCE_SIZE} to {MAX_NONCE_SIZE} bytes")
+            raise remote_error(f"nonce must be {MIN_NONCE_SIZE} to {MAX_NONCE_SIZE} bytes")
         self._sender(address, args[0])
         flags = FLAG_CLIENT if self.client_mode else 0
         signature = self.identity.sign(
@@ -1133,22 +621,22 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         ]
 
     def _serve_find_node(self, address: Address, args: list[Any]) -> object:
-        _expect_list(args, "find_node arguments", exact=2)
-        key = _expect_bytes(args[1], DHT_KEY_SIZE, "key")
+        expect_list(args, "find_node arguments", exact=2)
+        key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
         sender = self._sender(address, args[0])
         contacts, _size = self._contacts_near(key, sender, DATAGRAM_BUDGET - 64)
         return Encoded(contacts)
 
     def _serve_get_providers(self, address: Address, args: list[Any]) -> object:
-        _expect_list(args, "get_providers arguments", exact=3)
-        key = _expect_bytes(args[1], DHT_KEY_SIZE, "key")
-        limit = _expect_int(args[2], 0, 1 << 16, "limit")
+        expect_list(args, "get_providers arguments", exact=3)
+        key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
+        limit = expect_int(args[2], 0, 1 << 16, "limit")
         sender = self._sender(address, args[0])
         contacts, contacts_size = self._contacts_near(key, sender, DATAGRAM_BUDGET // 3)
         records = self.providers.get(key, self.clock())
         total = len(records)
         # Frame, the outer array, two array headers and the total: under 32 bytes.
-        room = DATAGRAM_BUDGET - _FRAME_HEADER_SIZE - contacts_size - 32
+        room = DATAGRAM_BUDGET - FRAME_HEADER_SIZE - contacts_size - 32
         if len(records) > limit:
             # Different nodes then return different subsets, so a union over a
             # lookup covers more providers than any one reply can carry.
@@ -1161,11 +649,11 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
                 break
             chosen.append(record.to_wire())
             used += size
-        return Encoded(_array_header(3) + _pack(chosen) + _pack(total) + contacts)
+        return Encoded(array_header(3) + pack(chosen) + pack(total) + contacts)
 
     def _serve_add_providers(self, address: Address, args: list[Any]) -> object:
-        _expect_list(args, "add_providers arguments", exact=2)
-        items = _expect_list(args[1], "records", limit=MAX_RECORDS_PER_MESSAGE)
+        expect_list(args, "add_providers arguments", exact=2)
+        items = expect_list(args[1], "records", limit=MAX_RECORDS_PER_MESSAGE)
         records = [ProviderRecord.from_wire(item) for item in items]
         self._sender(address, args[0])
         now = self.clock()
@@ -1198,84 +686,8 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
                 break
             chosen.append(peer.packed)
             used += len(peer.packed)
-        encoded = _array_header(len(chosen)) + b"".join(chosen)
+        encoded = array_header(len(chosen)) + b"".join(chosen)
         return encoded, len(encoded)
-
-
-def ping_proof_message(nonce: bytes, node_id: NodeId, tcp_port: int, flags: int) -> bytes:
-    """The domain-separated bytes a node signs to answer a challenge ping."""
-    return b"".join(
-        (
-            PING_DOMAIN,
-            bytes([len(nonce)]),
-            nonce,
-            node_id.digest,
-            tcp_port.to_bytes(2, "big"),
-            bytes([flags]),
-        )
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class IdentityProof:
-    """A verified answer to a challenge ping."""
-
-    contact: Contact
-    """The node, at the address the challenge was sent to."""
-    public_key: bytes
-    client: bool
-    observed: Address | None
-    """Our own address as the peer saw it."""
-
-
-def check_ping_reply(reply: object, nonce: bytes, address: Address) -> IdentityProof:
-    """Validate a ping reply against the challenge; raises RemoteProtocolError."""
-    items = _expect_list(reply, "ping reply", exact=6)
-    node_id = NodeId(_expect_bytes(items[0], NODE_ID_SIZE, "node id"))
-    public_key = _expect_bytes(items[1], PUBLIC_KEY_SIZE, "public key")
-    flags = _expect_int(items[3], 0, 255, "flags")
-    client = bool(flags & FLAG_CLIENT)
-    tcp_port = _expect_int(items[2], 0 if client else 1, 65535, "TCP port")
-    signature = _expect_bytes(items[4], SIGNATURE_SIZE, "signature")
-    observed: Address | None = None
-    seen = items[5]
-    if isinstance(seen, list) and len(seen) == 2:
-        with contextlib.suppress(RemoteProtocolError):
-            observed = (
-                _expect_host(seen[0], "observed host", ip_only=True),
-                _expect_int(seen[1], 1, 65535, "observed port"),
-            )
-    if NodeId.for_public_key(public_key) != node_id:
-        raise _bad("node id is not the hash of its public key")
-    if not verify_signature(
-        public_key, ping_proof_message(nonce, node_id, tcp_port, flags), signature
-    ):
-        raise _bad("bad signature on the ping proof")
-    contact = Contact(node_id, address[0], address[1], tcp_port)
-    return IdentityProof(contact, public_key, client, observed)
-
-
-@dataclass(frozen=True, slots=True)
-class _FindReply:
-    contact_items: list[Any]
-    """Contacts in wire form, not yet validated (see _parse_find_reply)."""
-    records: list[ProviderRecord]
-
-
-def _parse_find_reply(reply: object, with_providers: bool) -> _FindReply:
-    """Check a find_node / get_providers reply's shape and parse its records.
-
-    Contacts stay in wire form (a bounded list): a lookup parses only those it
-    has not met yet, most of a reply being contacts it already knows.
-    """
-    if not with_providers:
-        items = _expect_list(reply, "find_node reply", limit=MAX_CONTACTS_PER_REPLY)
-        return _FindReply(items, [])
-    parts = _expect_list(reply, "get_providers reply", exact=3)
-    records = _expect_list(parts[0], "records", limit=MAX_RECORDS_PER_MESSAGE)
-    _expect_int(parts[1], 0, 1 << 32, "record total")
-    contacts = _expect_list(parts[2], "contacts", limit=MAX_CONTACTS_PER_REPLY)
-    return _FindReply(contacts, [ProviderRecord.from_wire(item) for item in records])
 
 
 # --- the kademlia Server, trimmed to what is safe ----------------------------------------------
@@ -1343,30 +755,6 @@ class _Pacer:
         if self._tokens < 0:
             # Concurrent callers each wait out their own deficit: one sleep, no loop.
             await asyncio.sleep(-self._tokens / self.rate)
-
-
-def parse_address(address: str | tuple[str, int]) -> Address:
-    """'HOST:PORT', '[V6]:PORT' or (host, port) -> (host, port)."""
-    if isinstance(address, tuple):
-        host, port = address
-    else:
-        text = address.strip()
-        if text.startswith("["):
-            host, sep, rest = text[1:].partition("]")
-            if not sep or not rest.startswith(":"):
-                raise ValueError(f"not HOST:PORT: {address!r}")
-            port_text = rest[1:]
-        else:
-            host, sep, port_text = text.rpartition(":")
-            if not sep:
-                raise ValueError(f"not HOST:PORT: {address!r}")
-        try:
-            port = int(port_text)
-        except ValueError:
-            raise ValueError(f"not a port number in {address!r}") from None
-    if not host or not 1 <= int(port) <= 65535:
-        raise ValueError(f"not HOST:PORT: {address!r}")
-    return (host, int(port))
 
 
 def _random_ids_in(buckets: Iterable[Any]) -> list[bytes]:
@@ -1535,7 +923,7 @@ class DhtNode:
     def advertised_host(self) -> str:
         if self._advertise_host:
             return self._advertise_host
-        if self._observed_hosts and self._bound_host in _UNSPECIFIED_HOSTS:
+        if self._observed_hosts and self._bound_host in UNSPECIFIED_HOSTS:
             # The address most verified peers saw: one lying peer cannot set it.
             return max(self._observed_hosts.items(), key=lambda item: item[1])[0]
         return self._bound_host
@@ -1748,7 +1136,7 @@ class DhtNode:
         family = socket.AF_INET6 if ":" in self._bound_host else socket.AF_INET
         resolved: list[Address] = []
         for host, port in addresses:
-            if _is_ip_literal(host):
+            if is_ip_literal(host):
                 resolved.append((host, port))
                 continue
             try:
@@ -1757,7 +1145,7 @@ class DhtNode:
                 log.warning("cannot resolve bootstrap host %s: %s", host, exc)
                 continue
             if infos:
-                resolved.append(_normalize_address(infos[0][4]))
+                resolved.append(normalize_address(infos[0][4]))
         return list(dict.fromkeys(resolved))
 
     async def _join_lookups(self) -> None:
@@ -1812,7 +1200,7 @@ class DhtNode:
         for entry in entries[:MAX_SAVED_CONTACTS] if isinstance(entries, list) else []:
             try:
                 if not isinstance(entry, dict):
-                    raise _bad("contact entry is not an object")
+                    raise remote_error("contact entry is not an object")
                 node_id = NodeId.from_hex(str(entry.get("node_id")))
                 contacts.append(
                     Contact.from_wire(
@@ -1862,7 +1250,7 @@ class DhtNode:
         self, key: bytes, *, want: int | None = None, providers: bool = True
     ) -> LookupResult:
         """An iterative lookup of ``key`` with its statistics (see find_providers)."""
-        return await self._lookup(_check_key(key), want=want, with_providers=providers)
+        return await self._lookup(check_key(key), want=want, with_providers=providers)
 
     async def find_providers(self, key: bytes, want: int | None = None) -> list[ProviderRecord]:
         """Verified, unexpired provider records for ``key``, one per provider.
@@ -1930,7 +1318,7 @@ class DhtNode:
             for record in self.providers.get(key, now):
                 found[record.node_id] = record
 
-        def absorb(candidate: _Candidate, reply: _FindReply) -> None:
+        def absorb(candidate: _Candidate, reply: FindReply) -> None:
             for item in reply.contact_items:
                 if isinstance(item, list) and item and item[0] in seen:
                     continue
@@ -1950,7 +1338,7 @@ class DhtNode:
                 else:
                     protocol.drop(candidate.contact.udp_address, f"bad record in reply: {problem}")
 
-        in_flight: dict[asyncio.Task[_FindReply | None], _Candidate] = {}
+        in_flight: dict[asyncio.Task[FindReply | None], _Candidate] = {}
         messages = answered = failed = hops = 0
         timed_out = False
         try:
@@ -2040,7 +1428,7 @@ class DhtNode:
 
     async def _query(
         self, contact: Contact, key: bytes, with_providers: bool, limit: int
-    ) -> _FindReply | None:
+    ) -> FindReply | None:
         protocol = self.protocol
         if with_providers:
             raw = await protocol.call_contact(
@@ -2051,7 +1439,7 @@ class DhtNode:
         if raw is None:
             return None
         try:
-            return _parse_find_reply(raw, with_providers)
+            return parse_find_reply(raw, with_providers)
         except RemoteProtocolError as exc:
             protocol.drop(contact.udp_address, f"bad reply: {exc}")
             return None
@@ -2065,7 +1453,7 @@ class DhtNode:
         contact = self.contact
         return ProviderRecord.create(
             self.identity,
-            _check_key(key),
+            check_key(key),
             contact.host,
             contact.tcp_port,
             self.config.provider_ttl if ttl is None else ttl,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 from dht_dfs.client import get_verified
 from dht_dfs.config import Config
-from dht_dfs.dht import Contact
+from dht_dfs.dhtwire import Contact
 from dht_dfs.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.ids import ChunkId, NodeId
 from dht_dfs.network import Network, NetworkSource, Placer, address_of

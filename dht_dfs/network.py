@@ -45,7 +45,8 @@ from dht_dfs.client import (
 )
 from dht_dfs.config import Config
 from dht_dfs.crypto import SealedChunk
-from dht_dfs.dht import Contact, DhtNode, ProviderRecord
+from dht_dfs.dht import DhtNode
+from dht_dfs.dhtwire import Contact, ProviderRecord
 from dht_dfs.errors import (
     ChunkNotFoundError,
     DhtfsError,

@@ -14,14 +14,8 @@ from typing import Any
 
 from dht_dfs.config import Config
 from dht_dfs.crypto import Identity
-from dht_dfs.dht import (
-    FLAG_CLIENT,
-    KIND_REPLY,
-    Address,
-    DhtNode,
-    decode_datagram,
-    encode_request,
-)
+from dht_dfs.dht import DhtNode
+from dht_dfs.dhtwire import FLAG_CLIENT, KIND_REPLY, Address, decode_datagram, encode_request
 from dht_dfs.errors import RemoteProtocolError
 from dht_dfs.ids import NodeId
 

@@ -15,7 +15,8 @@ import pytest
 
 from dht_dfs.config import Config
 from dht_dfs.crypto import Identity
-from dht_dfs.dht import DROP_LOG_BURST, MAX_DATAGRAM_SIZE, ProviderRecord, encode_request
+from dht_dfs.dht import DROP_LOG_BURST
+from dht_dfs.dhtwire import MAX_DATAGRAM_SIZE, ProviderRecord, encode_request
 from tests.integration.dht_harness import (
     LOCALHOST,
     RawPeer,

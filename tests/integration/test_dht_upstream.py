@@ -27,15 +27,8 @@ from kademlia.utils import digest
 
 from dht_dfs.config import Config
 from dht_dfs.crypto import Identity
-from dht_dfs.dht import (
-    DATAGRAM_BUDGET,
-    STATE_FORMAT,
-    Contact,
-    DhtNode,
-    DhtPeer,
-    ProviderRecord,
-    decode_datagram,
-)
+from dht_dfs.dht import STATE_FORMAT, DhtNode, DhtPeer
+from dht_dfs.dhtwire import DATAGRAM_BUDGET, Contact, ProviderRecord, decode_datagram
 from dht_dfs.errors import RemoteProtocolError
 from dht_dfs.ids import NodeId
 from tests.integration.dht_harness import LOCALHOST, RawPeer, loop_exception_reports, settle

@@ -25,14 +25,12 @@ from kademlia.storage import ForgetfulStorage
 
 from dht_dfs.config import Config
 from dht_dfs.crypto import Identity
-from dht_dfs.dht import (
+from dht_dfs.dht import DhtPeer, DhtProtocol, DhtRoutingTable
+from dht_dfs.dhtwire import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
     Address,
     Contact,
-    DhtPeer,
-    DhtProtocol,
-    DhtRoutingTable,
     ProviderRecord,
     ProviderStore,
     check_ping_reply,

@@ -11,7 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from dht_dfs.crypto import Identity
-from dht_dfs.dht import (
+from dht_dfs.dhtwire import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
     KIND_REQUEST,

@@ -1,0 +1,694 @@
+"""The DHT's values and datagram format. Pure: no sockets, no kademlia.
+
+Owns what crosses the wire between DHT nodes and how it is checked:
+contacts, signed provider records, the datagram codec (rpcudp's framing with
+one MessagePack value), the validation every argument from a peer goes
+through, the bounded store of provider records a node holds for others, and
+the identity proof of a challenge ping. ``dht.py`` puts these to work on
+kademlia's protocol; every function here raises RemoteProtocolError for a
+peer's mistake, so the protocol can drop a bad datagram with one log line.
+
+Wire format. Datagrams keep rpcudp's framing: one kind byte (0x00 request,
+0x01 reply), a 20-byte random message id, then exactly one MessagePack
+value. A request's value is ``[name, args]`` and its first argument is the
+sender header ``[node_id, tcp_port, flags]`` (flags bit 0: client mode)::
+
+    ping(header, nonce)              -> [node_id, public_key, tcp_port, flags,
+                                         signature, [observed_host, observed_port]]
+    find_node(header, key)           -> [contact, ...]
+    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...]]
+    add_providers(header, [record, ...]) -> [accepted, ...]
+
+    contact = [node_id(20), host (IP literal), udp_port, tcp_port]
+    record  = [key(20), node_id(20), public_key(32), host, tcp_port,
+               expiry (unix seconds), signature(64)]
+
+A ping signature covers ``PING_DOMAIN | len(nonce) | nonce | node_id |
+tcp_port(2) | flags(1)``; a record signature covers ``RECORD_DOMAIN | key |
+node_id | len(host) | host | tcp_port(2) | expiry(8)``. A record does not
+depend on who sends it, so any node may forward it (that is how late
+joiners receive records).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import io
+import socket
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import umsgpack
+
+from dht_dfs.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
+from dht_dfs.errors import RemoteProtocolError
+from dht_dfs.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+
+Address = tuple[str, int]
+"""A UDP or TCP endpoint: (host, port)."""
+
+# --- limits --------------------------------------------------------------------------
+# Fixed by the protocol rather than tuned per deployment, so they live here and
+# not in Config.
+
+MAX_DATAGRAM_SIZE: Final = 8192
+"""Largest datagram accepted; anything longer is dropped unread."""
+DATAGRAM_BUDGET: Final = 6144
+"""Largest datagram this node sends. Well under the receive limit, so a peer
+running the same code never drops what we send, and fewer IP fragments."""
+MESSAGE_ID_SIZE: Final = 20
+FRAME_HEADER_SIZE: Final = 1 + MESSAGE_ID_SIZE
+KIND_REQUEST: Final = 0x00
+KIND_REPLY: Final = 0x01
+
+MIN_NONCE_SIZE: Final = 16
+MAX_NONCE_SIZE: Final = 64
+NONCE_SIZE: Final = 20
+MAX_HOST_LENGTH: Final = 253
+MAX_CONTACTS_PER_REPLY: Final = 64
+MAX_RECORDS_PER_MESSAGE: Final = 64
+MAX_EXPIRY: Final = 2**40
+"""Unix seconds; far beyond any real expiry, small enough for 8 bytes."""
+FLAG_CLIENT: Final = 0x01
+MAX_RECORD_BYTES: Final = 512
+"""A record's MessagePack encoding is about 190 bytes with a 15-character host."""
+
+MAX_PROVIDER_TTL: Final = 7 * 24 * 3600.0
+"""Default upper bound on a record's remaining lifetime in ProviderRecord.verify."""
+CLOCK_SKEW_ALLOWANCE: Final = 300.0
+"""Seconds a record may expire beyond now + provider_ttl (clocks differ)."""
+
+
+PING_DOMAIN: Final = b"dhtfs/dht/ping-proof/v1\x00"
+RECORD_DOMAIN: Final = b"dhtfs/dht/provider-record/v1\x00"
+
+HOST_CHARACTERS: Final = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.-:%_"
+)
+UNSPECIFIED_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
+
+REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
+"""The only procedure names this node calls or serves."""
+
+
+# --- argument validation (shared by requests, replies, state file) --------------------
+
+
+def remote_error(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message)
+
+
+def expect_bytes(value: object, size: int, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise remote_error(f"{what} must be bytes, got {type(value).__name__}")
+    if len(value) != size:
+        raise remote_error(f"{what} must be {size} bytes, got {len(value)}")
+    return value
+
+
+def expect_int(value: object, low: int, high: int, what: str) -> int:
+    # bool is an int subclass; a peer that sends true for a port is wrong.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise remote_error(f"{what} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise remote_error(f"{what} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def expect_list(
+    value: object, what: str, *, exact: int | None = None, limit: int | None = None
+) -> list[Any]:
+    if not isinstance(value, list):
+        raise remote_error(f"{what} must be a list, got {type(value).__name__}")
+    if exact is not None and len(value) != exact:
+        raise remote_error(f"{what} must have {exact} items, got {len(value)}")
+    if limit is not None and len(value) > limit:
+        raise remote_error(f"{what} has {len(value)} items, more than {limit}")
+    return value
+
+
+def expect_host(value: object, what: str, *, ip_only: bool) -> str:
+    if not isinstance(value, str):
+        raise remote_error(f"{what} must be a string, got {type(value).__name__}")
+    if not 1 <= len(value) <= MAX_HOST_LENGTH or not set(value) <= HOST_CHARACTERS:
+        raise remote_error(f"{what} is not a host name or address")
+    if not ip_only:
+        return value
+    # Contacts are sent to at once: a host name would block the event loop in a
+    # DNS lookup inside sendto, so only IP literals are accepted, in the form the
+    # kernel reports (replies are matched against the address a request went to).
+    canonical = canonical_ip(value)
+    if canonical is None:
+        raise remote_error(f"{what} is not an IP address")
+    return canonical
+
+
+def canonical_ip(host: str) -> str | None:
+    """The IP literal ``host`` in canonical form, or None if it is not one."""
+    # inet_pton rather than ipaddress: this runs for every contact of every reply.
+    address, percent, scope = host.partition("%")
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            packed = socket.inet_pton(family, address)
+        except OSError:
+            continue
+        return socket.inet_ntop(family, packed) + percent + scope
+    return None
+
+
+def is_ip_literal(host: str) -> bool:
+    return canonical_ip(host) is not None
+
+
+def check_key(key: bytes) -> bytes:
+    if not isinstance(key, bytes) or len(key) != DHT_KEY_SIZE:
+        raise ValueError(f"a DHT key is {DHT_KEY_SIZE} bytes (ChunkId.dht_key)")
+    return key
+
+
+def normalize_address(address: Any) -> Address:
+    """(host, port) from what a datagram transport reports (IPv6 adds two fields)."""
+    return (str(address[0]), int(address[1]))
+
+
+# --- values ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A DHT node as other nodes reach it."""
+
+    node_id: NodeId
+    """The node's key-derived id, also its position in the DHT key space."""
+    host: str
+    """IP address (as observed by whoever reported the contact)."""
+    udp_port: int
+    """The DHT port."""
+    tcp_port: int
+    """The chunk transport port (the same number as udp_port by convention)."""
+
+    @property
+    def udp_address(self) -> Address:
+        return (self.host, self.udp_port)
+
+    @property
+    def tcp_address(self) -> Address:
+        return (self.host, self.tcp_port)
+
+    def distance(self, key: bytes) -> int:
+        return self.node_id.distance(key)
+
+    def to_wire(self) -> list[object]:
+        return [self.node_id.digest, self.host, self.udp_port, self.tcp_port]
+
+    @classmethod
+    def from_wire(cls, value: object) -> Contact:
+        """Parse a contact from a peer; raises RemoteProtocolError."""
+        items = expect_list(value, "contact", exact=4)
+        return cls(
+            NodeId(expect_bytes(items[0], NODE_ID_SIZE, "contact node id")),
+            expect_host(items[1], "contact host", ip_only=True),
+            expect_int(items[2], 1, 65535, "contact UDP port"),
+            expect_int(items[3], 1, 65535, "contact TCP port"),
+        )
+
+    def __str__(self) -> str:
+        return f"{self.node_id}@{self.host}:{self.udp_port}"
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderRecord:
+    """A signed statement: the node ``node_id`` serves the chunk under ``key``."""
+
+    key: bytes
+    """The 160-bit DHT key (``ChunkId.dht_key``)."""
+    node_id: NodeId
+    """The provider; must equal ``NodeId.for_public_key(public_key)``."""
+    public_key: bytes
+    """The provider's Ed25519 public key (32 bytes)."""
+    host: str
+    """Where the provider serves chunks over TCP."""
+    tcp_port: int
+    expiry: int
+    """Absolute unix time (seconds) after which the record is void."""
+    signature: bytes
+    """Ed25519 signature by the provider over ``signed_message``."""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.key, bytes) or len(self.key) != DHT_KEY_SIZE:
+            raise ValueError(f"a record key is {DHT_KEY_SIZE} bytes")
+        if not isinstance(self.node_id, NodeId):
+            raise TypeError("a record's node_id is a NodeId")
+        if not isinstance(self.public_key, bytes) or len(self.public_key) != PUBLIC_KEY_SIZE:
+            raise ValueError(f"a record public key is {PUBLIC_KEY_SIZE} bytes")
+        if not isinstance(self.signature, bytes) or len(self.signature) != SIGNATURE_SIZE:
+            raise ValueError(f"a record signature is {SIGNATURE_SIZE} bytes")
+        try:
+            expect_host(self.host, "record host", ip_only=False)
+            expect_int(self.tcp_port, 1, 65535, "record TCP port")
+            expect_int(self.expiry, 0, MAX_EXPIRY, "record expiry")
+        except RemoteProtocolError as exc:
+            raise ValueError(str(exc)) from None
+
+    @staticmethod
+    def signed_message(key: bytes, node_id: NodeId, host: str, tcp_port: int, expiry: int) -> bytes:
+        """The domain-separated bytes a provider signs."""
+        host_bytes = host.encode("ascii")
+        return b"".join(
+            (
+                RECORD_DOMAIN,
+                key,
+                node_id.digest,
+                bytes([len(host_bytes)]),
+                host_bytes,
+                tcp_port.to_bytes(2, "big"),
+                expiry.to_bytes(8, "big"),
+            )
+        )
+
+    @classmethod
+    def create(  # noqa: PLR0917  # the node engine's agreed positional signature
+        cls, identity: Identity, key: bytes, host: str, tcp_port: int, ttl: float, now: float
+    ) -> ProviderRecord:
+        """This identity's record for ``key``, valid for ``ttl`` seconds from ``now``."""
+        check_key(key)
+        if ttl < 1:
+            raise ValueError("a provider record lives at least one second")
+        expiry = int(now + ttl)
+        signature = identity.sign(cls.signed_message(key, identity.node_id, host, tcp_port, expiry))
+        return cls(key, identity.node_id, identity.public_key, host, tcp_port, expiry, signature)
+
+    def problem(self, now: float, *, max_ttl: float = MAX_PROVIDER_TTL) -> str | None:
+        """Why this record must be refused at ``now``, or None if it is valid."""
+        if self.expiry <= now:
+            return "expired"
+        if self.expiry > now + max_ttl:
+            return f"expires {self.expiry - now:.0f} s from now, beyond the {max_ttl:.0f} s limit"
+        if NodeId.for_public_key(self.public_key) != self.node_id:
+            return "node id is not the hash of the public key"
+        message = self.signed_message(self.key, self.node_id, self.host, self.tcp_port, self.expiry)
+        if not verify_signature(self.public_key, message, self.signature):
+            return "bad signature"
+        return None
+
+    def verify(self, now: float, *, max_ttl: float = MAX_PROVIDER_TTL) -> bool:
+        """True if the record is authentic and live at ``now``."""
+        return self.problem(now, max_ttl=max_ttl) is None
+
+    def expired(self, now: float) -> bool:
+        return self.expiry <= now
+
+    @property
+    def tcp_address(self) -> Address:
+        return (self.host, self.tcp_port)
+
+    def to_wire(self) -> list[object]:
+        return [
+            self.key,
+            self.node_id.digest,
+            self.public_key,
+            self.host,
+            self.tcp_port,
+            self.expiry,
+            self.signature,
+        ]
+
+    @classmethod
+    def from_wire(cls, value: object) -> ProviderRecord:
+        """Parse (not verify) a record from a peer; raises RemoteProtocolError."""
+        items = expect_list(value, "record", exact=7)
+        return cls(
+            expect_bytes(items[0], DHT_KEY_SIZE, "record key"),
+            NodeId(expect_bytes(items[1], NODE_ID_SIZE, "record node id")),
+            expect_bytes(items[2], PUBLIC_KEY_SIZE, "record public key"),
+            expect_host(items[3], "record host", ip_only=False),
+            expect_int(items[4], 1, 65535, "record TCP port"),
+            expect_int(items[5], 0, MAX_EXPIRY, "record expiry"),
+            expect_bytes(items[6], SIGNATURE_SIZE, "record signature"),
+        )
+
+    def to_bytes(self) -> bytes:
+        """The record as one MessagePack value (e.g. a store receipt on TCP)."""
+        return pack(self.to_wire())
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ProviderRecord:
+        """Parse (not verify) ``to_bytes`` output; raises ValueError if malformed."""
+        if len(data) > MAX_RECORD_BYTES:
+            raise ValueError(f"a provider record is at most {MAX_RECORD_BYTES} bytes")
+        try:
+            return cls.from_wire(unpack_exact(bytes(data)))
+        except RemoteProtocolError as exc:
+            raise ValueError(f"malformed provider record: {exc}") from None
+
+    def wire_size(self) -> int:
+        """An upper bound of ``len(self.to_bytes())``, without encoding."""
+        # array(1) key(22) node id(22) public key(34) host(2+n) port(3) expiry(9) signature(66)
+        return 159 + len(self.host)
+
+    def __repr__(self) -> str:
+        where = f"{self.host}:{self.tcp_port}"
+        return f"ProviderRecord({self.key.hex()[:12]}… by {self.node_id} at {where})"
+
+
+@dataclass(frozen=True, slots=True)
+class LookupStats:
+    """What one lookup cost, for the benchmark and for logs."""
+
+    hops: int
+    """Deepest hop that answered: contacts from the routing table are hop 1, the
+    contacts they return hop 2, and so on."""
+    messages: int
+    """Requests sent."""
+    answered: int
+    failed: int
+    seconds: float
+    timed_out: bool
+    """The whole-lookup deadline (``dht_lookup_timeout``) cut it short."""
+
+
+@dataclass(frozen=True, slots=True)
+class LookupResult:
+    """The outcome of one iterative lookup."""
+
+    key: bytes
+    providers: tuple[ProviderRecord, ...]
+    """Verified, unexpired, one per provider, closest provider to the key first."""
+    closest: tuple[Contact, ...]
+    """Nodes that answered, closest to the key first."""
+    stats: LookupStats
+
+
+# --- datagram codec (sans-IO) -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One decoded datagram."""
+
+    kind: int
+    """KIND_REQUEST or KIND_REPLY."""
+    message_id: bytes
+    """20 random bytes that pair a reply with its request."""
+    body: Any
+    """The decoded MessagePack value (not yet validated)."""
+
+
+def pack(value: object) -> bytes:
+    packed: bytes = umsgpack.packb(value)
+    return packed
+
+
+def encode_request(message_id: bytes, name: str, args: Sequence[object]) -> bytes:
+    return bytes([KIND_REQUEST]) + message_id + pack([name, list(args)])
+
+
+def encode_reply(message_id: bytes, body: object) -> bytes:
+    packed = body.data if isinstance(body, Encoded) else pack(body)
+    return bytes([KIND_REPLY]) + message_id + packed
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A value already in MessagePack form, assembled from cached pieces."""
+
+    data: bytes
+
+
+def array_header(count: int) -> bytes:
+    """The MessagePack header of an array of ``count`` items."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def unpack_exact(payload: bytes) -> Any:
+    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError."""
+    stream = io.BytesIO(payload)
+    try:
+        value = umsgpack.unpack(stream)
+    # umsgpack raises its own UnpackException family, but hostile input also reaches
+    # RecursionError (deep nesting), ValueError/OverflowError (timestamps) and more;
+    # the decoder does not document the full set, so everything it raises is "bad input".
+    except Exception as exc:
+        raise remote_error(f"body is not MessagePack ({type(exc).__name__})") from None
+    trailing = len(payload) - stream.tell()
+    if trailing:
+        raise remote_error(f"{trailing} trailing byte(s) after the MessagePack body")
+    return value
+
+
+def decode_datagram(data: bytes) -> Datagram:
+    """Split and decode a datagram; raises RemoteProtocolError with the reason."""
+    if len(data) > MAX_DATAGRAM_SIZE:
+        raise remote_error(
+            f"datagram of {len(data)} bytes exceeds the {MAX_DATAGRAM_SIZE}-byte limit"
+        )
+    if len(data) <= FRAME_HEADER_SIZE:
+        raise remote_error(
+            f"datagram of {len(data)} bytes is shorter than the "
+            f"{FRAME_HEADER_SIZE + 1}-byte minimum"
+        )
+    kind = data[0]
+    if kind not in (KIND_REQUEST, KIND_REPLY):
+        raise remote_error(f"unknown datagram kind 0x{kind:02x}")
+    body = unpack_exact(bytes(data[FRAME_HEADER_SIZE:]))
+    return Datagram(kind, bytes(data[1:FRAME_HEADER_SIZE]), body)
+
+
+def split_into_batches(
+    records: Sequence[ProviderRecord], budget: int = DATAGRAM_BUDGET
+) -> list[list[ProviderRecord]]:
+    """Group records so that each add_providers request fits in ``budget`` bytes."""
+    # Frame header, [name, [header, [...]]] and the sender header: under 96 bytes.
+    room = budget - FRAME_HEADER_SIZE - 96
+    batches: list[list[ProviderRecord]] = []
+    current: list[ProviderRecord] = []
+    used = 0
+    for record in records:
+        size = record.wire_size()
+        if current and (used + size > room or len(current) >= MAX_RECORDS_PER_MESSAGE):
+            batches.append(current)
+            current, used = [], 0
+        current.append(record)
+        used += size
+    if current:
+        batches.append(current)
+    return batches
+
+
+# --- provider records held by this node (pure) -----------------------------------------------
+
+
+class ProviderStore:
+    """The provider records this node holds for others, bounded and expiring.
+
+    At most ``max_per_key`` records per key and ``max_total`` in all; when full,
+    the record that expires soonest gives way to one that lives longer. Records
+    are verified before they get here; this class only keeps them.
+    """
+
+    def __init__(self, max_per_key: int, max_total: int) -> None:
+        if max_per_key < 1 or max_total < 1:
+            raise ValueError("provider store limits must be positive")
+        self.max_per_key = max_per_key
+        self.max_total = max_total
+        self._by_key: dict[bytes, dict[NodeId, ProviderRecord]] = {}
+        # (expiry, key, node id) with lazy deletion: an entry whose record was
+        # replaced or removed is skipped when it surfaces.
+        self._expiry_heap: list[tuple[int, bytes, bytes]] = []
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def keys(self) -> list[bytes]:
+        return list(self._by_key)
+
+    def holds(self, record: ProviderRecord) -> bool:
+        """True if this exact record is already held (so it needs no new check)."""
+        return self._by_key.get(record.key, {}).get(record.node_id) == record
+
+    def get(self, key: bytes, now: float) -> list[ProviderRecord]:
+        """Unexpired records for ``key``, longest-lived first."""
+        records = [r for r in self._by_key.get(key, {}).values() if not r.expired(now)]
+        records.sort(key=lambda r: r.expiry, reverse=True)
+        return records
+
+    def add(self, record: ProviderRecord, now: float) -> bool:
+        """Keep a verified record; False if it is expired or loses to the caps."""
+        if record.expired(now):
+            return False
+        per_key = self._by_key.get(record.key, {})
+        held = per_key.get(record.node_id)
+        if held is not None:
+            if held.expiry >= record.expiry:
+                return True  # already held, as long-lived: the store confirms it
+            per_key[record.node_id] = record
+            self._push(record)
+            return True
+        if len(per_key) >= self.max_per_key:
+            soonest = min(per_key.values(), key=lambda r: r.expiry)
+            if soonest.expiry >= record.expiry and not soonest.expired(now):
+                return False
+            self._remove(soonest.key, soonest.node_id)
+        if self._count >= self.max_total:
+            self.expire(now)
+        if self._count >= self.max_total:
+            victim = self._soonest()
+            if victim is None or victim.expiry >= record.expiry:
+                return False
+            self._remove(victim.key, victim.node_id)
+        self._by_key.setdefault(record.key, {})[record.node_id] = record
+        self._count += 1
+        self._push(record)
+        return True
+
+    def remove(self, key: bytes, node_id: NodeId) -> bool:
+        return self._remove(key, node_id)
+
+    def expire(self, now: float) -> int:
+        """Drop every record expired at ``now``; returns how many."""
+        dropped = 0
+        # Bounded: each iteration pops one heap entry.
+        while self._expiry_heap and self._expiry_heap[0][0] <= now:
+            _expiry, key, digest = heapq.heappop(self._expiry_heap)
+            node_id = NodeId(digest)
+            record = self._by_key.get(key, {}).get(node_id)
+            if record is not None and record.expired(now):
+                self._remove(key, node_id)
+                dropped += 1
+        return dropped
+
+    def _push(self, record: ProviderRecord) -> None:
+        heapq.heappush(self._expiry_heap, (record.expiry, record.key, record.node_id.digest))
+        if len(self._expiry_heap) > 2 * self._count + 1024:
+            self._expiry_heap = [
+                (r.expiry, r.key, r.node_id.digest)
+                for per_key in self._by_key.values()
+                for r in per_key.values()
+            ]
+            heapq.heapify(self._expiry_heap)
+
+    def _soonest(self) -> ProviderRecord | None:
+        # Bounded by the heap's length; stale entries are discarded on the way.
+        while self._expiry_heap:
+            expiry, key, digest = self._expiry_heap[0]
+            record = self._by_key.get(key, {}).get(NodeId(digest))
+            if record is not None and record.expiry == expiry:
+                return record
+            heapq.heappop(self._expiry_heap)
+        return None
+
+    def _remove(self, key: bytes, node_id: NodeId) -> bool:
+        per_key = self._by_key.get(key)
+        if per_key is None or per_key.pop(node_id, None) is None:
+            return False
+        self._count -= 1
+        if not per_key:
+            del self._by_key[key]
+        return True
+
+
+def ping_proof_message(nonce: bytes, node_id: NodeId, tcp_port: int, flags: int) -> bytes:
+    """The domain-separated bytes a node signs to answer a challenge ping."""
+    return b"".join(
+        (
+            PING_DOMAIN,
+            bytes([len(nonce)]),
+            nonce,
+            node_id.digest,
+            tcp_port.to_bytes(2, "big"),
+            bytes([flags]),
+        )
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class IdentityProof:
+    """A verified answer to a challenge ping."""
+
+    contact: Contact
+    """The node, at the address the challenge was sent to."""
+    public_key: bytes
+    client: bool
+    observed: Address | None
+    """Our own address as the peer saw it."""
+
+
+def check_ping_reply(reply: object, nonce: bytes, address: Address) -> IdentityProof:
+    """Validate a ping reply against the challenge; raises RemoteProtocolError."""
+    items = expect_list(reply, "ping reply", exact=6)
+    node_id = NodeId(expect_bytes(items[0], NODE_ID_SIZE, "node id"))
+    public_key = expect_bytes(items[1], PUBLIC_KEY_SIZE, "public key")
+    flags = expect_int(items[3], 0, 255, "flags")
+    client = bool(flags & FLAG_CLIENT)
+    tcp_port = expect_int(items[2], 0 if client else 1, 65535, "TCP port")
+    signature = expect_bytes(items[4], SIGNATURE_SIZE, "signature")
+    observed: Address | None = None
+    seen = items[5]
+    if isinstance(seen, list) and len(seen) == 2:
+        with contextlib.suppress(RemoteProtocolError):
+            observed = (
+                expect_host(seen[0], "observed host", ip_only=True),
+                expect_int(seen[1], 1, 65535, "observed port"),
+            )
+    if NodeId.for_public_key(public_key) != node_id:
+        raise remote_error("node id is not the hash of its public key")
+    if not verify_signature(
+        public_key, ping_proof_message(nonce, node_id, tcp_port, flags), signature
+    ):
+        raise remote_error("bad signature on the ping proof")
+    contact = Contact(node_id, address[0], address[1], tcp_port)
+    return IdentityProof(contact, public_key, client, observed)
+
+
+@dataclass(frozen=True, slots=True)
+class FindReply:
+    contact_items: list[Any]
+    """Contacts in wire form, not yet validated (see parse_find_reply)."""
+    records: list[ProviderRecord]
+
+
+def parse_find_reply(reply: object, with_providers: bool) -> FindReply:
+    """Check a find_node / get_providers reply's shape and parse its records.
+
+    Contacts stay in wire form (a bounded list): a lookup parses only those it
+    has not met yet, most of a reply being contacts it already knows.
+    """
+    if not with_providers:
+        items = expect_list(reply, "find_node reply", limit=MAX_CONTACTS_PER_REPLY)
+        return FindReply(items, [])
+    parts = expect_list(reply, "get_providers reply", exact=3)
+    records = expect_list(parts[0], "records", limit=MAX_RECORDS_PER_MESSAGE)
+    expect_int(parts[1], 0, 1 << 32, "record total")
+    contacts = expect_list(parts[2], "contacts", limit=MAX_CONTACTS_PER_REPLY)
+    return FindReply(contacts, [ProviderRecord.from_wire(item) for item in records])
+
+
+def parse_address(address: str | tuple[str, int]) -> Address:
+    """'HOST:PORT', '[V6]:PORT' or (host, port) -> (host, port)."""
+    if isinstance(address, tuple):
+        host, port = address
+    else:
+        text = address.strip()
+        if text.startswith("["):
+            host, sep, rest = text[1:].partition("]")
+            if not sep or not rest.startswith(":"):
+                raise ValueError(f"not HOST:PORT: {address!r}")
+            port_text = rest[1:]
+        else:
+            host, sep, port_text = text.rpartition(":")
+            if not sep:
+                raise ValueError(f"not HOST:PORT: {address!r}")
+        try:
+            port = int(port_text)
+        except ValueError:
+            raise ValueError(f"not a port number in {address!r}") from None
+    if not host or not 1 <= int(port) <= 65535:
+        raise ValueError(f"not HOST:PORT: {address!r}")
+    return (host, int(port))
