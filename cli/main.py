@@ -210,6 +210,12 @@ def publish(
         f"({result['data_chunks']} chunks); root hash {result['root_hash']}",
         markup=False,
     )
+    if result.get("under_replicated"):
+        output.stderr.print(
+            f"dhtfs: warning: {result['under_replicated']} chunk(s) have fewer copies than "
+            "wanted (too few live nodes); nodes add copies when more join",
+            markup=False,
+        )
     output.print_line(result["reference"])
 
 

@@ -51,6 +51,8 @@ def publish_document(result: PublishResult) -> dict[str, Any]:
         "size": result.size,
         "data_chunks": result.data_chunks,
         "manifest_chunks": result.manifest_chunks,
+        "copies_placed": result.copies,
+        "under_replicated": result.under_replicated,
         "seconds": round(result.seconds, 3),
         "mb_per_s": round(result.size / 1e6 / result.seconds, 1) if result.seconds else None,
     }

@@ -228,6 +228,10 @@ class PublishResult:
     data_chunks: int
     manifest_chunks: int
     seconds: float
+    copies: int = 0
+    """Chunk copies placed (a network publish); 0 for a local store."""
+    under_replicated: int = 0
+    """Chunks that got fewer than ``replicas`` copies (too few live nodes)."""
 
     @property
     def root_hash(self) -> RootHash:

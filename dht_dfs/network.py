@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import functools
 import logging
 import random
@@ -141,7 +142,9 @@ class Network:
                 path,
                 self.config.replicas,
             )
-        return result
+        return dataclasses.replace(
+            result, under_replicated=sink.under_replicated, copies=sink.placed
+        )
 
     async def fetch(
         self,
@@ -280,7 +283,7 @@ class Network:
                 connection = await self.connect(address)
                 answers = await connection.have(asked)
             except (NetworkError, OSError) as error:
-                log.info("provider %s did not answer: %s", address, error)
+                log.debug("provider %s did not answer: %s", address, error)
                 if address.node_id is not None:
                     for chunk_id in asked:
                         self.dht.forget_provider(chunk_id.dht_key, address.node_id)
@@ -428,7 +431,7 @@ class Placer:
                         record = task.result()
                     except (NetworkError, StoreError, OSError) as error:
                         failures.append(f"{contact.node_id}: {error}")
-                        log.info(
+                        log.debug(
                             "placing chunk %s on %s failed: %s",
                             self._chunk_id,
                             contact.node_id,

@@ -201,3 +201,22 @@ async def test_repair_passes_are_skipped_until_membership_changes(tmp_path: Path
         assert not third.skipped, "a node stopped answering: a full pass"
         forced = await node.maintainer.repair_pass(rate=0, force=True)
         assert not forced.skipped
+
+
+async def test_too_few_nodes_is_reported_and_repaired_when_nodes_join(tmp_path: Path) -> None:
+    async with cluster(tmp_path / "net", 2) as net:
+        data = os.urandom(400_000)
+        (tmp_path / "in.bin").write_bytes(data)
+        publisher = net.live[0]
+        assert publisher.network is not None
+        result = await publisher.network.publish(tmp_path / "in.bin")
+        chunks = result.data_chunks + result.manifest_chunks
+        assert result.under_replicated == chunks, "2 nodes cannot hold 3 copies"
+        assert result.copies == 2 * chunks
+        report = await publisher.network.check(result.reference.root_hash)
+        assert not report.ok and report.min_copies == 2
+        await net.add()
+        await repair_everywhere(net)
+        report = await publisher.network.check(result.reference.root_hash)
+        assert report.ok, report.to_json()
+        assert all(len(net.holders(c)) == 3 for c in net.stored_chunks())

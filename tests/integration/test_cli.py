@@ -266,3 +266,17 @@ def test_devnet_stops_its_nodes_on_ctrl_c(tmp_path: Path) -> None:
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
+
+
+def test_too_few_nodes_for_the_replicas_is_a_warning(devnet: Devnet, tmp_path: Path) -> None:
+    write(tmp_path / "wide.bin", 200_000)
+    done = devnet.run(
+        "publish",
+        str(tmp_path / "wide.bin"),
+        "--replicas",
+        "7",
+        "--bootstrap",
+        f"127.0.0.1:{devnet.base_port}",
+    )
+    assert done.stdout.strip().splitlines()[-1].startswith("dhtfs:r1:")
+    assert "dhtfs: warning:" in done.stderr and "fewer copies than wanted" in done.stderr
