@@ -19,6 +19,7 @@ meanwhile. Prints a table, writes bench/results/throughput.json and .png.
 
     python -m bench.throughput                      # 10 MiB, 100 MiB, 1 GiB
     python -m bench.throughput --sizes 10,100 --rounds 5
+    python -m bench.throughput --out-dir /dev/shm      # copies to tmpfs, not disk
 """
 
 from __future__ import annotations
@@ -116,6 +117,12 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument(
+        "--out-dir",
+        default=None,
+        help="where raw and fetch write their copy (default: the scratch dir; "
+        "/dev/shm takes the disk out of the comparison)",
+    )
+    parser.add_argument(
         "--repair-interval",
         type=float,
         default=60.0,
@@ -124,6 +131,7 @@ def main() -> None:
     args = parser.parse_args()
     scratch = Path(args.dir or tempfile.mkdtemp(prefix="dhtfs-bench-throughput-"))
     scratch.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(tempfile.mkdtemp(prefix="dhtfs-bench-out-", dir=args.out_dir or scratch))
     loop = asyncio.new_event_loop()
     extra = ["--repair-interval", str(args.repair_interval)]
     net = loop.run_until_complete(start_network(scratch / "net", extra))
@@ -140,7 +148,7 @@ def main() -> None:
                 source = make_file(scratch / f"in-{size_mib}-{round_number}.bin", size)
                 read_through(source)
                 for mode in ("raw", "publish", "fetch"):
-                    out = scratch / f"out-{mode}.bin"
+                    out = out_dir / f"out-{mode}.bin"
                     out.unlink(missing_ok=True)
                     # Each step starts with no dirty pages left by the one before
                     # (a publish writes 3 copies), so no step pays another's writeback.
@@ -211,10 +219,15 @@ def main() -> None:
     finally:
         loop.run_until_complete(net.stop(grace=60))
         loop.close()
+        shutil.rmtree(out_dir, ignore_errors=True)
         if args.dir is None:
             shutil.rmtree(scratch, ignore_errors=True)
 
-    print(f"5-node devnet, {args.rounds} rounds, medians; ratios against a raw loopback TCP copy")
+    where = f"copies written to {args.out_dir}" if args.out_dir else "copies written to disk"
+    print(
+        f"5-node devnet ({where}), {args.rounds} rounds, medians; "
+        "ratios against a raw loopback TCP copy"
+    )
     print(
         f"{'size':>9} {'raw MB/s':>9} {'publish':>8} {'ratio':>6} {'fetch':>8} {'ratio':>6} "
         f"{'pub RSS':>8} {'fetch RSS':>9} {'fetch CPU s/GiB':>16} {'others CPU s':>13}"
@@ -226,12 +239,13 @@ def main() -> None:
             f"{row['publish_peak_rss_mb']:>5.0f} MB {row['fetch_peak_rss_mb']:>6.0f} MB "
             f"{row['fetch_cpu_s_per_gib']:>16.2f} {row['others_cpu_s']:>13.1f}"
         )
-    path = save("throughput", {"args": vars(args), "rows": rows})
+    name = "throughput-tmpfs" if args.out_dir else "throughput"
+    path = save(name, {"args": vars(args), "rows": rows})
     print("results:", path)
-    plot(rows)
+    plot(rows, name)
 
 
-def plot(rows: list[dict[str, Any]]) -> None:
+def plot(rows: list[dict[str, Any]], name: str) -> None:
     try:
         import matplotlib
 
@@ -265,8 +279,8 @@ def plot(rows: list[dict[str, Any]]) -> None:
     memory.legend()
     figure.tight_layout()
     RESULTS.mkdir(parents=True, exist_ok=True)
-    figure.savefig(RESULTS / "throughput.png", dpi=110)
-    print("plot:", RESULTS / "throughput.png")
+    figure.savefig(RESULTS / f"{name}.png", dpi=110)
+    print("plot:", RESULTS / f"{name}.png")
 
 
 if __name__ == "__main__":

@@ -53,6 +53,7 @@ import enum
 import hashlib
 import struct
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -469,8 +470,10 @@ class Connection:
         limits: Limits | None = None,
         versions: tuple[int, int] = PROTOCOL_VERSIONS,
         client_mode: bool = False,
+        allocate: Callable[[int], bytearray] = bytearray,
     ) -> None:
         self.role = role
+        self._allocate = allocate
         self.limits = limits or Limits()
         self._identity = identity
         self._expected_peer = expected_peer
@@ -660,7 +663,11 @@ class Connection:
         message, bulk = _decode_body(kind, self._frame_request, plain, self.limits)
         if isinstance(message, StoreChunk | ChunkData):
             self._bulk_message = message
-            self._bulk = bytearray(bulk)
+            # Every byte of the buffer is overwritten before the event goes
+            # out, so a recycled (not zeroed) buffer is fine.
+            self._bulk = self._allocate(bulk)
+            if len(self._bulk) != bulk:
+                raise LocalProtocolError("allocate returned a buffer of the wrong size")
             self._bulk_filled = 0
             self._phase = _Phase.BULK
             if bulk == 0:

@@ -347,3 +347,40 @@ def test_chunk_body_can_be_received_directly_into_its_buffer() -> None:
     assert drain(server) == [wire.ChunkData(4, CHUNK, len(BODY), BODY)]
     with pytest.raises(LocalProtocolError):
         server.bulk_received(1)
+
+
+def test_chunk_bodies_come_from_the_given_allocator() -> None:
+    recycled = bytearray(b"\xee" * len(BODY))  # not zeroed: must be fully overwritten
+    handed_out: list[int] = []
+
+    def allocate(size: int) -> bytearray:
+        handed_out.append(size)
+        return recycled
+
+    client = wire.Connection(wire.Role.INITIATOR, ALICE)
+    server = wire.Connection(wire.Role.RESPONDER, BOB, allocate=allocate)
+    server.receive_data(client.data_to_send())
+    client.receive_data(server.data_to_send())
+    server.receive_data(client.data_to_send())
+    drain(server)
+    server.receive_data(client.send(wire.StoreChunk(1, CHUNK, len(BODY))) + BODY)
+    (event,) = drain(server)
+    assert isinstance(event, wire.StoreChunk)
+    assert event.body is recycled and bytes(event.body) == BODY
+    assert handed_out == [len(BODY)]
+
+
+def test_buffer_pool_recycles_one_size_class() -> None:
+    from dht_dfs.transport import BufferPool
+
+    pool = BufferPool(keep=2)
+    first = pool.take(1 << 20)
+    pool.give_back(first)
+    assert pool.take(1 << 20) is first
+    assert pool.reused == 1
+    pool.give_back(b"immutable bytes are never pooled")
+    pool.give_back(bytearray(100))  # too small to be worth it
+    assert pool.take(100) is not None and pool.reused == 1
+    for _ in range(5):
+        pool.give_back(bytearray(1 << 20))
+    assert len(pool._free[1 << 20]) == 2
