@@ -288,7 +288,7 @@ def _survey(
         raise typer.Exit(output.EXIT_USAGE) from None
     config = _config(replicas)
     request = {"op": op, "root": root}
-    with output.progress_bar(op, enabled=False) as on_event:
+    with output.progress_bar(op, enabled=not json_output, unit="chunks") as on_event:
         report = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
     if json_output:
         output.print_json(report)

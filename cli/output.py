@@ -16,6 +16,7 @@ from rich.progress import (
     DownloadColumn,
     Progress,
     TextColumn,
+    TimeElapsedColumn,
     TimeRemainingColumn,
     TransferSpeedColumn,
 )
@@ -60,15 +61,23 @@ def error(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(label: str, *, enabled: bool) -> Iterator[Callable[[dict[str, Any]], None]]:
-    """A bytes/rate/ETA bar on stderr fed by progress events (off when not a terminal)."""
+def progress_bar(
+    label: str, *, enabled: bool, unit: str = "bytes"
+) -> Iterator[Callable[[dict[str, Any]], None]]:
+    """A progress bar on stderr fed by progress events (off when not a terminal).
+
+    ``unit`` "bytes" shows size, rate and ETA; "chunks" shows a count.
+    """
     show = enabled and stderr.is_terminal
+    columns = (
+        (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        if unit == "bytes"
+        else (TextColumn("{task.completed} chunks"), TimeElapsedColumn())
+    )
     progress = Progress(
         TextColumn("{task.description}"),
         BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
+        *columns,
         console=stderr,
         disable=not show,
         transient=False,

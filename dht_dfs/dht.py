@@ -321,6 +321,9 @@ class ProtocolHooks(typing.Protocol):
     def contact_welcomed(self, contact: Contact) -> None:
         """A verified node entered the routing table for the first time."""
 
+    def contact_evicted(self, node_id: NodeId) -> None:
+        """A contact failed too often in a row and left the routing table."""
+
 
 class _LogLimiter:
     """At most ``burst`` warnings per ``window`` seconds, then one summary line."""
@@ -449,6 +452,7 @@ class DhtProtocol(KademliaProtocol):  # type: ignore[misc]  # kademlia is untype
         self.router.remove_contact(peer)
         self.counters.evictions += 1
         log.info("evicted %s after %d consecutive failures", peer.contact, failures)
+        self.hooks.contact_evicted(node_id)
 
     def note_success(self, node_id: NodeId) -> None:
         self._failures.pop(node_id, None)
@@ -1013,6 +1017,15 @@ class DhtNode:
             return
         self._checking_heads.add(node_id)
         self._spawn(self._check_head(head.contact), f"dht-head-{node_id}", transient=True)
+
+    def contact_evicted(self, node_id: NodeId) -> None:
+        # The node stopped answering: the records it signed point at nothing
+        # now. If it comes back it re-announces (a restarted node does so at
+        # once), so forgetting them costs nothing but saves every fetcher a
+        # dead end.
+        dropped = self.providers.remove_provider(node_id)
+        if dropped:
+            log.info("forgot %d provider record(s) of departed node %s", dropped, node_id)
 
     def contact_welcomed(self, contact: Contact) -> None:
         if self.client_mode or self._stopping or len(self._welcome_queue) >= MAX_WELCOME_QUEUE:

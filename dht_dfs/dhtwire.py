@@ -498,6 +498,7 @@ class ProviderStore:
         self.max_per_key = max_per_key
         self.max_total = max_total
         self._by_key: dict[bytes, dict[NodeId, ProviderRecord]] = {}
+        self._by_provider: dict[NodeId, set[bytes]] = {}
         # (expiry, key, node id) with lazy deletion: an entry whose record was
         # replaced or removed is skipped when it surfaces.
         self._expiry_heap: list[tuple[int, bytes, bytes]] = []
@@ -544,12 +545,18 @@ class ProviderStore:
                 return False
             self._remove(victim.key, victim.node_id)
         self._by_key.setdefault(record.key, {})[record.node_id] = record
+        self._by_provider.setdefault(record.node_id, set()).add(record.key)
         self._count += 1
         self._push(record)
         return True
 
     def remove(self, key: bytes, node_id: NodeId) -> bool:
         return self._remove(key, node_id)
+
+    def remove_provider(self, node_id: NodeId) -> int:
+        """Drop every record of one provider (it is gone); returns how many."""
+        keys = self._by_provider.get(node_id, set()).copy()
+        return sum(self._remove(key, node_id) for key in keys)
 
     def expire(self, now: float) -> int:
         """Drop every record expired at ``now``; returns how many."""
@@ -591,6 +598,11 @@ class ProviderStore:
         self._count -= 1
         if not per_key:
             del self._by_key[key]
+        provided = self._by_provider.get(node_id)
+        if provided is not None:
+            provided.discard(key)
+            if not provided:
+                del self._by_provider[node_id]
         return True
 
 

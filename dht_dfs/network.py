@@ -203,6 +203,8 @@ class Network:
                         progress(report.chunks, 0)
             if batch:
                 await self._survey_batch(batch, report, repair=repair)
+            if progress is not None:
+                progress(report.chunks, report.chunks)
         except ChunkNotFoundError as error:
             if error.chunk_hex == root.root.hex():
                 raise RootNotFoundError(

@@ -274,3 +274,23 @@ async def test_client_mode_node_is_never_added_nor_sent_records() -> None:
 
 def ids_known(node: DhtNode) -> set[NodeId]:
     return {c.node_id for c in node.known_contacts()}
+
+
+async def test_records_of_a_provider_that_is_gone_are_forgotten() -> None:
+    config = CONFIG.replace(dht_rpc_timeout=0.2)
+    async with dht_network(4, config) as nodes:
+        provider, holder = nodes[0], nodes[1]
+        key = os.urandom(20)
+        assert (await provider.announce([key]))[key] >= 1
+        assert provider.identity.node_id in {r.node_id for r in holder.local_providers(key)}
+        contact = provider.contact
+        await provider.stop()
+        # The holder meets the silence a few times in a row (as lookups would)...
+        for _ in range(config.contact_failures_before_eviction):
+            reply = await holder.protocol.call_contact(
+                contact, "ping", [holder.protocol.header, os.urandom(20)]
+            )
+            assert reply is None
+        # ...evicts the contact, and with it the records that pointed at it.
+        assert provider.identity.node_id not in {c.node_id for c in holder.known_contacts()}
+        assert holder.local_providers(key) == []

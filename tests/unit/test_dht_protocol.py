@@ -72,6 +72,7 @@ class RecordingHooks:
         self.answered: list[Contact] = []
         self.full_heads: list[DhtPeer] = []
         self.welcomed: list[Contact] = []
+        self.evicted: list[NodeId] = []
 
     def sender_seen(self, node_id: NodeId, tcp_port: int, address: Address) -> None:
         self.senders.append((node_id, tcp_port, address))
@@ -84,6 +85,9 @@ class RecordingHooks:
 
     def contact_welcomed(self, contact: Contact) -> None:
         self.welcomed.append(contact)
+
+    def contact_evicted(self, node_id: NodeId) -> None:
+        self.evicted.append(node_id)
 
 
 def make_protocol(**config: Any) -> tuple[DhtProtocol, FakeTransport, RecordingHooks]:
@@ -532,3 +536,5 @@ def test_contact_is_evicted_after_consecutive_failures_only() -> None:
         protocol.handle_call_response((False, None), node)
     assert protocol.router.is_new_node(node)
     assert protocol.counters.evictions == 1
+    # The owner hears of it, so it can forget the records that node signed.
+    assert protocol.hooks.evicted == [node.contact.node_id]

@@ -354,3 +354,21 @@ def test_parse_address(text: str | tuple[str, int], expected: tuple[str, int]) -
 def test_parse_address_refuses(text: str) -> None:
     with pytest.raises(ValueError):
         parse_address(text)
+
+
+def test_store_forgets_every_record_of_a_departed_provider() -> None:
+    store = ProviderStore(max_per_key=4, max_total=100)
+    gone, staying = IDENTITY, Identity(bytes(range(1, 33)))
+    keys = [bytes([i]) * 20 for i in range(5)]
+    for key in keys:
+        assert store.add(record(key, identity=gone), NOW)
+        assert store.add(record(key, identity=staying), NOW)
+    store.remove(keys[0], gone.node_id)
+    assert store.remove_provider(gone.node_id) == 4
+    assert store.remove_provider(gone.node_id) == 0
+    assert len(store) == 5
+    for key in keys:
+        assert [r.node_id for r in store.get(key, NOW)] == [staying.node_id]
+    # Expiry keeps the per-provider index consistent too.
+    assert store.expire(NOW + TTL + 1) == 5
+    assert store.remove_provider(staying.node_id) == 0
