@@ -8,7 +8,6 @@ request, library errors become one line on stderr and an exit code
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import logging
 import signal
@@ -46,6 +45,7 @@ DataDir = Annotated[
         "--data-dir",
         "-d",
         help="Node data dir: use the node running there [default: $DHTFS_DATA_DIR or ~/.dhtfs].",
+        metavar="DIR",
         show_default=False,
     ),
 ]
@@ -55,6 +55,28 @@ Bootstrap = Annotated[
         "--bootstrap",
         "-b",
         help="HOST:PORT of a node; without a local node, join briefly through it as a client.",
+        metavar="HOST:PORT",
+        show_default=False,
+    ),
+]
+JoinThrough = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--bootstrap",
+        "-b",
+        help="HOST:PORT of a node already in the network (repeatable). Without it, the "
+        "node rejoins through the contacts it saved, or starts a new network.",
+        metavar="HOST:PORT",
+        show_default=False,
+    ),
+]
+NodeDir = Annotated[
+    Path | None,
+    typer.Option(
+        "--data-dir",
+        "-d",
+        help="This node's data dir [default: $DHTFS_DATA_DIR or ~/.dhtfs].",
+        metavar="DIR",
         show_default=False,
     ),
 ]
@@ -80,15 +102,19 @@ def run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
         raise typer.Exit(output.EXIT_ERROR) from None
 
 
-def _config(replicas: int | None = None, **changes: Any) -> Config:
-    config = Config()
-    if replicas is not None:
-        changes["replicas"] = replicas
+def checked(parse: Callable[..., T], *args: Any) -> T:
+    """Parse or validate user input; a bad value is a usage error (exit 2)."""
     try:
-        return config.replace(**changes).validate()
-    except ConfigError as error:
+        return parse(*args)
+    except (ConfigError, InvalidReferenceError) as error:
         output.error(str(error))
         raise typer.Exit(output.EXIT_USAGE) from None
+
+
+def _config(replicas: int | None = None, **changes: Any) -> Config:
+    if replicas is not None:
+        changes["replicas"] = replicas
+    return checked(lambda: Config().replace(**changes).validate())
 
 
 async def _operate(
@@ -110,7 +136,7 @@ async def _operate(
 def join(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
     port: Annotated[int, typer.Option(help="UDP (DHT) and TCP (chunks) port.")] = DEFAULT_PORT,
-    bootstrap: Bootstrap = None,
+    bootstrap: JoinThrough = None,
     replicas: Replicas = None,
     max_storage: Annotated[
         str | None, typer.Option("--max-storage", help="Quota for stored chunks, e.g. 20G.")
@@ -122,7 +148,7 @@ def join(
         float | None,
         typer.Option(help="Seconds between repair passes over stored chunks (0: never) [60]."),
     ] = None,
-    data_dir: DataDir = None,
+    data_dir: NodeDir = None,
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
@@ -130,11 +156,7 @@ def join(
     output.setup_logging(verbose, default=logging.INFO)
     quota = None
     if max_storage is not None:
-        try:
-            quota = parse_size(max_storage)
-        except ConfigError as error:
-            output.error(str(error))
-            raise typer.Exit(output.EXIT_USAGE) from None
+        quota = checked(parse_size, max_storage)
     changes: dict[str, Any] = {"max_storage": quota}
     if repair_interval is not None:
         changes["repair_interval"] = repair_interval
@@ -169,7 +191,9 @@ def join(
 
 @app.command()
 def publish(
-    file: Annotated[Path, typer.Argument(help="The file to publish.", show_default=False)],
+    file: Annotated[
+        Path, typer.Argument(help="The file to publish.", metavar="FILE", show_default=False)
+    ],
     name: Annotated[str | None, typer.Option(help="Name to record instead of the file's.")] = None,
     secret_file: Annotated[
         Path | None,
@@ -221,7 +245,9 @@ def publish(
 
 @app.command()
 def fetch(
-    reference: Annotated[str, typer.Argument(help="Read reference printed by publish.")],
+    reference: Annotated[
+        str, typer.Argument(help="Read reference printed by publish.", metavar="REFERENCE")
+    ],
     out: Annotated[
         Path | None,
         typer.Option("--output", "-o", help="File or directory to write [default: ./NAME]."),
@@ -241,11 +267,7 @@ def fetch(
 ) -> None:
     """Fetch a file by its read reference, verifying every chunk; resumes if interrupted."""
     output.setup_logging(verbose)
-    try:
-        parse_read_reference(reference)
-    except InvalidReferenceError as error:
-        output.error(str(error))
-        raise typer.Exit(output.EXIT_USAGE) from None
+    checked(parse_read_reference, reference)
     config = _config()
     target = (out.expanduser() if out is not None else Path.cwd()).resolve()
     request: dict[str, Any] = {
@@ -281,11 +303,7 @@ def _survey(
     verbose: int,
 ) -> None:
     output.setup_logging(verbose)
-    try:
-        parse_root_hash(root)
-    except InvalidReferenceError as error:
-        output.error(str(error))
-        raise typer.Exit(output.EXIT_USAGE) from None
+    checked(parse_root_hash, root)
     config = _config(replicas)
     request = {"op": op, "root": root}
     with output.progress_bar(op, enabled=not json_output, unit="chunks") as on_event:
@@ -307,46 +325,43 @@ def _survey(
         raise typer.Exit(output.EXIT_DEGRADED)
 
 
-@app.command()
-def check(
-    root: Annotated[str, typer.Argument(help="Root hash (dhtfs:v1:...) or read reference.")],
-    data_dir: DataDir = None,
-    bootstrap: Bootstrap = None,
-    replicas: Replicas = None,
-    json_output: Json = False,
-    verbose: Verbose = 0,
-) -> None:
-    """Count live copies of every chunk of a file; exit 3 if any has too few."""
-    _survey(
-        "check",
-        root,
-        data_dir=data_dir,
-        bootstrap=bootstrap,
-        replicas=replicas,
-        json_output=json_output,
-        verbose=verbose,
-    )
+RootArgument = Annotated[
+    str,
+    typer.Argument(
+        help="Root hash (dhtfs:v1:...) or read reference.", metavar="ROOT", show_default=False
+    ),
+]
 
 
-@app.command()
-def repair(
-    root: Annotated[str, typer.Argument(help="Root hash (dhtfs:v1:...) or read reference.")],
-    data_dir: DataDir = None,
-    bootstrap: Bootstrap = None,
-    replicas: Replicas = None,
-    json_output: Json = False,
-    verbose: Verbose = 0,
-) -> None:
-    """Copy every chunk of a file until it has enough live copies; exit 3 if it cannot."""
-    _survey(
-        "repair",
-        root,
-        data_dir=data_dir,
-        bootstrap=bootstrap,
-        replicas=replicas,
-        json_output=json_output,
-        verbose=verbose,
-    )
+def _survey_command(op: str, summary: str) -> None:
+    """Register check or repair: the same options, a different operation."""
+
+    def command(
+        root: RootArgument,
+        data_dir: DataDir = None,
+        bootstrap: Bootstrap = None,
+        replicas: Replicas = None,
+        json_output: Json = False,
+        verbose: Verbose = 0,
+    ) -> None:
+        _survey(
+            op,
+            root,
+            data_dir=data_dir,
+            bootstrap=bootstrap,
+            replicas=replicas,
+            json_output=json_output,
+            verbose=verbose,
+        )
+
+    command.__doc__ = summary
+    app.command(name=op)(command)
+
+
+_survey_command("check", "Count live copies of every chunk of a file; exit 3 if any has too few.")
+_survey_command(
+    "repair", "Copy every chunk of a file until it has enough live copies; exit 3 if it cannot."
+)
 
 
 @app.command()
@@ -406,11 +421,7 @@ def demo(
 ) -> None:
     """Start a local network, publish a sample file, fetch it from another node."""
     output.setup_logging(verbose)
-    try:
-        size_bytes = parse_size(size)
-    except ConfigError as error:
-        output.error(str(error))
-        raise typer.Exit(output.EXIT_USAGE) from None
+    size_bytes = checked(parse_size, size)
     result = run(lambda: devnet_module.run_demo(nodes, size_bytes, keep=keep))
     if not result:
         raise typer.Exit(output.EXIT_ERROR)
@@ -420,14 +431,6 @@ def demo(
 def version() -> None:
     """Print the dhtfs version."""
     output.print_line(__version__)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(4 * 1024 * 1024):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def main() -> None:

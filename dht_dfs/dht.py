@@ -123,6 +123,7 @@ from dht_dfs.dhtwire import (
 )
 from dht_dfs.errors import LocalProtocolError, NetworkError, RemoteProtocolError
 from dht_dfs.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+from dht_dfs.pacer import Pacer
 
 log = logging.getLogger(__name__)
 
@@ -742,25 +743,6 @@ class _Server(Server):  # type: ignore[misc]  # kademlia is untyped
 # --- helpers for the node ----------------------------------------------------------------------
 
 
-class _Pacer:
-    """Token bucket: ``acquire`` waits just long enough to keep ``rate`` per second."""
-
-    def __init__(self, rate: float, burst: float) -> None:
-        self.rate = rate
-        self.burst = burst
-        self._tokens = burst
-        self._last = time.monotonic()
-
-    async def acquire(self, amount: float = 1.0) -> None:
-        now = time.monotonic()
-        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        self._tokens -= amount
-        if self._tokens < 0:
-            # Concurrent callers each wait out their own deficit: one sleep, no loop.
-            await asyncio.sleep(-self._tokens / self.rate)
-
-
 def _random_ids_in(buckets: Iterable[Any]) -> list[bytes]:
     """One random id in each bucket's range, for refresh lookups."""
     # KademliaProtocol.get_refresh_ids does the same, but can draw 2**160 (the
@@ -850,8 +832,8 @@ class DhtNode:
         self._checking_heads: set[NodeId] = set()
         self._welcome_queue: dict[NodeId, Contact] = {}
         self._welcome_wakeup = asyncio.Event()
-        self._push_pacer = _Pacer(PUSH_DATAGRAMS_PER_SECOND, PUSH_DATAGRAMS_PER_SECOND)
-        self._announce_pacer = _Pacer(REANNOUNCE_KEYS_PER_SECOND, ANNOUNCE_GROUP)
+        self._push_pacer = Pacer(PUSH_DATAGRAMS_PER_SECOND, PUSH_DATAGRAMS_PER_SECOND)
+        self._announce_pacer = Pacer(REANNOUNCE_KEYS_PER_SECOND, ANNOUNCE_GROUP)
         self._saved_contacts: list[Contact] = []
         self.reannounced = asyncio.Event()
         """Set after each re-announcement pass (tests and status wait on it)."""

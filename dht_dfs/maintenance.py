@@ -39,6 +39,7 @@ from dht_dfs.dhtwire import Contact
 from dht_dfs.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.ids import ChunkId, NodeId
 from dht_dfs.network import Network, NetworkSource, Placer, address_of
+from dht_dfs.pacer import Pacer
 from dht_dfs.store import ChunkStore, ScrubReport
 
 log = logging.getLogger(__name__)
@@ -77,25 +78,6 @@ class ScrubResult:
     refetched: tuple[ChunkId, ...]
     lost: tuple[ChunkId, ...]
     """Bad local copies that no other node could supply."""
-
-
-class _Pacer:
-    """At most ``rate`` units per second, with a burst of one second's worth."""
-
-    def __init__(self, rate: float) -> None:
-        self._rate = rate
-        self._allowance = rate
-        self._last = time.monotonic()
-
-    async def take(self, amount: float) -> None:
-        if self._rate <= 0:
-            return
-        now = time.monotonic()
-        self._allowance = min(self._rate, self._allowance + (now - self._last) * self._rate)
-        self._last = now
-        self._allowance -= amount
-        if self._allowance < 0:
-            await asyncio.sleep(-self._allowance / self._rate)
 
 
 class Maintainer:
@@ -156,16 +138,16 @@ class Maintainer:
             self.pass_completed.set()
             return RepairStats(skipped=True)
         stats = RepairStats()
-        pacer = _Pacer(self._config.repair_rate if rate is None else rate)
+        pacer = Pacer(self._config.repair_rate if rate is None else rate)
         batch: list[ChunkId] = []
         for chunk_id in list(self._store.ids()):
             batch.append(chunk_id)
             if len(batch) >= _BATCH:
-                await pacer.take(len(batch))
+                await pacer.acquire(len(batch))
                 stats.merge(await self._repair_batch(batch, leaving=False))
                 batch = []
         if batch:
-            await pacer.take(len(batch))
+            await pacer.acquire(len(batch))
             stats.merge(await self._repair_batch(batch, leaving=False))
         self.totals.merge(stats)
         self.repair_passes += 1

@@ -170,13 +170,7 @@ class Network:
                 verify_hash=verify_hash,
             )
         except ChunkNotFoundError as error:
-            if error.chunk_hex == reference.root.hex():
-                raise RootNotFoundError(
-                    f"no node has root {reference.root.hex()}: the file was never published "
-                    "on this network, or every copy is gone",
-                    error.chunk_hex,
-                ) from None
-            raise
+            raise _root_not_found(error, reference.root) from None
 
     async def check(self, root: RootHash, progress: ProgressFn | None = None) -> CheckReport:
         """Count confirmed live copies of every chunk of a file."""
@@ -206,13 +200,7 @@ class Network:
             if progress is not None:
                 progress(report.chunks, report.chunks)
         except ChunkNotFoundError as error:
-            if error.chunk_hex == root.root.hex():
-                raise RootNotFoundError(
-                    f"no node has root {root.root.hex()}: the file was never published "
-                    "on this network, or every copy is gone",
-                    error.chunk_hex,
-                ) from None
-            raise
+            raise _root_not_found(error, root.root) from None
         report.seconds = time.monotonic() - started
         return report
 
@@ -322,6 +310,17 @@ class Network:
         if records:
             await self.dht.put_records(records, {chunk_id.dht_key: closest})
         return added
+
+
+def _root_not_found(error: ChunkNotFoundError, root: ChunkId) -> ChunkNotFoundError:
+    """The error to report when a chunk was missing: worded for the root itself."""
+    if error.chunk_hex != root.hex():
+        return error
+    return RootNotFoundError(
+        f"no node has root {root.hex()}: the file was never published on this network, "
+        "or every copy is gone",
+        error.chunk_hex,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -539,7 +538,10 @@ class NetworkSource:
         self._network = network
         self._hints: dict[ChunkId, list[PeerAddress]] = {}
         self._failures: dict[NodeId, int] = {}
+        self._restore: set[ChunkId] = set()
+        """Chunks whose local copy was found corrupt (and removed) by this source."""
         self.corrupt_copies = 0
+        self.restored = 0
 
     async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
         """Ask connected (and a few known) peers which of these chunks they hold."""
@@ -620,8 +622,11 @@ class NetworkSource:
 
         try:
             return await self._network.run_typed(read)
-        except DhtfsError as error:  # a corrupt local copy was removed; go on
+        except DhtfsError as error:
+            # The store removed its corrupt copy; the good copy fetched from
+            # a peer will be put back (read repair).
             log.warning("%s", error)
+            self._restore.add(chunk_id)
             return None
 
     def _ordered(self, addresses: Iterable[PeerAddress]) -> list[PeerAddress]:
@@ -681,11 +686,26 @@ class NetworkSource:
             self._failed(address, errors, "served a corrupt copy")
             network.endpoint.buffers.give_back(body)
             return None
+        if chunk_id in self._restore and network.store is not None:
+            self._restore.discard(chunk_id)
+            await self._put_back(chunk_id, bytes(body))
         if result is not body:
             # consume is done with the received buffer (it kept a length or
             # a copy), so the next chunk can be received into it.
             network.endpoint.buffers.give_back(body)
         return (result,)
+
+    async def _put_back(self, chunk_id: ChunkId, data: bytes) -> None:
+        """Replace this node's corrupt copy with the good one just fetched."""
+        store = self._network.store
+        assert store is not None
+        try:
+            await self._network.run(store.put, chunk_id, data)
+        except DhtfsError as error:
+            log.warning("could not restore chunk %s after finding it corrupt: %s", chunk_id, error)
+            return
+        self.restored += 1
+        log.info("replaced the corrupt local copy of chunk %s with a good one", chunk_id)
 
     def _failed(self, address: PeerAddress, errors: list[str], reason: str) -> None:
         errors.append(f"{address.node_id or address}: {reason}")

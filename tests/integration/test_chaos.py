@@ -89,7 +89,15 @@ async def test_rotten_copies_are_scrubbed_and_replaced(tmp_path: Path) -> None:
         files = await publish_files(net, tmp_path, [1_000_000, 600_000])
         damaged: set[tuple[int, ChunkId]] = set()
         copies_damaged: dict[ChunkId, int] = {}
-        for index in chooser.sample(range(8), 4):
+
+        # Node ids are random, so how many chunks each holds varies: damage
+        # the four nodes holding the most.
+        def held(index: int) -> int:
+            node = net.nodes[index]
+            assert node is not None and node.store is not None
+            return node.store.stats().chunks
+
+        for index in sorted(range(8), key=held, reverse=True)[:4]:
             node = net.nodes[index]
             assert node is not None and node.store is not None
             # At most replicas - 1 bad copies of any chunk: one good copy must remain.
@@ -98,15 +106,20 @@ async def test_rotten_copies_are_scrubbed_and_replaced(tmp_path: Path) -> None:
                 for c in sorted(node.store.ids())
                 if copies_damaged.get(c, 0) < TEST_CONFIG.replicas - 1
             ]
-            for chunk_id in chooser.sample(spared, 4):
+            for chunk_id in chooser.sample(spared, min(4, len(spared))):
                 copies_damaged[chunk_id] = copies_damaged.get(chunk_id, 0) + 1
                 path = node.store.path_of(chunk_id)
                 raw = bytearray(path.read_bytes())
                 raw[chooser.randrange(len(raw))] ^= 1 << chooser.randrange(8)
                 path.write_bytes(bytes(raw))
                 damaged.add((index, chunk_id))
-        # Fetches stay correct before anything is repaired.
-        fetcher = net.live[0]
+        assert len(damaged) >= 10
+        # Fetches stay correct before anything is repaired. (The fetcher is an
+        # undamaged node: one that reads its own rotten copy repairs it at
+        # once, see test_reading_a_rotten_local_copy_repairs_it.)
+        fetcher = next(
+            n for i, n in enumerate(net.nodes) if n is not None and i not in {d[0] for d in damaged}
+        )
         assert fetcher.network is not None
         for number, (reference, data) in enumerate(files):
             out = tmp_path / f"before-{number}.out"
@@ -220,3 +233,23 @@ async def test_too_few_nodes_is_reported_and_repaired_when_nodes_join(tmp_path: 
         report = await publisher.network.check(result.reference.root_hash)
         assert report.ok, report.to_json()
         assert all(len(net.holders(c)) == 3 for c in net.stored_chunks())
+
+
+async def test_reading_a_rotten_local_copy_repairs_it(tmp_path: Path) -> None:
+    async with cluster(tmp_path / "net", 5) as net:
+        files = await publish_files(net, tmp_path, [700_000])
+        reader = net.nodes[2]
+        assert reader is not None and reader.store is not None and reader.network is not None
+        own = sorted(reader.store.ids())
+        assert own
+        for chunk_id in own:
+            path = reader.store.path_of(chunk_id)
+            raw = bytearray(path.read_bytes())
+            raw[-1] ^= 0x80
+            path.write_bytes(bytes(raw))
+        reference, data = files[0]
+        await reader.network.fetch(reference, output=tmp_path / "out.bin")
+        assert (tmp_path / "out.bin").read_bytes() == data
+        # Every rotten copy the fetch read was replaced by a good one at once.
+        assert sorted(reader.store.ids()) == own
+        assert_store_sound(reader)
