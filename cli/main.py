@@ -100,6 +100,10 @@ def run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
             f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
         )
         raise typer.Exit(output.EXIT_ERROR) from None
+    except Exception as error:  # a bug: still one line; the trace only with -vv
+        logging.getLogger("dhtfs").debug("internal error", exc_info=True)
+        output.error(f"internal error: {type(error).__name__}: {error} (run with -vv for details)")
+        raise typer.Exit(output.EXIT_ERROR) from None
 
 
 def checked(parse: Callable[..., T], *args: Any) -> T:

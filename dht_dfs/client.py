@@ -43,6 +43,7 @@ from dht_dfs.errors import (
     DhtfsError,
     IntegrityError,
     ManifestError,
+    OutputError,
 )
 from dht_dfs.ids import ChunkId
 from dht_dfs.manifest import (
@@ -273,7 +274,10 @@ async def publish_file(
         secret = config.convergence_secret
 
         def read_and_seal(span: ChunkSpan) -> tuple[bytes, SealedChunk]:
-            plain = os.pread(fd, span.length, span.offset)
+            try:
+                plain = os.pread(fd, span.length, span.offset)
+            except OSError as exc:
+                raise DhtfsError(f"cannot read {path}: {exc.strerror or exc}") from None
             if len(plain) != span.length:
                 raise DhtfsError(f"{path} shrank while it was being published")
             return plain, seal_chunk(plain, secret)
@@ -539,7 +543,10 @@ async def fetch_file(
     fetched = resumed = chunks = 0
     try:
         resuming = os.fstat(fd).st_size > 0
-        os.ftruncate(fd, size)
+        try:
+            os.ftruncate(fd, size)
+        except OSError as exc:
+            raise _output_error(part, exc) from None
         hasher = _InOrderHasher(config.transfer_window) if verify_hash else None
         window = asyncio.Semaphore(config.transfer_window)
         ready: dict[int, bytes] = {}
@@ -571,10 +578,13 @@ async def fetch_file(
                 raise ManifestError(f"chunk {chunk_id.hex()} size disagrees with its manifest")
             view = memoryview(buffer)[:length]
             position = leaf.offset
-            while view:
-                written = os.pwrite(fd, view, position)
-                view = view[written:]
-                position += written
+            try:
+                while view:
+                    written = os.pwrite(fd, view, position)
+                    view = view[written:]
+                    position += written
+            except OSError as exc:
+                raise _output_error(part, exc) from None
             return bytes(buffer[:length]) if verify_hash else length
 
         def chunk_done(length: int) -> None:
@@ -643,12 +653,26 @@ async def fetch_file(
                 f"file assembled from {reference.root.hex()} does not match its recorded "
                 "SHA-256; the partial file is kept for inspection"
             )
-        await loop.run_in_executor(executor, os.fsync, fd)
-        os.fchmod(fd, metadata.mode & 0o777 or 0o644)
+        try:
+            await loop.run_in_executor(executor, os.fsync, fd)
+            os.fchmod(fd, metadata.mode & 0o777 or 0o644)
+        except OSError as exc:
+            raise _output_error(part, exc) from None
     finally:
         os.close(fd)
-    os.replace(part, target)
+    try:
+        os.replace(part, target)
+    except OSError as exc:
+        raise _output_error(target, exc) from None
     return FetchResult(target, size, chunks, fetched, resumed, time.monotonic() - started, metadata)
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"cannot write {path}: {reason}; the partial file is kept, "
+        "fetch again to resume once this is fixed"
+    )
 
 
 _buffers = threading.local()

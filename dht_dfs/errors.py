@@ -60,6 +60,13 @@ class StoreFullError(StoreError):
     """Keeping this chunk would exceed the store's quota (or the disk is full)."""
 
 
+class OutputError(DhtfsError):
+    """A fetched file cannot be written (disk full, permissions, I/O error).
+
+    The partial file is kept, so the fetch resumes once the cause is fixed.
+    """
+
+
 class ChunkNotFoundError(DhtfsError):
     """No reachable holder has this chunk."""
 

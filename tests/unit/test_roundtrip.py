@@ -179,3 +179,35 @@ async def test_verified_round_trip_of_a_tree(tmp_path: Path, store: ChunkStore) 
     checked = CONFIG.replace(verify_file_hash=True)
     await restore_from_store(result.reference, store, checked, tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
+
+
+async def test_full_disk_during_restore_is_a_clear_error_and_keeps_the_part(
+    tmp_path: Path, store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+
+    from dht_dfs.errors import OutputError
+
+    data = os.urandom(6 * CHUNK)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    real_pwrite = os.pwrite
+    calls = 0
+
+    def pwrite_until_full(fd: int, buffer: object, offset: int) -> int:
+        nonlocal calls
+        calls += 1
+        if calls > 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_pwrite(fd, buffer, offset)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "pwrite", pwrite_until_full)
+    out = tmp_path / "out.bin"
+    with pytest.raises(OutputError, match="No space left on device; the partial file is kept"):
+        await restore_from_store(result.reference, store, CONFIG, out)
+    assert not out.exists()
+    assert (tmp_path / ("out.bin" + PART_SUFFIX)).exists()
+    # Space is back: the fetch resumes and keeps the chunks already written.
+    monkeypatch.setattr(os, "pwrite", real_pwrite)
+    resumed = await restore_from_store(result.reference, store, CONFIG, out)
+    assert out.read_bytes() == data
+    assert resumed.chunks_resumed >= 1
