@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
 from concurrent.futures import ThreadPoolExecutor
 
@@ -17,6 +16,8 @@ from dht_dfs.crypto import TAG_SIZE, SealedChunk, seal_chunk
 from dht_dfs.errors import ChunkNotFoundError, IntegrityError, ManifestError, WrongKeyError
 from dht_dfs.ids import ChunkId
 from dht_dfs.manifest import (
+    MAX_ENTRIES,
+    MAX_STORED_SIZE,
     FileMetadata,
     ManifestBuilder,
     NodeKind,
@@ -171,8 +172,18 @@ def test_malformed_manifest_layout_is_reported(mangle, message) -> None:  # type
 
 @given(st.binary(max_size=400))
 def test_any_bytes_decode_or_raise_manifest_error(data: bytes) -> None:
-    with contextlib.suppress(ManifestError):
-        decode_node(ChunkId.of(data), data)
+    """Anything else escaping (IndexError, struct.error...) fails the test."""
+    try:
+        node = decode_node(ChunkId.of(data), data)
+    except ManifestError:
+        return
+    # What does decode is a node whose parts tile the bytes exactly, with
+    # every listed chunk inside the limits a reader relies on.
+    assert data == node.public_bytes + len(node.sealed_private).to_bytes(4, "big") + (
+        node.sealed_private
+    )
+    assert len(node.entries) <= MAX_ENTRIES
+    assert all(e.stored_size <= MAX_STORED_SIZE for e in node.entries)
 
 
 @given(st.data())
@@ -184,6 +195,10 @@ def test_mutated_manifest_decodes_or_raises_manifest_error(data: st.DataObject) 
     mutated = bytes(raw[: data.draw(st.integers(0, len(raw)))])
     try:
         node = decode_node(ChunkId.of(mutated), mutated)
-        open_node(node, reference.key)
+        opened = open_node(node, reference.key)
     except (ManifestError, IntegrityError):
-        pass
+        return
+    # A mutation that still opens must be one the AEAD cannot see: none, or
+    # a truncation that leaves nothing to see. Either way it is whole.
+    assert len(opened.keys) == len(node.entries)
+    assert opened.metadata is not None and opened.metadata.name == METADATA.name
