@@ -32,7 +32,6 @@ from typing import Protocol, TypeVar
 from dht_dfs.chunker import ChunkSpan, chunk_count, chunk_spans
 from dht_dfs.config import Config
 from dht_dfs.crypto import (
-    TAG_SIZE,
     SealedChunk,
     decrypt_into,
     encrypt_with_key,
@@ -57,7 +56,7 @@ from dht_dfs.manifest import (
     open_node,
 )
 from dht_dfs.refs import ReadReference, RootHash
-from dht_dfs.store import ChunkStore
+from dht_dfs.store import ChunkStore, PutOutcome
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +134,7 @@ class StoreSink:
         outcome = await loop.run_in_executor(
             self._executor, self._store.put, chunk.chunk_id, chunk.data
         )
-        if outcome.value == "stored":
+        if outcome is PutOutcome.STORED:
             self.stored += 1
         else:
             self.already_had += 1
@@ -732,7 +731,6 @@ async def restore_from_store(
 
 
 __all__ = [
-    "TAG_SIZE",
     "ChunkSink",
     "ChunkSource",
     "FetchResult",

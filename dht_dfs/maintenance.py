@@ -87,11 +87,6 @@ class Maintainer:
         self._network = network
         self._store = store
         self._config = config
-        self.totals = RepairStats()
-        self.scrub_refetched = 0
-        self.repair_passes = 0
-        self.pass_completed = asyncio.Event()
-        """Set after each complete repair pass (tests and benchmarks wait on it)."""
         self._last_membership: frozenset[NodeId] | None = None
         self._clean_passes_skipped = 0
 
@@ -134,8 +129,6 @@ class Maintainer:
             and self._clean_passes_skipped < _FULL_PASS_EVERY - 1
         ):
             self._clean_passes_skipped += 1
-            self.repair_passes += 1
-            self.pass_completed.set()
             return RepairStats(skipped=True)
         stats = RepairStats()
         pacer = Pacer(self._config.repair_rate if rate is None else rate)
@@ -149,13 +142,10 @@ class Maintainer:
         if batch:
             await pacer.acquire(len(batch))
             stats.merge(await self._repair_batch(batch, leaving=False))
-        self.totals.merge(stats)
-        self.repair_passes += 1
         clean = not (stats.copies_added or stats.under_replicated or stats.errors)
         # Remember the membership only after a pass with nothing left to do.
         self._last_membership = membership if clean else None
         self._clean_passes_skipped = 0
-        self.pass_completed.set()
         if stats.copies_added or stats.copies_dropped or stats.under_replicated:
             log.info(
                 "repair pass: %d chunks examined, %d copies added, %d dropped, %d still short",
@@ -305,7 +295,6 @@ class Maintainer:
                 refetched.append(chunk_id)
             else:
                 lost.append(chunk_id)
-        self.scrub_refetched += len(refetched)
         return ScrubResult(report, tuple(refetched), tuple(lost))
 
     async def _refetch(self, source: NetworkSource, chunk_id: ChunkId) -> bool:

@@ -63,7 +63,7 @@ from dht_dfs.errors import (
 from dht_dfs.ids import ChunkId, NodeId
 from dht_dfs.manifest import FileMetadata
 from dht_dfs.refs import ReadReference, RootHash
-from dht_dfs.store import ChunkStore, PutOutcome
+from dht_dfs.store import ChunkStore
 from dht_dfs.transport import Endpoint, PeerAddress, PeerConnection
 from dht_dfs.wire import StoreStatus
 
@@ -540,8 +540,6 @@ class NetworkSource:
         self._failures: dict[NodeId, int] = {}
         self._restore: set[ChunkId] = set()
         """Chunks whose local copy was found corrupt (and removed) by this source."""
-        self.corrupt_copies = 0
-        self.restored = 0
 
     async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
         """Ask connected (and a few known) peers which of these chunks they hold."""
@@ -677,7 +675,6 @@ class NetworkSource:
         try:
             result = await network.run_typed(functools.partial(consume, body))
         except IntegrityError:
-            self.corrupt_copies += 1
             log.warning(
                 "node %s served a corrupt copy of chunk %s; trying the next holder",
                 address.node_id,
@@ -704,7 +701,6 @@ class NetworkSource:
         except DhtfsError as error:
             log.warning("could not restore chunk %s after finding it corrupt: %s", chunk_id, error)
             return
-        self.restored += 1
         log.info("replaced the corrupt local copy of chunk %s with a good one", chunk_id)
 
     def _failed(self, address: PeerAddress, errors: list[str], reason: str) -> None:
@@ -719,5 +715,4 @@ __all__ = [
     "Network",
     "NetworkSink",
     "NetworkSource",
-    "PutOutcome",
 ]

@@ -32,14 +32,11 @@ class ChunkService:
         *,
         receipt_for: Callable[[ChunkId], bytes] | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
-        accept_stores: bool = True,
     ) -> None:
         self.store = store
         self._executor = executor
         self._receipt_for = receipt_for
         self._on_stored = on_stored
-        self.accept_stores = accept_stores
-        self.chunks_received = 0
         self.chunks_served = 0
 
     async def _run(self, func: Callable[..., object], *args: object) -> object:
@@ -48,8 +45,6 @@ class ChunkService:
     async def handle_store(
         self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
     ) -> tuple[StoreStatus, bytes]:
-        if not self.accept_stores:
-            return StoreStatus.FULL, b""
         try:
             outcome = await self._run(self.store.put, chunk_id, body)
         except IntegrityError:
@@ -61,7 +56,6 @@ class ChunkService:
         except StoreError:
             log.exception("cannot store chunk %s", chunk_id)
             return StoreStatus.FULL, b""
-        self.chunks_received += 1
         if outcome is PutOutcome.STORED and self._on_stored is not None:
             self._on_stored(chunk_id)
         receipt = self._receipt_for(chunk_id) if self._receipt_for is not None else b""

@@ -64,10 +64,6 @@ class StoreStats:
     quota: int | None
     """None when only the disk limits the store."""
 
-    @property
-    def bytes_free(self) -> int | None:
-        return None if self.quota is None else max(0, self.quota - self.bytes_used)
-
 
 @dataclass(frozen=True, slots=True)
 class ScrubReport:
@@ -223,10 +219,6 @@ class ChunkStore:
                 "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
             ).fetchone()
         return None if row is None else int(row[0])
-
-    def would_fit(self, size: int) -> bool:
-        with self._lock:
-            return self.quota is None or self._used + self._reserved + size <= self.quota
 
     # --- writing ----------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ import io
 import logging
 import os
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -521,7 +520,6 @@ class Endpoint:
         handler: RequestHandler | None = None,
         *,
         client_mode: bool = False,
-        on_peer: Callable[[PeerConnection], None] | None = None,
     ) -> None:
         self.identity = identity
         self.config = config
@@ -534,7 +532,6 @@ class Endpoint:
         self._pool: dict[NodeId, PeerConnection] = {}
         self._dialing: dict[tuple[str, int, NodeId | None], asyncio.Future[PeerConnection]] = {}
         self._janitor: asyncio.Task[None] | None = None
-        self._on_peer = on_peer
         self.port = 0
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -600,8 +597,6 @@ class Endpoint:
         current = self._pool.get(peer)
         if current is None or not current.is_open:
             self._pool[peer] = connection
-        if self._on_peer is not None:
-            self._on_peer(connection)
 
     def connected_peers(self) -> list[NodeId]:
         return [peer for peer, connection in self._pool.items() if connection.is_open]

@@ -66,7 +66,7 @@ from dht_dfs.crypto import (
     session_seal,
     verify_signature,
 )
-from dht_dfs.errors import HandshakeError, LocalProtocolError, RemoteProtocolError
+from dht_dfs.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.ids import CHUNK_ID_SIZE, ChunkId, NodeId
 
 MAGIC: Final = b"DF"
@@ -808,8 +808,3 @@ class Connection:
         self.peer_id = peer_id
         self.state = State.OPEN
         self._events.append(HandshakeComplete(peer_id, peer_static, self.version, peer_is_client))
-
-
-def handshake_error(error: RemoteProtocolError) -> HandshakeError:
-    """The network-level error to raise when a handshake fails."""
-    return HandshakeError(f"handshake failed: {error}")
