@@ -266,7 +266,6 @@ class Maintainer:
             log.warning("repair: local copy unusable: %s", error)
             stats.errors += 1
             return
-        assert isinstance(data, bytes)
         placer = Placer(self._network, chunk_id, data, closest)
         try:
             added, records = await placer.place(missing, replicas - len(holders))

@@ -24,7 +24,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import functools
 import logging
 import random
 import time
@@ -107,11 +106,9 @@ class Network:
     def node_id(self) -> NodeId:
         return self.endpoint.identity.node_id
 
-    async def run(self, func: Callable[..., object], *args: object) -> object:
+    async def run(self, func: Callable[..., T], *args: object) -> T:
+        """``func(*args)`` in the worker threads (hashing, crypto, file I/O)."""
         return await asyncio.get_running_loop().run_in_executor(self.executor, func, *args)
-
-    async def run_typed(self, func: Callable[[], T]) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self.executor, func)
 
     async def connect(self, address: PeerAddress) -> PeerConnection:
         return await self.endpoint.connect(address)
@@ -242,7 +239,6 @@ class Network:
         result: dict[ChunkId, list[NodeId]] = {chunk_id: [] for chunk_id in chunk_ids}
         if self.store is not None:
             held = await self.run(self.store.have_which, list(chunk_ids))
-            assert isinstance(held, list)
             for chunk_id, here in zip(chunk_ids, held, strict=True):
                 if here:
                     result[chunk_id].append(self.node_id)
@@ -619,7 +615,7 @@ class NetworkSource:
                 return None
 
         try:
-            return await self._network.run_typed(read)
+            return await self._network.run(read)
         except DhtfsError as error:
             # The store removed its corrupt copy; the good copy fetched from
             # a peer will be put back (read repair).
@@ -673,7 +669,7 @@ class NetworkSource:
                 network.dht.forget_provider(chunk_id.dht_key, address.node_id)
             return None
         try:
-            result = await network.run_typed(functools.partial(consume, body))
+            result = await network.run(consume, body)
         except IntegrityError:
             log.warning(
                 "node %s served a corrupt copy of chunk %s; trying the next holder",

@@ -12,6 +12,7 @@ import asyncio
 import logging
 from collections.abc import Callable
 from concurrent.futures import Executor
+from typing import TypeVar
 
 from dht_dfs.errors import IntegrityError, StoreError, StoreFullError
 from dht_dfs.ids import ChunkId, NodeId
@@ -20,6 +21,8 @@ from dht_dfs.transport import ChunkBody, FileBody
 from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 class ChunkService:
@@ -39,7 +42,7 @@ class ChunkService:
         self._on_stored = on_stored
         self.chunks_served = 0
 
-    async def _run(self, func: Callable[..., object], *args: object) -> object:
+    async def _run(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     async def handle_store(
@@ -66,12 +69,9 @@ class ChunkService:
         opened = await self._run(self.store.open_for_sending, chunk_id)
         if opened is None:
             return None
-        assert isinstance(opened, tuple)
         fd, size = opened
         self.chunks_served += 1
         return FileBody(fd, size)
 
     async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
-        held = await self._run(self.store.have_which, list(chunk_ids))
-        assert isinstance(held, list)
-        return held
+        return await self._run(self.store.have_which, list(chunk_ids))
