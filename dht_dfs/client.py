@@ -50,6 +50,7 @@ from dht_dfs.manifest import (
     Entry,
     FileMetadata,
     ManifestBuilder,
+    ManifestNode,
     NodeKind,
     OpenedNode,
     decode_node,
@@ -366,65 +367,89 @@ class LeafChunk:
     key: bytes
 
 
-async def read_node(
+async def _read_node(
     source: ChunkSource, chunk_id: ChunkId, size: int | None, executor: Executor
-) -> bytes:
+) -> ManifestNode:
+    """Fetch, check and parse one manifest node (public part only)."""
     data = bytes(await get_verified(source, chunk_id, size))
     if size is not None and len(data) != size:
         raise ManifestError(
             f"manifest chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
         )
-    return data
+    node = await asyncio.get_running_loop().run_in_executor(executor, decode_node, chunk_id, data)
+    if node.is_root != (size is None):
+        where = "is a manifest node but not a root" if size is None else "is a root inside a tree"
+        raise ManifestError(f"manifest chunk {chunk_id.hex()} {where}")
+    return node
 
 
 async def open_root(
     source: ChunkSource, reference: ReadReference, executor: Executor
 ) -> OpenedNode:
+    node = await _read_node(source, reference.root, None, executor)
+    return await asyncio.get_running_loop().run_in_executor(
+        executor, open_node, node, reference.key
+    )
+
+
+async def _walk(
+    source: ChunkSource,
+    root: ManifestNode,
+    keys: tuple[bytes, ...] | None,
+    executor: Executor,
+    *,
+    prefetch: bool,
+) -> AsyncIterator[tuple[Entry, bytes | None, bool]]:
+    """Every entry below ``root``, depth first in file order: (entry, key, is manifest).
+
+    Without ``keys`` (no read key) only public parts are read and each key
+    is None. Manifest nodes are fetched as they are reached and one node is
+    held per level, so memory is bounded by the depth. With ``prefetch`` the
+    source hears of each leaf's chunks as the leaf is reached.
+    """
     loop = asyncio.get_running_loop()
-    data = await read_node(source, reference.root, None, executor)
-    node = await loop.run_in_executor(executor, decode_node, reference.root, data)
-    if not node.is_root:
-        raise ManifestError(f"chunk {reference.root.hex()} is a manifest node but not a root")
-    return await loop.run_in_executor(executor, open_node, node, reference.key)
+    if prefetch and root.kind == NodeKind.LEAF:
+        await source.prefetch([entry.chunk_id for entry in root.entries])
+    stack: list[tuple[ManifestNode, tuple[bytes, ...] | None, int]] = [(root, keys, 0)]
+    while stack:
+        node, node_keys, position = stack[-1]
+        if position == len(node.entries):
+            stack.pop()
+            continue
+        stack[-1] = (node, node_keys, position + 1)
+        entry = node.entries[position]
+        key = None if node_keys is None else node_keys[position]
+        if node.kind == NodeKind.LEAF:
+            yield entry, key, False
+            continue
+        if len(stack) >= MAX_DEPTH:
+            raise ManifestError(
+                f"manifest of {root.chunk_id.hex()} is deeper than {MAX_DEPTH} levels"
+            )
+        child = await _read_node(source, entry.chunk_id, entry.stored_size, executor)
+        yield entry, key, True
+        if prefetch and child.kind == NodeKind.LEAF:
+            await source.prefetch([leaf.chunk_id for leaf in child.entries])
+        child_keys = None
+        if key is not None:
+            child_keys = (await loop.run_in_executor(executor, open_node, child, key)).keys
+        stack.append((child, child_keys, 0))
 
 
 async def walk_leaves(
     source: ChunkSource, root: OpenedNode, executor: Executor
 ) -> AsyncIterator[LeafChunk]:
-    """Every data chunk of the file in order, fetching manifest nodes lazily.
-
-    Holds one open node per tree level, so memory is bounded by the depth.
-    """
-    loop = asyncio.get_running_loop()
-    index = 0
-    offset = 0
-    stack: list[tuple[OpenedNode, int]] = [(root, 0)]
-    if root.node.kind == NodeKind.LEAF:
-        await source.prefetch([entry.chunk_id for entry in root.node.entries])
-    while stack:
-        opened, position = stack[-1]
-        if position == len(opened.node.entries):
-            stack.pop()
+    """Every data chunk of the file in order, with its offset and key."""
+    index = offset = 0
+    async for entry, key, is_manifest in _walk(
+        source, root.node, root.keys, executor, prefetch=True
+    ):
+        if is_manifest:
             continue
-        stack[-1] = (opened, position + 1)
-        entry = opened.node.entries[position]
-        key = opened.keys[position]
-        if opened.node.kind == NodeKind.LEAF:
-            yield LeafChunk(index, offset, entry, key)
-            index += 1
-            offset += entry.plain_size
-            continue
-        if len(stack) >= MAX_DEPTH:
-            raise ManifestError(
-                f"manifest of {root.node.chunk_id.hex()} is deeper than {MAX_DEPTH} levels"
-            )
-        data = await read_node(source, entry.chunk_id, entry.stored_size, executor)
-        child = await loop.run_in_executor(executor, decode_node, entry.chunk_id, data)
-        if child.is_root:
-            raise ManifestError(f"manifest chunk {entry.chunk_id.hex()} is a root inside a tree")
-        if child.kind == NodeKind.LEAF:
-            await source.prefetch([leaf.chunk_id for leaf in child.entries])
-        stack.append((await loop.run_in_executor(executor, open_node, child, key), 0))
+        assert key is not None
+        yield LeafChunk(index, offset, entry, key)
+        index += 1
+        offset += entry.plain_size
 
 
 async def walk_public(
@@ -435,29 +460,10 @@ async def walk_public(
     Manifest nodes come before their children. Enough to check, repair or
     pin a file.
     """
-    loop = asyncio.get_running_loop()
-    data = await read_node(source, root.root, None, executor)
-    node = await loop.run_in_executor(executor, decode_node, root.root, data)
-    if not node.is_root:
-        raise ManifestError(f"chunk {root.root.hex()} is a manifest node but not a root")
-    yield root.root, len(data), True
-    stack = [(node, 0)]
-    while stack:
-        current, position = stack[-1]
-        if position == len(current.entries):
-            stack.pop()
-            continue
-        stack[-1] = (current, position + 1)
-        entry = current.entries[position]
-        if current.kind == NodeKind.LEAF:
-            yield entry.chunk_id, entry.stored_size, False
-            continue
-        if len(stack) >= MAX_DEPTH:
-            raise ManifestError(f"manifest of {root.root.hex()} is deeper than {MAX_DEPTH} levels")
-        child_data = await read_node(source, entry.chunk_id, entry.stored_size, executor)
-        child = await loop.run_in_executor(executor, decode_node, entry.chunk_id, child_data)
-        yield entry.chunk_id, entry.stored_size, True
-        stack.append((child, 0))
+    node = await _read_node(source, root.root, None, executor)
+    yield root.root, node.stored_size, True
+    async for entry, _, is_manifest in _walk(source, node, None, executor, prefetch=False):
+        yield entry.chunk_id, entry.stored_size, is_manifest
 
 
 # --- fetch ----------------------------------------------------------------------------

@@ -121,6 +121,11 @@ class ManifestNode:
     """Header and entries, bound to the private part as associated data."""
     sealed_private: bytes
 
+    @property
+    def stored_size(self) -> int:
+        """Bytes of the stored chunk."""
+        return len(self.public_bytes) + _LENGTH.size + len(self.sealed_private)
+
 
 @dataclass(frozen=True, slots=True)
 class OpenedNode:

@@ -202,3 +202,27 @@ def test_mutated_manifest_decodes_or_raises_manifest_error(data: st.DataObject) 
     # a truncation that leaves nothing to see. Either way it is whole.
     assert len(opened.keys) == len(node.entries)
     assert opened.metadata is not None and opened.metadata.name == METADATA.name
+
+
+async def collect_public(nodes: dict[ChunkId, bytes], root: ChunkId) -> list[ChunkId]:
+    from dht_dfs.refs import RootHash
+
+    source = MemorySource(nodes)
+    with ThreadPoolExecutor(2) as executor:
+        return [c async for c, _, _ in client.walk_public(source, RootHash(root), executor)]
+
+
+def test_a_root_listed_inside_a_tree_is_refused_by_both_walks() -> None:
+    from dht_dfs.manifest import Entry, _seal_node
+
+    inner_nodes, inner, _ = build(2, 4)
+    inner_root = inner_nodes[inner.root]
+    outer = _seal_node(
+        NodeKind.INTERIOR, [(Entry(inner.root, len(inner_root)), inner.key)], METADATA, b""
+    )
+    nodes = {**inner_nodes, outer.chunk_id: outer.data}
+    outer_reference = ReadReference(outer.chunk_id, outer.key)
+    with pytest.raises(ManifestError, match="is a root inside a tree"):
+        asyncio.run(collect_leaves(nodes, outer_reference))
+    with pytest.raises(ManifestError, match="is a root inside a tree"):
+        asyncio.run(collect_public(nodes, outer.chunk_id))
