@@ -26,7 +26,6 @@ provider that stops answering are dropped when a fetch or check meets it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
@@ -38,9 +37,10 @@ from dht_dfs.config import Config
 from dht_dfs.dhtwire import Contact
 from dht_dfs.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.ids import ChunkId, NodeId
-from dht_dfs.network import Network, NetworkSource, Placer, address_of
+from dht_dfs.network import Network, NetworkSource, address_of
 from dht_dfs.pacer import Pacer
 from dht_dfs.store import ChunkStore, ScrubReport
+from dht_dfs.transport import PeerAddress
 
 log = logging.getLogger(__name__)
 
@@ -133,7 +133,7 @@ class Maintainer:
         stats = RepairStats()
         pacer = Pacer(self._config.repair_rate if rate is None else rate)
         batch: list[ChunkId] = []
-        for chunk_id in list(self._store.ids()):
+        for chunk_id in await self._stored_ids():
             batch.append(chunk_id)
             if len(batch) >= _BATCH:
                 await pacer.acquire(len(batch))
@@ -160,7 +160,7 @@ class Maintainer:
         """Before leaving: make sure each chunk has ``replicas`` copies elsewhere."""
         stats = RepairStats()
         limit = self._config.leave_timeout if within is None else within
-        ids = list(self._store.ids())
+        ids = await self._stored_ids()
         try:
             async with asyncio.timeout(limit):
                 for start in range(0, len(ids), _BATCH):
@@ -175,6 +175,10 @@ class Maintainer:
         if stats.copies_added:
             log.info("handed off %d copies before leaving", stats.copies_added)
         return stats
+
+    async def _stored_ids(self) -> list[ChunkId]:
+        """Every chunk id in the store, read in a thread (a big index takes a while)."""
+        return await self._network.run(lambda: list(self._store.ids()))
 
     async def _repair_batch(self, ids: Sequence[ChunkId], *, leaving: bool) -> RepairStats:
         network = self._network
@@ -193,28 +197,19 @@ class Maintainer:
         closest = {chunk_id: task.result() for chunk_id, task in tasks.items()}
 
         # Ask each rightful holder, once, which of the batch's chunks it has.
-        asked: dict[NodeId, tuple[Contact, list[ChunkId]]] = {}
+        asked: dict[NodeId, tuple[PeerAddress, list[ChunkId]]] = {}
         for chunk_id, contacts in closest.items():
             for contact in contacts[:replicas]:
                 if contact.node_id != self._me:
-                    asked.setdefault(contact.node_id, (contact, []))[1].append(chunk_id)
-        holds: dict[tuple[NodeId, ChunkId], bool] = {}
-        unreachable: set[NodeId] = set()
-
-        async def ask(contact: Contact, chunk_ids: list[ChunkId]) -> None:
-            try:
-                connection = await network.connect(address_of(contact))
-                answers = await connection.have(chunk_ids)
-            except (NetworkError, OSError) as error:
-                log.info("repair: %s did not answer: %s", contact.node_id, error)
-                unreachable.add(contact.node_id)
-                return
-            for chunk_id, here in zip(chunk_ids, answers, strict=True):
-                holds[(contact.node_id, chunk_id)] = here
-
-        async with asyncio.TaskGroup() as group:
-            for contact, chunk_ids in asked.values():
-                group.create_task(ask(contact, chunk_ids))
+                    entry = asked.setdefault(contact.node_id, (address_of(contact), []))
+                    entry[1].append(chunk_id)
+        answers = await network.ask_have(asked)
+        unreachable = {node_id for node_id, held in answers.items() if held is None}
+        holds = {
+            (node_id, chunk_id): here
+            for node_id, (_, chunk_ids) in asked.items()
+            for chunk_id, here in zip(chunk_ids, answers[node_id] or (), strict=False)
+        }
 
         work = asyncio.Semaphore(self._config.transfer_window)
 
@@ -252,7 +247,8 @@ class Maintainer:
         if len(holders) >= replicas:
             near = {c.node_id for c in candidates[: _DROP_FACTOR * replicas]}
             # The rightful holders all have it: a copy this far away is surplus.
-            if not leaving and self._me not in near and self._store.delete(chunk_id):
+            surplus = not leaving and self._me not in near
+            if surplus and await self._network.run(self._store.delete, chunk_id):
                 stats.copies_dropped += 1
             return
         if not leaving and holders and holders[0].node_id != self._me:
@@ -266,9 +262,10 @@ class Maintainer:
             log.warning("repair: local copy unusable: %s", error)
             stats.errors += 1
             return
-        placer = Placer(self._network, chunk_id, data, closest)
         try:
-            added, records = await placer.place(missing, replicas - len(holders))
+            added = await self._network.copy_to(
+                chunk_id, data, closest, missing, replicas - len(holders)
+            )
         except DhtfsError as error:
             log.warning("repair: could not copy chunk %s: %s", chunk_id, error)
             stats.errors += 1
@@ -277,9 +274,6 @@ class Maintainer:
         stats.copies_added += len(added)
         if len(holders) + len(added) < replicas:
             stats.under_replicated += 1
-        if records:
-            with contextlib.suppress(NetworkError):
-                await self._network.dht.put_records(records, {chunk_id.dht_key: closest})
 
     # --- scrub ----------------------------------------------------------------------
 
@@ -319,13 +313,26 @@ class Maintainer:
                 await self.repair_pass()
             except DhtfsError as error:
                 log.warning("repair pass failed: %s", error)
+            except Exception:
+                # A bug must not end repair for the node's lifetime: log it
+                # with its trace and try again next interval.
+                log.exception("repair pass failed unexpectedly")
             await asyncio.sleep(interval * random.uniform(0.8, 1.2))
 
     async def run_scrub(self) -> None:
         """Re-verify every chunk once per ``scrub_interval``, at ``scrub_rate``."""
         step = 1.0
+        rest = min(60.0, self._config.scrub_interval / 10)
         while True:
             cutoff = time.time() - self._config.scrub_interval
-            result = await self.scrub_step(int(self._config.scrub_rate * step), older_than=cutoff)
+            try:
+                result = await self.scrub_step(
+                    int(self._config.scrub_rate * step), older_than=cutoff
+                )
+            except Exception:
+                # As for repair: a failure must not end scrubbing for good.
+                log.exception("scrub step failed")
+                await asyncio.sleep(rest)
+                continue
             idle = result.report.checked == 0 and not result.report.missing
-            await asyncio.sleep(min(60.0, self._config.scrub_interval / 10) if idle else step)
+            await asyncio.sleep(rest if idle else step)

@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import random
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -264,28 +264,63 @@ class Network:
             for chunk_id in chunk_ids:
                 group.create_task(providers_of(chunk_id))
 
-        async def confirm(address: PeerAddress, asked: list[ChunkId]) -> None:
+        answers = await self.ask_have(candidates)
+        for node_id, (_, asked) in candidates.items():
+            flags = answers[node_id]
+            for position, chunk_id in enumerate(asked):
+                if flags is not None and flags[position]:
+                    result[chunk_id].append(node_id)
+                else:
+                    # A held record of a provider that is gone or no longer
+                    # has the chunk is stale.
+                    self.dht.forget_provider(chunk_id.dht_key, node_id)
+        return result
+
+    async def ask_have(
+        self, asks: Mapping[NodeId, tuple[PeerAddress, list[ChunkId]]]
+    ) -> dict[NodeId, list[bool] | None]:
+        """Ask each peer, once and all at the same time, which of its chunks it holds.
+
+        The answer per peer is one flag per id asked, or None if the peer
+        could not be reached or did not answer.
+        """
+        answers: dict[NodeId, list[bool] | None] = {}
+
+        async def ask(node_id: NodeId, address: PeerAddress, chunk_ids: list[ChunkId]) -> None:
             try:
                 connection = await self.connect(address)
-                answers = await connection.have(asked)
+                answers[node_id] = await connection.have(chunk_ids)
             except (NetworkError, OSError) as error:
-                log.debug("provider %s did not answer: %s", address, error)
-                if address.node_id is not None:
-                    for chunk_id in asked:
-                        self.dht.forget_provider(chunk_id.dht_key, address.node_id)
-                return
-            assert address.node_id is not None
-            for chunk_id, here in zip(asked, answers, strict=True):
-                if here:
-                    result[chunk_id].append(address.node_id)
-                else:
-                    # A held record of a provider that no longer has it is stale.
-                    self.dht.forget_provider(chunk_id.dht_key, address.node_id)
+                log.debug("%s did not answer HAVE: %s", address, error)
+                answers[node_id] = None
 
         async with asyncio.TaskGroup() as group:
-            for address, asked in candidates.values():
-                group.create_task(confirm(address, asked))
-        return result
+            for node_id, (address, chunk_ids) in asks.items():
+                group.create_task(ask(node_id, address, chunk_ids))
+        return answers
+
+    async def copy_to(
+        self,
+        chunk_id: ChunkId,
+        data: bytes,
+        closest: Sequence[Contact],
+        candidates: Sequence[Contact],
+        wanted: int,
+    ) -> list[NodeId]:
+        """Put ``wanted`` copies on ``candidates`` (in order, moving on past
+        failures), then announce the storers' records to the ``closest``
+        nodes. Returns the nodes that took a copy; raises NotEnoughNodesError
+        if none did.
+        """
+        added, records = await Placer(self, chunk_id, data, closest).place(candidates, wanted)
+        if records:
+            try:
+                await self.dht.put_records(records, {chunk_id.dht_key: closest})
+            except NetworkError as error:
+                # The copies stay in place; the storers' own re-announcements
+                # make them findable.
+                log.info("announcing new copies of chunk %s failed: %s", chunk_id, error)
+        return added
 
     async def replicate(self, chunk_id: ChunkId, holders: Sequence[NodeId]) -> list[NodeId]:
         """Copy a chunk to the closest live nodes lacking it, up to ``replicas``.
@@ -300,12 +335,9 @@ class Network:
         closest = await self.dht.closest_live_nodes(
             chunk_id.dht_key, self.config.ksize, include_self=self.store is not None
         )
-        targets = [c for c in closest if c.node_id not in set(holders)]
-        placer = Placer(self, chunk_id, bytes(data), closest)
-        added, records = await placer.place(targets, missing)
-        if records:
-            await self.dht.put_records(records, {chunk_id.dht_key: closest})
-        return added
+        held = set(holders)
+        targets = [c for c in closest if c.node_id not in held]
+        return await self.copy_to(chunk_id, bytes(data), closest, targets, missing)
 
 
 def _root_not_found(error: ChunkNotFoundError, root: ChunkId) -> ChunkNotFoundError:
@@ -439,8 +471,11 @@ class Placer:
                     if record is not None:
                         records.append(record)
         finally:
+            # Left running only when an unexpected error ends the loop: stop
+            # them and collect their outcome, so none is left unretrieved.
             for task in running:
                 task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         if not placed and wanted > 0:
             detail = "; ".join(failures[-3:]) or "no live nodes found"
             raise NotEnoughNodesError(
