@@ -66,7 +66,11 @@ class ChunkService:
         return status, receipt
 
     async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
-        opened = await self._run(self.store.open_for_sending, chunk_id)
+        # Opened here, not in a thread: if the request were cancelled while
+        # a thread opened the file, nobody would close the descriptor. An
+        # open is microseconds, and the sendfile that follows reads the file
+        # on the event loop anyway (as asyncio's own sendfile does).
+        opened = self.store.open_for_sending(chunk_id)
         if opened is None:
             return None
         fd, size = opened
