@@ -181,18 +181,17 @@ class Node:
 
     async def stop(self, *, leave: bool = True) -> None:
         """Stop serving. With ``leave``, hand off what only this node holds first."""
-        if leave and self.maintainer is not None and self.store is not None:
-            for task in self._tasks:
-                task.cancel()  # no repair or scrub while handing off
-            try:
-                await self.maintainer.hand_off()
-            except DhtfsError as error:
-                log.warning("hand-off failed: %s", error)
+        # Repair and scrub end first, so none runs during the hand-off.
         for task in self._tasks:
             task.cancel()
         for task in list(self._tasks):
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
+        if leave and self.maintainer is not None and self.store is not None:
+            try:
+                await self.maintainer.hand_off()
+            except DhtfsError as error:
+                log.warning("hand-off failed: %s", error)
         if self._control is not None:
             await self._control.close()
             self._control = None
