@@ -185,12 +185,13 @@ class ControlServer:
                 writer.write(json.dumps(event).encode() + b"\n")
 
         try:
-            line = await reader.readline()
-            request = json.loads(line)
-            if not isinstance(request, dict):
-                raise ControlError("a control request is a JSON object")
-        except (ValueError, asyncio.LimitOverrunError) as error:
+            request = json.loads(await reader.readline())
+        except ValueError as error:  # not JSON, or a line over the limit
             emit({"event": "error", "type": "ControlError", "message": f"bad request: {error}"})
+            return
+        if not isinstance(request, dict):
+            emit({"event": "error", "type": "ControlError",
+                  "message": "bad request: a control request is a JSON object"})
             return
         operation = asyncio.create_task(self._run(request, emit))
         hangup = asyncio.create_task(reader.read(1))
