@@ -190,8 +190,13 @@ class ControlServer:
             emit({"event": "error", "type": "ControlError", "message": f"bad request: {error}"})
             return
         if not isinstance(request, dict):
-            emit({"event": "error", "type": "ControlError",
-                  "message": "bad request: a control request is a JSON object"})
+            emit(
+                {
+                    "event": "error",
+                    "type": "ControlError",
+                    "message": "bad request: a control request is a JSON object",
+                }
+            )
             return
         operation = asyncio.create_task(self._run(request, emit))
         hangup = asyncio.create_task(reader.read(1))
