@@ -4,7 +4,10 @@ For each file size, rounds alternate (A B A B ...):
 
     raw      a loopback TCP copy of the same file: sendfile on one side,
              recv_into + write + fsync on the other (a durable copy, as a
-             fetch is)
+             fetch is); the baseline for fetch
+    raw3     the same, to three receivers at once, writing next to the
+             nodes' stores: the baseline for publish, which lands three
+             copies
     publish  ``dhtfs publish FILE --bootstrap`` as a short-lived client
              process: encrypt, place 3 copies on the devnet, announce
     fetch    ``dhtfs fetch ROOT --bootstrap -o OUT`` as a client process:
@@ -71,35 +74,52 @@ def measured(command: list[str]) -> tuple[dict[str, Any], float, float, float]:
     return json.loads(stdout), wall, usage.ru_maxrss / 1024, usage.ru_utime + usage.ru_stime
 
 
-def raw_copy(source: Path, target: Path) -> float:
-    """Copy a file over loopback TCP to a file; returns seconds."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    received = [0]
+def raw_copy(source: Path, targets: list[Path]) -> float:
+    """Copy a file over loopback TCP to each target file at once; returns seconds.
 
-    def receive() -> None:
-        connection, _ = listener.accept()
+    One target is the baseline for fetch (one durable copy). Three targets
+    on the nodes' file system are the baseline for publish, which also
+    lands the same bytes three times: without them, publish would be
+    compared with a third of its work.
+    """
+    size = source.stat().st_size
+    listeners = [socket.create_server(("127.0.0.1", 0)) for _ in targets]
+    received = [0] * len(targets)
+
+    def receive(index: int) -> None:
+        connection, _ = listeners[index].accept()
         buffer = bytearray(MiB)
         view = memoryview(buffer)
-        with connection, open(target, "wb") as handle:
+        with connection, open(targets[index], "wb") as handle:
             while True:
                 n = connection.recv_into(view)
                 if not n:
                     break
                 handle.write(view[:n])
-                received[0] += n
+                received[index] += n
             handle.flush()
             os.fsync(handle.fileno())
 
-    thread = threading.Thread(target=receive)
-    thread.start()
+    def send(index: int) -> None:
+        port = listeners[index].getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port)) as sender, open(source, "rb") as f:
+            sender.sendfile(f)
+
+    receivers = [threading.Thread(target=receive, args=(i,)) for i in range(len(targets))]
+    for thread in receivers:
+        thread.start()
     started = time.perf_counter()
-    with socket.create_connection(("127.0.0.1", port)) as sender, open(source, "rb") as handle:
-        sender.sendfile(handle)
-    thread.join()
+    senders = [threading.Thread(target=send, args=(i,)) for i in range(len(targets))]
+    for thread in senders:
+        thread.start()
+    for thread in senders + receivers:
+        thread.join()
     seconds = time.perf_counter() - started
-    listener.close()
-    if received[0] != source.stat().st_size:
+    for listener in listeners:
+        listener.close()
+    for target in targets:
+        target.unlink(missing_ok=True)
+    if received != [size] * len(targets):
         raise SystemExit("raw copy lost bytes")
     return seconds
 
@@ -141,13 +161,18 @@ def main() -> None:
     try:
         for size_mib in (int(s) for s in args.sizes.split(",")):
             size = size_mib * MiB
-            samples: dict[str, list[dict[str, float]]] = {"raw": [], "publish": [], "fetch": []}
+            samples: dict[str, list[dict[str, float]]] = {
+                "raw": [],
+                "raw3": [],
+                "publish": [],
+                "fetch": [],
+            }
             for round_number in range(args.rounds):
                 # A fresh file each round: publishing the same bytes twice
                 # would dedup to nothing.
                 source = make_file(scratch / f"in-{size_mib}-{round_number}.bin", size)
                 read_through(source)
-                for mode in ("raw", "publish", "fetch"):
+                for mode in ("raw", "raw3", "publish", "fetch"):
                     out = out_dir / f"out-{mode}.bin"
                     out.unlink(missing_ok=True)
                     # Each step starts with no dirty pages left by the one before
@@ -158,7 +183,11 @@ def main() -> None:
                     rss = client_cpu = 0.0
                     if mode == "raw":
                         started = time.perf_counter()
-                        seconds = raw_copy(source, out)
+                        seconds = raw_copy(source, [out])
+                        wall = time.perf_counter() - started
+                    elif mode == "raw3":
+                        started = time.perf_counter()
+                        seconds = raw_copy(source, [scratch / f"raw3-{i}.bin" for i in range(3)])
                         wall = time.perf_counter() - started
                     elif mode == "publish":
                         document, wall, rss, client_cpu = measured(
@@ -199,12 +228,13 @@ def main() -> None:
                     )
                     out.unlink(missing_ok=True)
                 source.unlink()
-            raw_rate = median([s["mb_s"] for s in samples["raw"]])
-            row: dict[str, Any] = {"size_mib": size_mib, "raw_mb_s": round(raw_rate, 1)}
-            for mode in ("publish", "fetch"):
+            row: dict[str, Any] = {"size_mib": size_mib}
+            for mode in ("raw", "raw3"):
+                row[f"{mode}_mb_s"] = round(median([s["mb_s"] for s in samples[mode]]), 1)
+            for mode, baseline in (("publish", "raw3"), ("fetch", "raw")):
                 rate = median([s["mb_s"] for s in samples[mode]])
                 row[f"{mode}_mb_s"] = round(rate, 1)
-                row[f"{mode}_ratio"] = round(rate / raw_rate, 3)
+                row[f"{mode}_ratio"] = round(rate / row[f"{baseline}_mb_s"], 3)
                 row[f"{mode}_peak_rss_mb"] = round(max(s["peak_rss_mb"] for s in samples[mode]), 1)
                 row[f"{mode}_cpu_s_per_gib"] = round(
                     median([s["cpu_s_per_gib"] for s in samples[mode]]), 2
@@ -226,18 +256,20 @@ def main() -> None:
     where = f"copies written to {args.out_dir}" if args.out_dir else "copies written to disk"
     print(
         f"5-node devnet ({where}), {args.rounds} rounds, medians; "
-        "ratios against a raw loopback TCP copy"
+        "publish against a raw 3-copy, fetch against a raw 1-copy loopback TCP copy (MB/s)"
     )
     print(
-        f"{'size':>9} {'raw MB/s':>9} {'publish':>8} {'ratio':>6} {'fetch':>8} {'ratio':>6} "
-        f"{'pub RSS':>8} {'fetch RSS':>9} {'fetch CPU s/GiB':>16} {'others CPU s':>13}"
+        f"{'size':>9} {'raw3':>6} {'publish':>8} {'ratio':>6} {'raw':>6} {'fetch':>6} "
+        f"{'ratio':>6} {'pub RSS':>8} {'fetch RSS':>9} {'CPU s/GiB pub':>14} "
+        f"{'fetch':>6} {'others CPU s':>13}"
     )
     for row in rows:
         print(
-            f"{row['size_mib']:>5} MiB {row['raw_mb_s']:>9.0f} {row['publish_mb_s']:>8.0f} "
-            f"{row['publish_ratio']:>6.2f} {row['fetch_mb_s']:>8.0f} {row['fetch_ratio']:>6.2f} "
-            f"{row['publish_peak_rss_mb']:>5.0f} MB {row['fetch_peak_rss_mb']:>6.0f} MB "
-            f"{row['fetch_cpu_s_per_gib']:>16.2f} {row['others_cpu_s']:>13.1f}"
+            f"{row['size_mib']:>5} MiB {row['raw3_mb_s']:>6.0f} {row['publish_mb_s']:>8.0f} "
+            f"{row['publish_ratio']:>6.2f} {row['raw_mb_s']:>6.0f} {row['fetch_mb_s']:>6.0f} "
+            f"{row['fetch_ratio']:>6.2f} {row['publish_peak_rss_mb']:>5.0f} MB "
+            f"{row['fetch_peak_rss_mb']:>6.0f} MB {row['publish_cpu_s_per_gib']:>14.2f} "
+            f"{row['fetch_cpu_s_per_gib']:>6.2f} {row['others_cpu_s']:>13.1f}"
         )
     name = "throughput-tmpfs" if args.out_dir else "throughput"
     path = save(name, {"args": vars(args), "rows": rows})
@@ -256,12 +288,13 @@ def plot(rows: list[dict[str, Any]], name: str) -> None:
         return
     labels = [f"{r['size_mib']} MiB" for r in rows]
     positions = range(len(rows))
-    width = 0.27
+    width = 0.2
     figure, (speed, memory) = plt.subplots(1, 2, figsize=(11, 4))
     for offset, key, label in (
-        (-width, "raw_mb_s", "raw TCP copy"),
-        (0, "publish_mb_s", "dhtfs publish"),
-        (width, "fetch_mb_s", "dhtfs fetch"),
+        (-1.5 * width, "raw3_mb_s", "raw TCP copy to 3"),
+        (-0.5 * width, "publish_mb_s", "dhtfs publish (3 copies)"),
+        (0.5 * width, "raw_mb_s", "raw TCP copy"),
+        (1.5 * width, "fetch_mb_s", "dhtfs fetch"),
     ):
         speed.bar([p + offset for p in positions], [r[key] for r in rows], width, label=label)
     speed.set_xticks(list(positions), labels)
