@@ -56,6 +56,9 @@ class Config:
     max_providers_per_key: int = 32
     max_provider_records: int = 500_000
     bootstrap_attempts: int = 10
+    """Tries (with backoff, about 40 s in all) before a node gives up joining."""
+    client_bootstrap_attempts: int = 3
+    """The same for a short-lived client (publish/fetch --bootstrap): a few seconds."""
 
     # --- TCP transport --------------------------------------------------------------------
     max_chunk_size: int = 16 * MiB

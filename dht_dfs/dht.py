@@ -179,6 +179,12 @@ MAX_SAVED_CONTACTS: Final = 1000
 STATE_FORMAT: Final = "dhtfs-dht-contacts/1"
 BOOTSTRAP_BACKOFF_BASE: Final = 0.25
 BOOTSTRAP_BACKOFF_MAX: Final = 5.0
+_NO_SUCH_NAME: Final = frozenset(
+    code
+    for code in (getattr(socket, "EAI_NONAME", None), getattr(socket, "EAI_NODATA", None))
+    if code is not None
+)
+"""Resolver answers that a name does not exist (not that it could not ask)."""
 MAX_JOIN_REFRESHES: Final = NODE_ID_SIZE * 8
 MAX_BOOTSTRAP_CONTACTS: Final = 64
 """Saved contacts pinged at once when rejoining (the closest to this node)."""
@@ -1095,9 +1101,11 @@ class DhtNode:
     async def bootstrap(self, addresses: Sequence[str | tuple[str, int]]) -> int:
         """Join through these nodes (and the saved contacts); returns contacts known.
 
-        Retries with backoff, ``config.bootstrap_attempts`` times, while nobody
-        answers; raises NetworkError then. With no address and no saved contact
-        this node is the first of its network and 0 is returned.
+        Retries with backoff, ``config.bootstrap_attempts`` times (a client:
+        ``client_bootstrap_attempts``), while nobody answers; raises NetworkError
+        then, or at once when no address can be resolved and none ever will be
+        (the resolver says the name does not exist). With no address and no saved
+        contact this node is the first of its network and 0 is returned.
         """
         targets = [parse_address(a) for a in addresses]
         own = self.identity.node_id.digest
@@ -1105,9 +1113,19 @@ class DhtNode:
         saved = [c.udp_address for c in nearest_saved[:MAX_BOOTSTRAP_CONTACTS]]
         if not targets and not saved:
             return len(self.known_contacts())
-        attempts = max(1, self.config.bootstrap_attempts)
+        attempts = max(
+            1,
+            self.config.client_bootstrap_attempts
+            if self.client_mode
+            else self.config.bootstrap_attempts,
+        )
         for attempt in range(attempts):
-            resolved = await self._resolve([*targets, *saved])
+            resolved, unknown = await self._resolve([*targets, *saved])
+            if not resolved and len(unknown) == len(targets) + len(saved):
+                raise NetworkError(f"cannot resolve bootstrap host {unknown[0]}")
+            if attempt == 0:
+                for name in unknown:
+                    log.warning("cannot resolve bootstrap host %s", name)
             proofs = await asyncio.gather(*(self._limited_challenge(a) for a in resolved))
             answered = [p for p in proofs if p is not None]
             for proof in answered:
@@ -1124,24 +1142,37 @@ class DhtNode:
                 log.info("no DHT node answered; retrying bootstrap in %.1f s", delay)
                 await asyncio.sleep(delay * random.uniform(0.8, 1.2))
         shown = ", ".join(f"{h}:{p}" for h, p in [*targets, *saved][:5])
-        raise NetworkError(f"no DHT node answered at {shown} after {attempts} attempts")
+        tries = "1 attempt" if attempts == 1 else f"{attempts} attempts"
+        raise NetworkError(f"no DHT node answered at {shown} after {tries}")
 
-    async def _resolve(self, addresses: list[Address]) -> list[Address]:
+    async def _resolve(self, addresses: list[Address]) -> tuple[list[Address], list[str]]:
+        """The addresses resolved, and "host: reason" for each name that does not exist.
+
+        A name the resolver could not look up for now (no DNS server answering)
+        is in neither list: the next attempt may resolve it.
+        """
         loop = asyncio.get_running_loop()
         family = socket.AF_INET6 if ":" in self._bound_host else socket.AF_INET
         resolved: list[Address] = []
+        unknown: list[str] = []
         for host, port in addresses:
             if is_ip_literal(host):
                 resolved.append((host, port))
                 continue
             try:
                 infos = await loop.getaddrinfo(host, port, family=family, type=socket.SOCK_DGRAM)
+            except socket.gaierror as exc:
+                if exc.errno in _NO_SUCH_NAME:
+                    unknown.append(f"{host}: {exc.strerror}")
+                else:
+                    log.warning("cannot resolve bootstrap host %s: %s", host, exc.strerror)
+                continue
             except OSError as exc:
                 log.warning("cannot resolve bootstrap host %s: %s", host, exc)
                 continue
             if infos:
                 resolved.append(normalize_address(infos[0][4]))
-        return list(dict.fromkeys(resolved))
+        return list(dict.fromkeys(resolved)), unknown
 
     async def _join_lookups(self) -> None:
         """Look up our own id, then one random id at each distance level farther

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -208,6 +209,53 @@ async def test_bootstrap_retries_then_raises() -> None:
             assert await node.bootstrap([]) == 0  # the first node of a network
         finally:
             await node.stop()
+
+
+async def test_client_gives_up_bootstrap_sooner_than_a_node() -> None:
+    config = CONFIG.replace(dht_rpc_timeout=0.2, bootstrap_attempts=3, client_bootstrap_attempts=1)
+    async with RawPeer.open() as silent:
+        client = await start_node(config, client_mode=True)
+        try:
+            with pytest.raises(NetworkError, match=r"after 1 attempt\b"):
+                await client.bootstrap([f"{LOCALHOST}:{silent.port}"])
+        finally:
+            await client.stop()
+
+
+@pytest.mark.parametrize(
+    ("errno", "reason", "expected"),
+    [
+        (
+            socket.EAI_NONAME,
+            "Name or service not known",
+            r"cannot resolve bootstrap host no\.such\.host: Name or service not known",
+        ),
+        (
+            socket.EAI_AGAIN,
+            "Temporary failure in name resolution",
+            r"no DHT node answered at no\.such\.host:4000 after 2 attempts",
+        ),
+    ],
+)
+async def test_a_name_that_does_not_exist_fails_at_once_a_lookup_failure_retries(
+    monkeypatch: pytest.MonkeyPatch, errno: int, reason: str, expected: str
+) -> None:
+    asked: list[str] = []
+
+    async def getaddrinfo(host: str, *args: Any, **kwargs: Any) -> Any:
+        asked.append(host)
+        raise socket.gaierror(errno, reason)
+
+    config = CONFIG.replace(dht_rpc_timeout=0.2, bootstrap_attempts=2)
+    node = await start_node(config)
+    monkeypatch.setattr(asyncio.get_running_loop(), "getaddrinfo", getaddrinfo)
+    try:
+        with pytest.raises(NetworkError, match=expected):
+            await node.bootstrap(["no.such.host:4000"])
+        # A name that does not exist is not asked again; a failed lookup is.
+        assert asked == ["no.such.host"] * (1 if errno == socket.EAI_NONAME else 2)
+    finally:
+        await node.stop()
 
 
 async def test_bootstrap_resolves_host_names_and_learns_its_address() -> None:
