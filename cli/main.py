@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
+import stat
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
@@ -111,8 +113,35 @@ def checked(parse: Callable[..., T], *args: Any) -> T:
     try:
         return parse(*args)
     except (ConfigError, InvalidReferenceError) as error:
-        output.error(str(error))
-        raise typer.Exit(output.EXIT_USAGE) from None
+        usage_error(str(error))
+
+
+def usage_error(message: str) -> NoReturn:
+    output.error(message)
+    raise typer.Exit(output.EXIT_USAGE)
+
+
+def readable_file(path: Path) -> Path:
+    """The absolute path of a regular file we can read, checked before any network work."""
+    resolved = path.expanduser().resolve()
+    try:
+        with open(resolved, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                usage_error(f"{path} is not a regular file")
+    except OSError as error:
+        usage_error(f"cannot read {path}: {error.strerror or error}")
+    return resolved
+
+
+def writable_target(path: Path) -> Path:
+    """Where fetch writes: an existing directory, or a file in one."""
+    resolved = path.expanduser().resolve()
+    directory = resolved if resolved.is_dir() else resolved.parent
+    if not directory.is_dir():
+        usage_error(f"cannot write {path}: directory {directory} does not exist")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        usage_error(f"cannot write {path}: directory {directory} is not writable")
+    return resolved
 
 
 def _config(replicas: int | None = None, **changes: Any) -> Config:
@@ -218,15 +247,14 @@ def publish(
     config = _config(replicas)
     request: dict[str, Any] = {
         "op": "publish",
-        "path": str(file.expanduser().resolve()),
+        "path": str(readable_file(file)),
         "name": name,
     }
     if secret_file is not None:
         try:
             secret = secret_from_file_content(secret_file.expanduser().read_bytes())
         except (OSError, ValueError) as error:
-            output.error(f"cannot use secret file {secret_file}: {error}")
-            raise typer.Exit(output.EXIT_USAGE) from None
+            usage_error(f"cannot use secret file {secret_file}: {error}")
         request["convergence_secret"] = secret.hex()
     with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
         result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
@@ -273,7 +301,7 @@ def fetch(
     output.setup_logging(verbose)
     checked(parse_read_reference, reference)
     config = _config()
-    target = (out.expanduser() if out is not None else Path.cwd()).resolve()
+    target = writable_target(out if out is not None else Path.cwd())
     request: dict[str, Any] = {
         "op": "fetch",
         "reference": reference,
@@ -411,8 +439,7 @@ def devnet(
     """Run a whole network of NODES nodes on 127.0.0.1 until Ctrl-C."""
     output.setup_logging(verbose, default=logging.INFO)
     if nodes < 1:
-        output.error("a devnet needs at least one node")
-        raise typer.Exit(output.EXIT_USAGE)
+        usage_error("a devnet needs at least one node")
     run(lambda: devnet_module.run_devnet(nodes, port, directory, replicas, max_storage))
 
 

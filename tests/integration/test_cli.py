@@ -217,15 +217,34 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
     assert_one_line_error(
         devnet.run("fetch", never_published, *node, check=False), 1, "no node has root"
     )
+    # Input that cannot work is refused before any network work.
+    unreachable = ["--bootstrap", "127.0.0.1:1"]
     assert_one_line_error(
-        devnet.run("publish", str(tmp_path / "missing"), *node, check=False), 1, "no such file"
+        devnet.run("publish", str(tmp_path / "missing"), *unreachable, check=False),
+        2,
+        "cannot read",
+    )
+    assert_one_line_error(
+        devnet.run("publish", str(tmp_path), *unreachable, check=False), 2, "Is a directory"
+    )
+    assert_one_line_error(
+        devnet.run(
+            "fetch", never_published, "-o", str(tmp_path / "no" / "x"), *unreachable, check=False
+        ),
+        2,
+        "does not exist",
     )
     empty = tmp_path / "no-node-here"
     assert_one_line_error(
         devnet.run("status", "--data-dir", str(empty), check=False), 1, "no dhtfs node is running"
     )
+    # A short-lived client gives up after a few attempts (a node would keep trying longer).
+    sample = tmp_path / "sample"
+    write(sample, 10)
     assert_one_line_error(
-        devnet.run("publish", str(tmp_path), "--bootstrap", "127.0.0.1:1", check=False), 1, ""
+        devnet.run("publish", str(sample), *unreachable, check=False),
+        1,
+        "no DHT node answered at 127.0.0.1:1 after 3 attempts",
     )
 
 
