@@ -534,7 +534,9 @@ async def fetch_file(
     assert metadata is not None
     target = resolve_output(metadata, reference, output)
     if target.exists() and not overwrite:
-        raise ConfigError(f"{target} already exists; choose another output or allow overwriting")
+        raise ConfigError(
+            f"{target} already exists; fetch to another path or overwrite it (--force)"
+        )
     if on_metadata is not None:
         maybe = on_metadata(metadata, target)
         if maybe is not None:

@@ -145,7 +145,9 @@ def test_publish_on_one_node_fetch_on_another_and_as_client(devnet: Devnet, tmp_
     again = devnet.run(
         "fetch", reference, "-o", str(out), "--data-dir", str(devnet.node_dir(2)), check=False
     )
-    assert_one_line_error(again, 1, "already exists")
+    assert_one_line_error(
+        again, 1, "already exists; fetch to another path or overwrite it (--force)"
+    )
     devnet.run("fetch", reference, "-o", str(out), "--force", "--data-dir", str(devnet.node_dir(2)))
 
 
