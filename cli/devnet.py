@@ -169,7 +169,8 @@ async def run_devnet(
     temporary = directory is None
     root = Path(tempfile.mkdtemp(prefix="dhtfs-devnet-")) if directory is None else directory
     root.mkdir(parents=True, exist_ok=True)
-    net = await start_devnet(count, base_port, root, _node_args(replicas, max_storage))
+    extra = _node_args(replicas, max_storage)
+    net = await start_devnet(count, base_port, root, extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
@@ -184,20 +185,38 @@ async def run_devnet(
         f"  status:  dhtfs status --data-dir {net.nodes[0].data_dir}\n"
         "Ctrl-C stops the network."
     )
-    exited = [asyncio.create_task(node.process.wait()) for node in net.nodes]
+    # A node that dies (killed to watch the network repair itself, say) is
+    # reported; the others keep running until Ctrl-C or until none is left.
+    running = {asyncio.create_task(node.process.wait()): node for node in net.nodes}
     stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait([stopper, *exited], return_when=asyncio.FIRST_COMPLETED)
-    for node in net.nodes:
-        if node.process.returncode is not None:
-            output.error(
-                f"node {node.index} exited with code {node.process.returncode}; "
-                f"see {node.data_dir / 'node.log'}"
-            )
-    output.stderr.print("stopping the devnet...", markup=False)
-    await net.stop(grace=Config().leave_timeout + 10)
-    stopper.cancel()
-    if temporary:
-        shutil.rmtree(root, ignore_errors=True)
+    try:
+        while running and not stop.is_set():
+            done, _ = await asyncio.wait([stopper, *running], return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                node = running.pop(task, None)
+                if node is not None:
+                    _report_exit(node, len(running), extra)
+    finally:
+        for task in [stopper, *running]:
+            task.cancel()
+        output.stderr.print("stopping the devnet...", markup=False)
+        await net.stop(grace=Config().leave_timeout + 10)
+        if temporary:
+            shutil.rmtree(root, ignore_errors=True)
+    if not running and not stop.is_set():
+        raise DhtfsError("every node of the devnet has exited")
+
+
+def _report_exit(node: DevnetNode, left: int, extra: list[str]) -> None:
+    # It rejoins through the contacts it saved, so no --bootstrap is needed.
+    restart = ["dhtfs", "join", "--host", "127.0.0.1", "--port", str(node.port)]
+    restart += ["--data-dir", str(node.data_dir), *extra]
+    output.stderr.print(
+        f"dhtfs: node {node.index} exited with code {node.process.returncode} "
+        f"(log: {node.data_dir / 'node.log'}); {left} node(s) still running. "
+        f"To restart it: {' '.join(restart)}",
+        markup=False,
+    )
 
 
 def ports_free(base: int, count: int) -> bool:

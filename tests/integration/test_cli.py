@@ -11,6 +11,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import pytest
 from dhtfs_cli.devnet import find_free_ports
@@ -250,40 +251,65 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
     )
 
 
-def test_devnet_stops_its_nodes_on_ctrl_c(tmp_path: Path) -> None:
+def read_until(stream: IO[str], text: str, timeout: float) -> list[str]:
+    """Lines of ``stream`` up to one containing ``text``, waiting at most ``timeout``."""
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not found.wait(timeout):
+        raise AssertionError(f"no line with {text!r} within {timeout} s: {lines}")
+    return lines
+
+
+def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Path) -> None:
     base = find_free_ports(3)
     process = subprocess.Popen(
         [*dhtfs_command(), "devnet", "--nodes", "3", "--port", str(base), "--dir", str(tmp_path)],
         stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
     )
+
+    def status(index: int) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*dhtfs_command(), "status", "--json", "--data-dir", str(tmp_path / f"node-{index}")],
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
     try:
         read_banner(process, 90)
-        pids = []
-        for index in range(3):
-            done = subprocess.run(
-                [
-                    *dhtfs_command(),
-                    "status",
-                    "--json",
-                    "--data-dir",
-                    str(tmp_path / f"node-{index}"),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=TIMEOUT,
-                check=True,
-            )
-            pids.append(json.loads(done.stdout)["pid"])
+        pids = [json.loads(status(index).stdout)["pid"] for index in range(3)]
+        # Node 1 is a child of the devnet this test started.
+        os.kill(pids[1], signal.SIGKILL)
+        assert process.stderr is not None
+        lines = read_until(process.stderr, "node 1 exited", 60)
+        assert "exited with code -9" in lines[-1]
+        assert "2 node(s) still running" in lines[-1]
+        assert f"--port {base + 1} --data-dir {tmp_path / 'node-1'}" in lines[-1]
+        assert process.poll() is None
+        for index in (0, 2):
+            assert json.loads(status(index).stdout)["pid"] == pids[index]
+        assert status(1).returncode == 1
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+        for stream in (process.stdout, process.stderr):
+            assert stream is not None
+            stream.close()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
