@@ -173,7 +173,7 @@ PUT_GROUP_KEYS: Final = 256
 """Keys whose records put_records places together (one lookup task each)."""
 MAX_REANNOUNCE_KEYS: Final = 10_000_000
 MAINTENANCE_INTERVAL: Final = 60.0
-STATE_SAVE_INTERVAL: Final = 600.0
+STATE_SAVE_INTERVAL: Final = 60.0
 MAX_STATE_FILE_SIZE: Final = 1024 * 1024
 MAX_SAVED_CONTACTS: Final = 1000
 STATE_FORMAT: Final = "dhtfs-dht-contacts/1"
@@ -1098,14 +1098,24 @@ class DhtNode:
 
     # --- bootstrap and state ------------------------------------------------------------
 
-    async def bootstrap(self, addresses: Sequence[str | tuple[str, int]]) -> int:
+    @property
+    def has_saved_contacts(self) -> bool:
+        """Whether the contact file of a previous run listed any contact."""
+        return bool(self._saved_contacts)
+
+    async def bootstrap(
+        self, addresses: Sequence[str | tuple[str, int]], *, attempts: int | None = None
+    ) -> int:
         """Join through these nodes (and the saved contacts); returns contacts known.
 
-        Retries with backoff, ``config.bootstrap_attempts`` times (a client:
-        ``client_bootstrap_attempts``), while nobody answers; raises NetworkError
+        Retries with backoff, ``attempts`` times (by default
+        ``config.bootstrap_attempts``, a client's ``client_bootstrap_attempts``),
+        while nobody answers; raises NetworkError
         then, or at once when no address can be resolved and none ever will be
         (the resolver says the name does not exist). With no address and no saved
-        contact this node is the first of its network and 0 is returned.
+        contact this node is the first of its network and 0 is returned. Once
+        joined, the contacts are saved at once, so a node killed soon after can
+        rejoin without being told where.
         """
         targets = [parse_address(a) for a in addresses]
         own = self.identity.node_id.digest
@@ -1113,12 +1123,13 @@ class DhtNode:
         saved = [c.udp_address for c in nearest_saved[:MAX_BOOTSTRAP_CONTACTS]]
         if not targets and not saved:
             return len(self.known_contacts())
-        attempts = max(
-            1,
-            self.config.client_bootstrap_attempts
-            if self.client_mode
-            else self.config.bootstrap_attempts,
-        )
+        if attempts is None:
+            attempts = (
+                self.config.client_bootstrap_attempts
+                if self.client_mode
+                else self.config.bootstrap_attempts
+            )
+        attempts = max(1, attempts)
         for attempt in range(attempts):
             resolved, unknown = await self._resolve([*targets, *saved])
             if not resolved and len(unknown) == len(targets) + len(saved):
@@ -1136,6 +1147,7 @@ class DhtNode:
                 # wait for them (bounded) so the count returned is the table's.
                 with contextlib.suppress(TimeoutError):
                     await self.settled(2 * self.config.dht_rpc_timeout)
+                self._save_state()
                 return len(self.known_contacts())
             if attempt + 1 < attempts:
                 delay = min(BOOTSTRAP_BACKOFF_MAX, BOOTSTRAP_BACKOFF_BASE * 2**attempt)

@@ -127,10 +127,29 @@ class Node:
         self.endpoint, self.dht = await self._bind(self.identity)
         self.network = Network(config, self.dht, self.endpoint, self._executor, self.store)
         self.maintainer = Maintainer(self.network, self.store, config)
+        rejoined = False
         if self.bootstrap_addresses:
             # Asked for by the user: joining must work, or starting fails.
             await self.dht.bootstrap(self.bootstrap_addresses)
-        self._spawn(self._rejoin_and_announce(), "rejoin")
+            rejoined = True
+        elif self.dht.has_saved_contacts:
+            # A restart: one try through the contacts saved last time before
+            # reporting ready, so a node restarted after a crash is back in
+            # its network when it says so; if none answers, keep trying in
+            # the background.
+            try:
+                await self.dht.bootstrap([], attempts=1)
+                rejoined = True
+            except DhtfsError as error:
+                log.info("%s; still trying", error)
+        else:
+            log.info(
+                "no bootstrap address and no saved contacts: this node starts a new network "
+                "(others join it with --bootstrap %s)",
+                self.address,
+            )
+            rejoined = True
+        self._spawn(self._rejoin_and_announce(rejoined), "rejoin")
         if config.repair_interval > 0:
             self._spawn(self.maintainer.run_repair(), "repair")
         if config.scrub_interval > 0:
@@ -235,12 +254,12 @@ class Node:
         if not task.cancelled() and task.exception() is not None:
             log.error("node task %s failed", task.get_name(), exc_info=task.exception())
 
-    async def _rejoin_and_announce(self) -> None:
+    async def _rejoin_and_announce(self, rejoined: bool) -> None:
         assert self.dht is not None and self.store is not None
         try:
-            if not self.bootstrap_addresses:
-                # A restart: rejoin through the contacts saved last time. If
-                # none answers, run alone until some node joins through us.
+            if not rejoined:
+                # Keep trying the saved contacts; if none ever answers, run
+                # alone until some node joins through us.
                 try:
                     await self.dht.bootstrap([])
                 except DhtfsError as error:

@@ -68,8 +68,12 @@ async def test_sigkill_while_receiving_never_leaves_partial_chunks(tmp_path: Pat
             assert node.process.returncode == -9
             # Whatever the kill interrupted, the store on disk holds only whole chunks...
             chunk_files_are_whole(node.data_dir)
-            restarted = await start_node(victim, node.port, net.directory, net.nodes[0].address, [])
+            # Restarted as a supervisor would, without --bootstrap: it rejoins
+            # through the contacts it saved when it joined.
+            restarted = await start_node(victim, node.port, net.directory, None, [])
             net.nodes[victim] = restarted
+            status = await api.call(restarted.control, {"op": "status"})
+            assert status["peers"]["known"] >= 1
             # ...the restart cleared unfinished temp files...
             assert list((node.data_dir / "store" / "tmp").iterdir()) == []
             checked_files += chunk_files_are_whole(node.data_dir)

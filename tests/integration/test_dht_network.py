@@ -5,6 +5,7 @@ restart, client mode."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import random
 import socket
@@ -267,6 +268,21 @@ async def test_bootstrap_resolves_host_names_and_learns_its_address() -> None:
             assert await joiner.bootstrap([f"localhost:{nodes[0].port}"]) == 5
             assert joiner.contact.host == LOCALHOST  # as the peers saw it
             assert joiner.sign_record(os.urandom(20)).host == LOCALHOST
+        finally:
+            await joiner.stop()
+
+
+async def test_contacts_are_saved_as_soon_as_a_node_joins(tmp_path: Path) -> None:
+    # A node killed right after joining (no stop, so no save at stop) must
+    # still find its network again when restarted without a bootstrap address.
+    path = tmp_path / "dht-contacts.json"
+    async with dht_network(5, CONFIG) as nodes:
+        joiner = await start_node(CONFIG, state_path=path)
+        try:
+            assert not path.exists()
+            await joiner.bootstrap([f"{LOCALHOST}:{nodes[0].port}"])
+            saved = json.loads(path.read_text())["contacts"]
+            assert {entry["node_id"] for entry in saved} == {n.hex() for n in ids(nodes)}
         finally:
             await joiner.stop()
 
