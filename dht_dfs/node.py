@@ -145,8 +145,10 @@ class Node:
         else:
             log.info(
                 "no bootstrap address and no saved contacts: this node starts a new network "
-                "(others join it with --bootstrap %s)",
-                self.address,
+                "(others join it with --bootstrap %s:%d)",
+                self.advertise_host
+                or (self.host if self.host not in ("0.0.0.0", "::") else "THIS_HOST"),
+                self.port,
             )
             rejoined = True
         self._spawn(self._rejoin_and_announce(rejoined), "rejoin")
