@@ -28,18 +28,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
 from bench.common import MiB, make_file, median, save
+from bench.hosts import Hosts, read_until, stop, unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 5
@@ -47,89 +45,13 @@ PORT = 4000
 RAW_PORT = 5001
 
 
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
-class Hosts:
-    """A bridge namespace and one namespace per host, with shaped links."""
-
-    def __init__(self, count: int, uplink: float, downlink: float) -> None:
-        tag = f"dhtfs-wan-{os.getpid()}"
-        self.switch = f"{tag}-sw"
-        self.names = [f"{tag}-h{i}" for i in range(count)]
-        self.addresses = [f"10.78.{os.getpid() % 250}.{i + 1}" for i in range(count)]
-        self.made: list[str] = []
-        self.uplink, self.downlink = uplink, downlink
-
-    def create(self) -> None:
-        for name in (self.switch, *self.names):
-            ip("netns", "add", name)
-            self.made.append(name)
-            ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", self.switch, "link", "set", "br0", "up")
-        for index, name in enumerate(self.names):
-            port = f"p{index}"
-            ip(
-                "-n",
-                self.switch,
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "eth0",
-                "netns",
-                name,
-            )
-            ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
-            ip("-n", name, "addr", "add", f"{self.addresses[index]}/24", "dev", "eth0")
-            ip("-n", name, "link", "set", "eth0", "up")
-            # Uplink: what the host sends. Downlink: what the bridge sends it.
-            shape(name, "eth0", self.uplink)
-            shape(self.switch, port, self.downlink)
-
-    def destroy(self) -> None:
-        for name in self.made:
-            subprocess.run(["ip", "netns", "del", name], check=False, capture_output=True)
-
-    def command(self, host: int, *args: str) -> list[str]:
-        return ["ip", "netns", "exec", self.names[host], *args]
-
-
-def shape(namespace: str, device: str, mbit: float) -> None:
-    # The burst must hold at least one timer tick of traffic at this rate.
-    burst = max(64 * 1024, int(mbit * 1e6 / 8 / 250))
-    subprocess.run(
-        [
-            *("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root"),
-            *("tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "100ms"),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-
-
 def dhtfs(*args: str) -> list[str]:
     return [sys.executable, "-m", "dhtfs_cli.main", *args]
 
 
-def read_json_line(process: subprocess.Popen[str], timeout: float, what: str) -> dict[str, Any]:
-    lines: list[str] = []
-    done = threading.Event()
-
-    def read() -> None:
-        assert process.stdout is not None
-        lines.append(process.stdout.readline())
-        done.set()
-
-    threading.Thread(target=read, daemon=True).start()
-    if not done.wait(timeout) or not lines[0]:
-        raise SystemExit(f"{what} did not answer within {timeout} s")
-    document: dict[str, Any] = json.loads(lines[0])
+def read_json_line(process: subprocess.Popen[str]) -> dict[str, Any]:
+    assert process.stdout is not None
+    document: dict[str, Any] = json.loads(read_until(process.stdout, "", 60)[-1])
     return document
 
 
@@ -145,38 +67,46 @@ def run_json(command: list[str]) -> dict[str, Any]:
 
 def raw_copy(hosts: Hosts, sender: int, receivers: list[int], source: Path, out: Path) -> float:
     """Seconds until the slowest receiver has the whole file fsynced."""
-    listening = []
-    for index, host in enumerate(receivers):
-        target = out.with_name(f"{out.name}.{index}")
-        process = subprocess.Popen(
-            hosts.command(
-                host, sys.executable, "-m", "bench.rawcopy", "receive", str(RAW_PORT), str(target)
-            ),
-            stdout=subprocess.PIPE,
-            text=True,
+    listening: list[tuple[subprocess.Popen[str], Path]] = []
+    try:
+        for index, host in enumerate(receivers):
+            target = out.with_name(f"{out.name}.{index}")
+            process = subprocess.Popen(
+                hosts.command(
+                    host,
+                    sys.executable,
+                    "-m",
+                    "bench.rawcopy",
+                    "receive",
+                    str(RAW_PORT),
+                    str(target),
+                ),
+                stdout=subprocess.PIPE,
+                text=True,
+                cwd=ROOT,
+            )
+            listening.append((process, target))
+            read_json_line(process)  # {"listening": port}
+        addresses = [f"{hosts.addresses[h]}:{RAW_PORT}" for h in receivers]
+        subprocess.run(
+            hosts.command(sender, sys.executable, "-m", "bench.rawcopy", "send", str(source))
+            + addresses,
+            check=True,
+            timeout=600,
             cwd=ROOT,
         )
-        read_json_line(process, 30, "raw receiver")
-        listening.append((process, target))
-    addresses = [f"{hosts.addresses[h]}:{RAW_PORT}" for h in receivers]
-    subprocess.run(
-        hosts.command(sender, sys.executable, "-m", "bench.rawcopy", "send", str(source))
-        + addresses,
-        check=True,
-        timeout=600,
-        cwd=ROOT,
-    )
-    seconds = 0.0
-    for process, target in listening:
-        result = read_json_line(process, 600, "raw receiver")
-        process.wait(timeout=30)
-        assert process.stdout is not None
-        process.stdout.close()
-        if result["bytes"] != source.stat().st_size:
-            raise SystemExit("raw copy lost bytes")
-        seconds = max(seconds, float(result["seconds"]))
-        target.unlink()
-    return seconds
+        seconds = 0.0
+        for process, _ in listening:
+            result = read_json_line(process)
+            if result["bytes"] != source.stat().st_size:
+                raise SystemExit("raw copy lost bytes")
+            seconds = max(seconds, float(result["seconds"]))
+        return seconds
+    finally:
+        # Receivers have exited after their result; after a failure, end them.
+        stop((process for process, _ in listening), grace=5)
+        for _, target in listening:
+            target.unlink(missing_ok=True)
 
 
 def main() -> None:
@@ -186,15 +116,17 @@ def main() -> None:
     parser.add_argument("--uplink", type=float, default=100.0, help="Mbit/s each host sends")
     parser.add_argument("--downlink", type=float, default=1000.0, help="Mbit/s each host gets")
     args = parser.parse_args()
-    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("tc") is None:
-        raise SystemExit("bench.wan needs root and iproute2 (ip, tc)")
+    reason = unavailable() or (None if shutil.which("tc") else "tc is not installed")
+    if reason is not None:
+        raise SystemExit(f"bench.wan: {reason}")
     client = NODES
-    hosts = Hosts(NODES + 1, args.uplink, args.downlink)
+    hosts = Hosts(NODES + 1, "wan", 78)
     scratch = Path(tempfile.mkdtemp(prefix="dhtfs-bench-wan-", dir="/dev/shm"))
     nodes: list[subprocess.Popen[str]] = []
     samples: dict[str, list[float]] = {"raw": [], "fetch": [], "raw3": [], "publish": []}
     try:
         hosts.create()
+        hosts.shape(args.uplink, args.downlink)
         first = f"{hosts.addresses[0]}:{PORT}"
         for index in range(NODES):
             command = dhtfs("join", "--port", str(PORT), "--json", "--repair-interval", "0")
@@ -207,7 +139,7 @@ def main() -> None:
             )
             log.close()
             nodes.append(process)
-            read_json_line(process, 60, f"node {index}")
+            read_json_line(process)
         size = args.size * MiB
         for round_number in range(args.rounds):
             source = make_file(scratch / f"in-{round_number}.bin", size)
@@ -236,17 +168,7 @@ def main() -> None:
             source.unlink()
             print(f"round {round_number + 1} done", file=sys.stderr)
     finally:
-        for process in nodes:
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in nodes:
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            assert process.stdout is not None
-            process.stdout.close()
+        stop(nodes)
         hosts.destroy()
         shutil.rmtree(scratch, ignore_errors=True)
 

@@ -7,14 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO
 
 import pytest
 from dhtfs_cli.devnet import find_free_ports
+
+from bench.hosts import read_until, stop
 
 NODES = 6
 TIMEOUT = 120
@@ -54,21 +54,8 @@ class Devnet:
 
 def read_banner(process: subprocess.Popen[str], timeout: float) -> list[str]:
     """Lines the devnet prints up to its 'Ctrl-C' line, waiting at most ``timeout``."""
-    lines: list[str] = []
-    finished = threading.Event()
-
-    def reader() -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            lines.append(line.rstrip("\n"))
-            if "Ctrl-C stops the network" in line:
-                break
-        finished.set()
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not finished.wait(timeout):
-        raise AssertionError(f"devnet did not come up in {timeout} s: {lines}")
-    return lines
+    assert process.stdout is not None
+    return read_until(process.stdout, "Ctrl-C stops the network", timeout)
 
 
 @pytest.fixture(scope="module")
@@ -97,15 +84,7 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
         assert banner[0].startswith(f"devnet: {NODES} node(s) on 127.0.0.1:{base}")
         yield Devnet(process, directory, base, env)
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        assert process.stdout is not None
-        process.stdout.close()
+        stop([process], signal.SIGINT)
 
 
 def write(path: Path, size: int) -> bytes:
@@ -251,24 +230,6 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
     )
 
 
-def read_until(stream: IO[str], text: str, timeout: float) -> list[str]:
-    """Lines of ``stream`` up to one containing ``text``, waiting at most ``timeout``."""
-    lines: list[str] = []
-    found = threading.Event()
-
-    def reader() -> None:
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-            if text in line:
-                found.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not found.wait(timeout):
-        raise AssertionError(f"no line with {text!r} within {timeout} s: {lines}")
-    return lines
-
-
 def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Path) -> None:
     base = find_free_ports(3)
     process = subprocess.Popen(
@@ -304,12 +265,7 @@ def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Pa
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=60) == 0
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            assert stream is not None
-            stream.close()
+        stop([process], signal.SIGKILL)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)

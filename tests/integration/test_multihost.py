@@ -14,10 +14,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
 import subprocess
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,7 @@ from typing import Any
 
 import pytest
 
+from bench.hosts import Hosts, read_until, stop, unavailable
 from tests.integration.test_cli import dhtfs_command
 
 pytestmark = pytest.mark.slow
@@ -35,35 +33,19 @@ PORT = 4000
 TIMEOUT = 120
 
 
-def _can_make_namespaces() -> str | None:
-    if os.geteuid() != 0:
-        return "network namespaces need root"
-    if shutil.which("ip") is None:
-        return "iproute2 (ip) is not installed"
-    probe = f"dhtfs-probe-{os.getpid()}"
-    made = subprocess.run(
-        ["ip", "netns", "add", probe], check=False, capture_output=True, text=True
-    )
-    if made.returncode != 0:
-        return f"cannot create a network namespace: {made.stderr.strip()}"
-    subprocess.run(["ip", "netns", "del", probe], check=True)
-    return None
-
-
-def ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
-
-
 @dataclass
-class Hosts:
-    names: list[str]
-    addresses: list[str]
+class Cluster:
+    hosts: Hosts
     directory: Path
     nodes: dict[int, subprocess.Popen[str]] = field(default_factory=dict)
 
+    @property
+    def addresses(self) -> list[str]:
+        return self.hosts.addresses
+
     def run(self, host: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         done = subprocess.run(
-            ["ip", "netns", "exec", self.names[host], *dhtfs_command(), *args],
+            self.hosts.command(host, *dhtfs_command(), *args),
             capture_output=True,
             text=True,
             timeout=TIMEOUT,
@@ -78,79 +60,36 @@ class Hosts:
 
     def start_node(self, host: int, bootstrap: str | None) -> dict[str, Any]:
         """Start ``dhtfs join`` on a host; returns its ready document."""
-        command = ["ip", "netns", "exec", self.names[host], *dhtfs_command(), "join"]
-        command += ["--port", str(PORT), "--data-dir", str(self.node_dir(host)), "--json"]
+        command = [*dhtfs_command(), "join", "--port", str(PORT), "--json"]
+        command += ["--data-dir", str(self.node_dir(host))]
         if bootstrap:
             command += ["--bootstrap", bootstrap]
-        log = (self.directory / f"host-{host}.log").open("w")
-        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-        log.close()
+        with (self.directory / f"host-{host}.log").open("w") as log:
+            process = subprocess.Popen(
+                self.hosts.command(host, *command), stdout=subprocess.PIPE, stderr=log, text=True
+            )
         self.nodes[host] = process
-        ready: list[str] = []
-        done = threading.Event()
-
-        def read() -> None:
-            assert process.stdout is not None
-            ready.append(process.stdout.readline())
-            done.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        if not done.wait(60) or not ready[0]:
-            raise AssertionError(f"node on host {host} did not start: see {log.name}")
-        document: dict[str, Any] = json.loads(ready[0])
+        assert process.stdout is not None
+        document: dict[str, Any] = json.loads(read_until(process.stdout, "", 60)[-1])
         return document
-
-    def stop(self) -> None:
-        for process in self.nodes.values():
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-        for process in self.nodes.values():
-            try:
-                process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-            assert process.stdout is not None
-            process.stdout.close()
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Hosts]:
-    reason = _can_make_namespaces()
+def hosts(tmp_path: Path) -> Iterator[Cluster]:
+    reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    tag = f"dhtfs-{os.getpid()}"
-    switch = f"{tag}-sw"
-    names = [f"{tag}-h{i}" for i in range(HOSTS)]
-    # A private /24 per test process, so parallel runs cannot collide.
-    subnet = f"10.77.{os.getpid() % 250}"
-    addresses = [f"{subnet}.{i + 1}" for i in range(HOSTS)]
-    made: list[str] = []
-    hosts = Hosts(names, addresses, tmp_path)
+    cluster = Cluster(Hosts(HOSTS, "test", 77), tmp_path)
     try:
-        for name in (switch, *names):
-            ip("netns", "add", name)
-            made.append(name)
-            ip("-n", name, "link", "set", "lo", "up")
-        ip("-n", switch, "link", "add", "br0", "type", "bridge")
-        ip("-n", switch, "link", "set", "br0", "up")
-        for index, name in enumerate(names):
-            port = f"p{index}"
-            ip("-n", switch, "link", "add", port, "type", "veth", "peer", "eth0", "netns", name)
-            ip("-n", switch, "link", "set", port, "master", "br0", "up")
-            ip("-n", name, "addr", "add", f"{addresses[index]}/24", "dev", "eth0")
-            ip("-n", name, "link", "set", "eth0", "up")
-        yield hosts
+        cluster.hosts.create()
+        yield cluster
     finally:
-        hosts.stop()
-        for name in made:
-            subprocess.run(
-                ["ip", "netns", "del", name], check=False, capture_output=True, timeout=30
-            )
+        stop(cluster.nodes.values())
+        cluster.hosts.destroy()
 
 
 def test_nodes_on_separate_hosts_publish_fetch_and_survive_a_lost_host(
-    hosts: Hosts, tmp_path: Path
+    hosts: Cluster, tmp_path: Path
 ) -> None:
     first = f"{hosts.addresses[0]}:{PORT}"
     ready = [hosts.start_node(0, None)]

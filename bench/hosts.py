@@ -1,0 +1,148 @@
+"""Hosts in network namespaces, and the child processes run on them.
+
+Shared by bench.wan and the multi-host and CLI tests. Each host is a
+namespace with one address on a bridge that lives in a namespace of its
+own, so this machine's own network is never touched; links can be capped
+with ``tc tbf``. Needs root and iproute2.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+from collections.abc import Iterable
+from typing import IO
+
+
+def ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, timeout=30)
+
+
+def unavailable() -> str | None:
+    """Why namespaces cannot be made here, or None if they can."""
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    if shutil.which("ip") is None:
+        return "iproute2 (ip) is not installed"
+    probe = f"dhtfs-probe-{os.getpid()}"
+    made = subprocess.run(
+        ["ip", "netns", "add", probe], check=False, capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        return f"cannot create a network namespace: {made.stderr.strip()}"
+    ip("netns", "del", probe)
+    return None
+
+
+class Hosts:
+    """``count`` hosts at 10.<net>.<pid % 250>.1.. on one bridge.
+
+    The subnet holds this process's id, so parallel runs cannot collide.
+    """
+
+    def __init__(self, count: int, tag: str, net: int) -> None:
+        prefix = f"dhtfs-{tag}-{os.getpid()}"
+        self.switch = f"{prefix}-sw"
+        self.names = [f"{prefix}-h{i}" for i in range(count)]
+        self.addresses = [f"10.{net}.{os.getpid() % 250}.{i + 1}" for i in range(count)]
+        self._made: list[str] = []
+
+    def create(self) -> None:
+        for name in (self.switch, *self.names):
+            ip("netns", "add", name)
+            self._made.append(name)
+            ip("-n", name, "link", "set", "lo", "up")
+        ip("-n", self.switch, "link", "add", "br0", "type", "bridge")
+        ip("-n", self.switch, "link", "set", "br0", "up")
+        for index, name in enumerate(self.names):
+            port = f"p{index}"
+            ip(
+                "-n",
+                self.switch,
+                "link",
+                "add",
+                port,
+                "type",
+                "veth",
+                "peer",
+                "eth0",
+                "netns",
+                name,
+            )
+            ip("-n", self.switch, "link", "set", port, "master", "br0", "up")
+            ip("-n", name, "addr", "add", f"{self.addresses[index]}/24", "dev", "eth0")
+            ip("-n", name, "link", "set", "eth0", "up")
+
+    def shape(self, uplink_mbit: float, downlink_mbit: float) -> None:
+        """Cap every host's uplink (what it sends) and downlink (what the bridge sends it)."""
+        for index, name in enumerate(self.names):
+            _tbf(name, "eth0", uplink_mbit)
+            _tbf(self.switch, f"p{index}", downlink_mbit)
+
+    def destroy(self) -> None:
+        for name in self._made:
+            subprocess.run(
+                ["ip", "netns", "del", name], check=False, capture_output=True, timeout=30
+            )
+        self._made.clear()
+
+    def command(self, host: int, *args: str) -> list[str]:
+        return ["ip", "netns", "exec", self.names[host], *args]
+
+
+def _tbf(namespace: str, device: str, mbit: float) -> None:
+    # The burst must hold at least one timer tick of traffic at this rate.
+    burst = max(64 * 1024, int(mbit * 1e6 / 8 / 250))
+    subprocess.run(
+        [
+            *("ip", "netns", "exec", namespace, "tc", "qdisc", "add", "dev", device, "root"),
+            *("tbf", "rate", f"{mbit}mbit", "burst", str(burst), "latency", "100ms"),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+
+
+def read_until(stream: IO[str], text: str, timeout: float) -> list[str]:
+    """Lines of ``stream`` up to the first that contains ``text``, at most ``timeout`` s.
+
+    ``text=""`` reads one line. Raises TimeoutError with what was read when no
+    such line comes in time, or the stream ends first.
+    """
+    lines: list[str] = []
+    found = threading.Event()
+
+    def reader() -> None:
+        for line in stream:
+            lines.append(line.rstrip("\n"))
+            if text in line:
+                found.set()
+                return
+
+    threading.Thread(target=reader, daemon=True).start()
+    if not found.wait(timeout):
+        raise TimeoutError(f"no line with {text!r} within {timeout} s: {lines[-5:]}")
+    return lines
+
+
+def stop(
+    processes: Iterable[subprocess.Popen[str]], signum: int = signal.SIGTERM, grace: float = 60
+) -> None:
+    """Signal the processes still running, wait ``grace`` s each, kill what stays; close pipes."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            process.send_signal(signum)
+    for process in processes:
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+        for stream in (process.stdout, process.stderr):
+            if stream is not None:
+                stream.close()
