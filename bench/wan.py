@@ -49,9 +49,9 @@ def dhtfs(*args: str) -> list[str]:
     return [sys.executable, "-m", "dhtfs_cli.main", *args]
 
 
-def read_json_line(process: subprocess.Popen[str]) -> dict[str, Any]:
+def read_json_line(process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
     assert process.stdout is not None
-    document: dict[str, Any] = json.loads(read_until(process.stdout, "", 60)[-1])
+    document: dict[str, Any] = json.loads(read_until(process.stdout, "", timeout)[-1])
     return document
 
 
@@ -97,7 +97,7 @@ def raw_copy(hosts: Hosts, sender: int, receivers: list[int], source: Path, out:
         )
         seconds = 0.0
         for process, _ in listening:
-            result = read_json_line(process)
+            result = read_json_line(process, 600)  # as long as the send may take
             if result["bytes"] != source.stat().st_size:
                 raise SystemExit("raw copy lost bytes")
             seconds = max(seconds, float(result["seconds"]))
