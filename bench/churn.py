@@ -46,9 +46,9 @@ async def run_rate(
     repair_interval: float,
     seed: int,
 ) -> dict[str, Any]:
-    from dht_dfs.config import Config
-    from dht_dfs.ids import ChunkId
-    from dht_dfs.node import Node
+    from dht_dfs.core.config import Config
+    from dht_dfs.core.ids import ChunkId
+    from dht_dfs.node.node import Node
 
     config = Config(
         chunk_size=64 * KiB,
@@ -88,8 +88,8 @@ async def run_rate(
         assert node.store is not None
         everything.update(node.store.ids())
     # Attribute chunks to files through the public manifest walk.
-    from dht_dfs.client import walk_public
-    from dht_dfs.network import NetworkSource
+    from dht_dfs.transfer.engine import walk_public
+    from dht_dfs.transfer.network import NetworkSource
 
     assert first.network is not None
     for reference in references:

@@ -31,9 +31,9 @@ from kademlia.network import Server
 from kademlia.protocol import KademliaProtocol
 
 from bench.common import save
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DhtNode
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.dht.node import DhtNode
 
 LOCALHOST = "127.0.0.1"
 JOIN_BATCH = 20

@@ -54,12 +54,12 @@ def own_cpu() -> float:
 
 
 async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool) -> None:
-    from dht_dfs.config import Config
-    from dht_dfs.crypto import Identity, session_seal
-    from dht_dfs.ids import ChunkId
-    from dht_dfs.service import ChunkService
-    from dht_dfs.store import ChunkStore
-    from dht_dfs.transport import Endpoint
+    from dht_dfs.core.config import Config
+    from dht_dfs.core.crypto import Identity, session_seal
+    from dht_dfs.core.ids import ChunkId
+    from dht_dfs.node.service import ChunkService
+    from dht_dfs.store.chunks import ChunkStore
+    from dht_dfs.transport.endpoint import Endpoint
 
     store = ChunkStore(directory / "store", fsync=True).open()
     flat = directory / "flat.bin"
@@ -146,10 +146,10 @@ async def over_dhtfs(
     encrypt_bulk: bool,
     payloads: dict[int, bytes],
 ) -> None:
-    from dht_dfs.config import Config
-    from dht_dfs.crypto import Identity, session_open
-    from dht_dfs.ids import ChunkId, NodeId
-    from dht_dfs.transport import Endpoint, PeerAddress
+    from dht_dfs.core.config import Config
+    from dht_dfs.core.crypto import Identity, session_open
+    from dht_dfs.core.ids import ChunkId, NodeId
+    from dht_dfs.transport.endpoint import Endpoint, PeerAddress
 
     ids = [ChunkId.from_hex(h) for h in info["ids"]]
     key = bytes.fromhex(str(info["key"]))

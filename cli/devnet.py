@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from dht_dfs import api
-from dht_dfs.config import Config, format_size
-from dht_dfs.errors import ConfigError, DhtfsError
-from dht_dfs.node import CONTROL_SOCKET
+from dht_dfs.core.config import Config, format_size
+from dht_dfs.core.errors import ConfigError, DhtfsError
+from dht_dfs.node import control as api
+from dht_dfs.node.node import CONTROL_SOCKET
 
 from . import output
 

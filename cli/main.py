@@ -20,12 +20,13 @@ from typing import Annotated, Any, NoReturn, TypeVar
 
 import typer
 
-from dht_dfs import __version__, api
-from dht_dfs.config import DEFAULT_PORT, Config, default_data_dir, format_size, parse_size
-from dht_dfs.crypto import secret_from_file_content
-from dht_dfs.errors import ConfigError, DhtfsError, InvalidReferenceError
-from dht_dfs.node import CONTROL_SOCKET, Node, client_network
-from dht_dfs.refs import parse_read_reference, parse_root_hash
+from dht_dfs import __version__
+from dht_dfs.core.config import DEFAULT_PORT, Config, default_data_dir, format_size, parse_size
+from dht_dfs.core.crypto import secret_from_file_content
+from dht_dfs.core.errors import ConfigError, DhtfsError, InvalidReferenceError
+from dht_dfs.core.refs import parse_read_reference, parse_root_hash
+from dht_dfs.node import control as api
+from dht_dfs.node.node import CONTROL_SOCKET, Node, client_network
 
 from . import devnet as devnet_module
 from . import output

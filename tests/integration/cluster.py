@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dht_dfs.config import Config, KiB
-from dht_dfs.ids import ChunkId
-from dht_dfs.network import Network
-from dht_dfs.node import Node, client_network
+from dht_dfs.core.config import Config, KiB
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.node.node import Node, client_network
+from dht_dfs.transfer.network import Network
 
 log = logging.getLogger(__name__)
 

@@ -12,12 +12,12 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from typing import Any
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DhtNode
-from dht_dfs.dhtwire import FLAG_CLIENT, KIND_REPLY, Address, decode_datagram, encode_request
-from dht_dfs.errors import RemoteProtocolError
-from dht_dfs.ids import NodeId
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import RemoteProtocolError
+from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.node import DhtNode
+from dht_dfs.dht.values import FLAG_CLIENT, KIND_REPLY, Address, decode_datagram, encode_request
 
 LOCALHOST = "127.0.0.1"
 WAIT = 10.0

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs.ids import ChunkId
-from dht_dfs.node import Node
-from dht_dfs.refs import ReadReference
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.refs import ReadReference
+from dht_dfs.node.node import Node
 
 from .cluster import TEST_CONFIG, Cluster, cluster
 

@@ -192,8 +192,8 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
     assert_one_line_error(devnet.run("fetch", "dhtfs:r1:abc", *node, check=False), 2, "truncated")
     unknown = "dhtfs:r1:" + "a" * 109
     assert_one_line_error(devnet.run("fetch", unknown, *node, check=False), 2, "checksum")
-    from dht_dfs.ids import ChunkId
-    from dht_dfs.refs import ReadReference
+    from dht_dfs.core.ids import ChunkId
+    from dht_dfs.core.refs import ReadReference
 
     never_published = str(ReadReference(ChunkId(os.urandom(32)), os.urandom(32)))
     assert_one_line_error(

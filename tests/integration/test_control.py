@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs import api
-from dht_dfs.errors import ControlError, NodeNotRunningError
-from dht_dfs.node import CONTROL_SOCKET, Node
+from dht_dfs.core.errors import ControlError, NodeNotRunningError
+from dht_dfs.node import control as api
+from dht_dfs.node.node import CONTROL_SOCKET, Node
 
 from .cluster import TEST_CONFIG
 

@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 from dhtfs_cli.devnet import Devnet, find_free_ports, start_devnet, start_node
 
-from dht_dfs import api
-from dht_dfs.node import CONTROL_SOCKET
+from dht_dfs.node import control as api
+from dht_dfs.node.node import CONTROL_SOCKET
 
 pytestmark = pytest.mark.slow
 

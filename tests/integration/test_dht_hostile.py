@@ -13,10 +13,10 @@ import random
 
 import pytest
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DROP_LOG_BURST
-from dht_dfs.dhtwire import MAX_DATAGRAM_SIZE, ProviderRecord, encode_request
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.dht.node import DROP_LOG_BURST
+from dht_dfs.dht.values import MAX_DATAGRAM_SIZE, ProviderRecord, encode_request
 from tests.integration.dht_harness import (
     LOCALHOST,
     RawPeer,
@@ -82,7 +82,10 @@ async def test_malformed_and_oversized_datagrams_are_dropped(
         await provider.announce([key])
         target = nodes[4]
         address = (LOCALHOST, target.port)
-        with loop_exception_reports() as reports, caplog.at_level(logging.WARNING, "dht_dfs.dht"):
+        with (
+            loop_exception_reports() as reports,
+            caplog.at_level(logging.WARNING, "dht_dfs.dht.node"),
+        ):
             datagrams = hostile_datagrams(raw.header())
             for start in range(0, len(datagrams), 10):
                 for data in datagrams[start : start + 10]:

@@ -14,11 +14,11 @@ from typing import Any
 
 import pytest
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DhtNode
-from dht_dfs.errors import LocalProtocolError, NetworkError
-from dht_dfs.ids import NodeId
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import LocalProtocolError, NetworkError
+from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.node import DhtNode
 from tests.integration.dht_harness import (
     LOCALHOST,
     WAIT,

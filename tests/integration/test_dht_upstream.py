@@ -25,12 +25,12 @@ from kademlia.node import Node
 from kademlia.storage import ForgetfulStorage
 from kademlia.utils import digest
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import STATE_FORMAT, DhtNode, DhtPeer
-from dht_dfs.dhtwire import DATAGRAM_BUDGET, Contact, ProviderRecord, decode_datagram
-from dht_dfs.errors import RemoteProtocolError
-from dht_dfs.ids import NodeId
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import RemoteProtocolError
+from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.node import STATE_FORMAT, DhtNode, DhtPeer
+from dht_dfs.dht.values import DATAGRAM_BUDGET, Contact, ProviderRecord, decode_datagram
 from tests.integration.dht_harness import LOCALHOST, RawPeer, loop_exception_reports, settle
 
 FAST = Config(dht_rpc_timeout=0.3, dht_lookup_timeout=5.0, ksize=20)

@@ -12,10 +12,10 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs.client import PART_SUFFIX
-from dht_dfs.errors import RootNotFoundError
-from dht_dfs.ids import ChunkId
-from dht_dfs.refs import ReadReference
+from dht_dfs.core.errors import RootNotFoundError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.refs import ReadReference
+from dht_dfs.transfer.engine import PART_SUFFIX
 
 from .cluster import TEST_CONFIG, Cluster, cluster
 
@@ -123,7 +123,7 @@ async def test_corrupt_replicas_are_skipped(
     assert damaged >= len(chunks) >= 17
     fetcher = net.nodes[fetcher_index]
     assert fetcher is not None and fetcher.network is not None
-    with caplog.at_level(logging.WARNING, logger="dht_dfs.network"):
+    with caplog.at_level(logging.WARNING, logger="dht_dfs.transfer.network"):
         await fetcher.network.fetch(reference, output=tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert any("served a corrupt copy" in r.getMessage() for r in caplog.records)
@@ -173,7 +173,7 @@ async def test_interrupted_fetch_resumes_without_refetching(net: Cluster, tmp_pa
 
 
 async def test_private_convergence_secret_gives_other_chunks(net: Cluster, tmp_path: Path) -> None:
-    from dht_dfs.crypto import secret_from_file_content
+    from dht_dfs.core.crypto import secret_from_file_content
 
     public, data = await publish(net, tmp_path, 300_000)
     node = net.live[1]

@@ -14,14 +14,14 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs import wire
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity, seal_chunk
-from dht_dfs.errors import HandshakeError, PeerUnavailableError, RequestTimeoutError
-from dht_dfs.ids import ChunkId
-from dht_dfs.service import ChunkService
-from dht_dfs.store import ChunkStore
-from dht_dfs.transport import Endpoint, PeerAddress
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity, seal_chunk
+from dht_dfs.core.errors import HandshakeError, PeerUnavailableError, RequestTimeoutError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.node.service import ChunkService
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.transport.endpoint import Endpoint, PeerAddress
+from dht_dfs.wire import protocol as wire
 
 CONFIG = Config(handshake_timeout=1.0, request_timeout=5.0)
 
@@ -206,7 +206,7 @@ async def test_garbage_flood_leaves_server_serving(
         finally:
             writer.close()
 
-    with caplog.at_level(logging.WARNING, logger="dht_dfs.transport"):
+    with caplog.at_level(logging.WARNING, logger="dht_dfs.transport.endpoint"):
         replies = await asyncio.gather(*(attack(GARBAGE[i % len(GARBAGE)]) for i in range(70)))
     assert all(reply == b"" or reply.startswith(b"DF") for reply in replies)
     closing_lines = [r for r in caplog.records if "closing connection" in r.getMessage()]

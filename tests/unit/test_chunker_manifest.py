@@ -10,12 +10,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht_dfs import client
-from dht_dfs.chunker import chunk_count, chunk_spans
-from dht_dfs.crypto import TAG_SIZE, SealedChunk, seal_chunk
-from dht_dfs.errors import ChunkNotFoundError, IntegrityError, ManifestError, WrongKeyError
-from dht_dfs.ids import ChunkId
-from dht_dfs.manifest import (
+from dht_dfs.core.chunker import chunk_count, chunk_spans
+from dht_dfs.core.crypto import TAG_SIZE, SealedChunk, seal_chunk
+from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, ManifestError, WrongKeyError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.manifest import (
     MAX_ENTRIES,
     MAX_STORED_SIZE,
     FileMetadata,
@@ -24,7 +23,8 @@ from dht_dfs.manifest import (
     decode_node,
     open_node,
 )
-from dht_dfs.refs import ReadReference
+from dht_dfs.core.refs import ReadReference
+from dht_dfs.transfer import engine as client
 
 
 @given(st.integers(0, 10_000), st.integers(1, 700))
@@ -205,7 +205,7 @@ def test_mutated_manifest_decodes_or_raises_manifest_error(data: st.DataObject) 
 
 
 async def collect_public(nodes: dict[ChunkId, bytes], root: ChunkId) -> list[ChunkId]:
-    from dht_dfs.refs import RootHash
+    from dht_dfs.core.refs import RootHash
 
     source = MemorySource(nodes)
     with ThreadPoolExecutor(2) as executor:
@@ -213,7 +213,7 @@ async def collect_public(nodes: dict[ChunkId, bytes], root: ChunkId) -> list[Chu
 
 
 def test_a_root_listed_inside_a_tree_is_refused_by_both_walks() -> None:
-    from dht_dfs.manifest import Entry, _seal_node
+    from dht_dfs.core.manifest import Entry, _seal_node
 
     inner_nodes, inner, _ = build(2, 4)
     inner_root = inner_nodes[inner.root]

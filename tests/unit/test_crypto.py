@@ -6,15 +6,15 @@ import os
 
 import pytest
 
-from dht_dfs.crypto import (
+from dht_dfs.core.crypto import (
     TAG_SIZE,
     Identity,
     open_chunk,
     seal_chunk,
     verify_signature,
 )
-from dht_dfs.errors import IntegrityError
-from dht_dfs.ids import ChunkId, NodeId
+from dht_dfs.core.errors import IntegrityError
+from dht_dfs.core.ids import ChunkId, NodeId
 
 
 def test_same_plaintext_same_secret_gives_same_chunk() -> None:
@@ -68,7 +68,7 @@ def test_node_id_is_hash_of_public_key_and_signatures_verify() -> None:
 
 
 def test_decrypt_into_a_reused_buffer_matches_and_checks() -> None:
-    from dht_dfs.crypto import decrypt_into
+    from dht_dfs.core.crypto import decrypt_into
 
     buffer = bytearray(5000)
     for size in (0, 1, 4096):

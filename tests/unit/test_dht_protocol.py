@@ -23,10 +23,12 @@ from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 from kademlia.storage import ForgetfulStorage
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DhtPeer, DhtProtocol, DhtRoutingTable
-from dht_dfs.dhtwire import (
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import LocalProtocolError
+from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.node import DhtPeer, DhtProtocol, DhtRoutingTable
+from dht_dfs.dht.values import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
     Address,
@@ -38,8 +40,6 @@ from dht_dfs.dhtwire import (
     encode_reply,
     encode_request,
 )
-from dht_dfs.errors import LocalProtocolError
-from dht_dfs.ids import NodeId
 
 NOW = 1_700_000_000.0
 PEER: Address = ("10.0.0.9", 5000)
@@ -258,7 +258,7 @@ def test_bad_arguments_are_dropped_with_one_log_line(
     name: str, args: list[object], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     protocol, transport, hooks = make_protocol()
-    with caplog.at_level(logging.WARNING, logger="dht_dfs.dht"):
+    with caplog.at_level(logging.WARNING, logger="dht_dfs.dht.node"):
         send(protocol, name, args)
     assert transport.sent == []
     assert hooks.senders == []

@@ -10,8 +10,10 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht_dfs.crypto import Identity
-from dht_dfs.dhtwire import (
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import RemoteProtocolError
+from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.values import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
     KIND_REQUEST,
@@ -26,8 +28,6 @@ from dht_dfs.dhtwire import (
     parse_address,
     split_into_batches,
 )
-from dht_dfs.errors import RemoteProtocolError
-from dht_dfs.ids import NodeId
 
 NOW = 1_700_000_000.0
 TTL = 3600.0

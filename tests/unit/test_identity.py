@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs.errors import ConfigError
-from dht_dfs.identity import KEY_FILE, load_or_create_identity
+from dht_dfs.core.errors import ConfigError
+from dht_dfs.node.identity import KEY_FILE, load_or_create_identity
 
 
 def test_key_is_created_private_and_reloaded(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dht_dfs.errors import InvalidReferenceError
-from dht_dfs.ids import ChunkId
-from dht_dfs.refs import (
+from dht_dfs.core.errors import InvalidReferenceError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.refs import (
     HASH_PREFIX,
     READ_PREFIX,
     ReadReference,

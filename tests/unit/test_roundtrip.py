@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs.client import PART_SUFFIX, publish_to_store, restore_from_store
-from dht_dfs.config import Config
-from dht_dfs.crypto import TAG_SIZE
-from dht_dfs.errors import ConfigError, IntegrityError, WrongKeyError
-from dht_dfs.refs import ReadReference, parse_read_reference
-from dht_dfs.store import ChunkStore
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import TAG_SIZE
+from dht_dfs.core.errors import ConfigError, IntegrityError, WrongKeyError
+from dht_dfs.core.refs import ReadReference, parse_read_reference
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.transfer.engine import PART_SUFFIX, publish_to_store, restore_from_store
 
 CHUNK = 4096
 CONFIG = Config(chunk_size=CHUNK, manifest_fanout=4)
@@ -150,8 +150,8 @@ async def test_missing_input_file_is_a_clear_error(tmp_path: Path, store: ChunkS
 async def test_whole_file_hash_is_checked_on_request(tmp_path: Path, store: ChunkStore) -> None:
     """A manifest whose recorded SHA-256 disagrees with its chunks (a publisher
     bug) is caught by --verify-hash; chunk checks alone cannot see it."""
-    from dht_dfs.crypto import seal_chunk
-    from dht_dfs.manifest import FileMetadata, ManifestBuilder
+    from dht_dfs.core.crypto import seal_chunk
+    from dht_dfs.core.manifest import FileMetadata, ManifestBuilder
 
     data = os.urandom(3 * CHUNK)
     builder = ManifestBuilder(b"", CONFIG.manifest_fanout)
@@ -186,7 +186,7 @@ async def test_full_disk_during_restore_is_a_clear_error_and_keeps_the_part(
 ) -> None:
     import errno
 
-    from dht_dfs.errors import OutputError
+    from dht_dfs.core.errors import OutputError
 
     data = os.urandom(6 * CHUNK)
     result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)

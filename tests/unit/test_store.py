@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from dht_dfs.crypto import seal_chunk
-from dht_dfs.errors import ChunkNotFoundError, IntegrityError, StoreFullError
-from dht_dfs.ids import ChunkId
-from dht_dfs.store import ChunkStore, PutOutcome
+from dht_dfs.core.crypto import seal_chunk
+from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreFullError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.store.chunks import ChunkStore, PutOutcome
 
 
 def chunk(n: int = 1000) -> tuple[ChunkId, bytes]:

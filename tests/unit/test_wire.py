@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from dht_dfs import wire
-from dht_dfs.crypto import Identity
-from dht_dfs.errors import LocalProtocolError, RemoteProtocolError
-from dht_dfs.ids import ChunkId
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.wire import protocol as wire
 
 ALICE = Identity.generate()
 BOB = Identity.generate()
@@ -230,7 +230,7 @@ def header(kind: int, length: int, *, magic: bytes = b"DF", version: int = 1) ->
 
 def sealed(server: wire.Connection, peer: wire.Connection, kind: int, body: bytes) -> bytes:
     """A correctly sealed frame from ``peer`` carrying an arbitrary body."""
-    from dht_dfs.crypto import SESSION_TAG_SIZE, session_seal
+    from dht_dfs.core.crypto import SESSION_TAG_SIZE, session_seal
 
     head = struct.pack(">2sBBII", b"DF", 1, kind, 7, len(body) + SESSION_TAG_SIZE)
     sealed_body = session_seal(peer._send_key, peer._send_counter, head, body)
@@ -387,7 +387,7 @@ def test_chunk_bodies_come_from_the_given_allocator() -> None:
 
 
 def test_buffer_pool_recycles_one_size_class() -> None:
-    from dht_dfs.transport import BufferPool
+    from dht_dfs.transport.endpoint import BufferPool
 
     pool = BufferPool(keep=2)
     first = pool.take(1 << 20)

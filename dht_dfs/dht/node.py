@@ -77,9 +77,12 @@ from kademlia.node import Node
 from kademlia.protocol import KademliaProtocol
 from kademlia.routing import RoutingTable
 
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dhtwire import (
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import LocalProtocolError, NetworkError, RemoteProtocolError
+from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+from dht_dfs.core.pacer import Pacer
+from dht_dfs.dht.values import (
     CLOCK_SKEW_ALLOWANCE,
     DATAGRAM_BUDGET,
     FLAG_CLIENT,
@@ -121,9 +124,6 @@ from dht_dfs.dhtwire import (
     remote_error,
     split_into_batches,
 )
-from dht_dfs.errors import LocalProtocolError, NetworkError, RemoteProtocolError
-from dht_dfs.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
-from dht_dfs.pacer import Pacer
 
 log = logging.getLogger(__name__)
 

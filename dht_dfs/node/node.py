@@ -29,18 +29,18 @@ from pathlib import Path
 from typing import Any
 
 from dht_dfs import __version__
-from dht_dfs.api import ControlServer
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.dht import DhtNode
-from dht_dfs.errors import ConfigError, DhtfsError
-from dht_dfs.identity import ensure_data_dir, load_or_create_identity
-from dht_dfs.ids import ChunkId
-from dht_dfs.maintenance import Maintainer
-from dht_dfs.network import Network
-from dht_dfs.service import ChunkService
-from dht_dfs.store import ChunkStore
-from dht_dfs.transport import Endpoint
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import ConfigError, DhtfsError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.dht.node import DhtNode
+from dht_dfs.node.control import ControlServer
+from dht_dfs.node.identity import ensure_data_dir, load_or_create_identity
+from dht_dfs.node.maintenance import Maintainer
+from dht_dfs.node.service import ChunkService
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.transfer.network import Network
+from dht_dfs.transport.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 

@@ -16,8 +16,8 @@ import os
 import stat
 from pathlib import Path
 
-from dht_dfs.crypto import Identity
-from dht_dfs.errors import ConfigError
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import ConfigError
 
 KEY_FILE = "identity.key"
 _HEADER = "dhtfs-ed25519-seed-v1"

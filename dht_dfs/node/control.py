@@ -26,15 +26,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dht_dfs import errors
-from dht_dfs.client import FetchResult, PublishResult
-from dht_dfs.errors import ControlError, DhtfsError, NodeNotRunningError
-from dht_dfs.manifest import FileMetadata
-from dht_dfs.network import CheckReport, Network
-from dht_dfs.refs import parse_read_reference, parse_root_hash
+from dht_dfs.core import errors
+from dht_dfs.core.errors import ControlError, DhtfsError, NodeNotRunningError
+from dht_dfs.core.manifest import FileMetadata
+from dht_dfs.core.refs import parse_read_reference, parse_root_hash
+from dht_dfs.transfer.engine import FetchResult, PublishResult
+from dht_dfs.transfer.network import CheckReport, Network
 
 if TYPE_CHECKING:
-    from dht_dfs.node import Node
+    from dht_dfs.node.node import Node
 
 log = logging.getLogger(__name__)
 

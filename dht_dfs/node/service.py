@@ -14,11 +14,11 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
-from dht_dfs.errors import IntegrityError, StoreError, StoreFullError
-from dht_dfs.ids import ChunkId, NodeId
-from dht_dfs.store import ChunkStore, PutOutcome
-from dht_dfs.transport import ChunkBody, FileBody
-from dht_dfs.wire import StoreStatus
+from dht_dfs.core.errors import IntegrityError, StoreError, StoreFullError
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.store.chunks import ChunkStore, PutOutcome
+from dht_dfs.transport.endpoint import ChunkBody, FileBody
+from dht_dfs.wire.protocol import StoreStatus
 
 log = logging.getLogger(__name__)
 

@@ -29,23 +29,23 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-from dht_dfs.chunker import ChunkSpan, chunk_count, chunk_spans
-from dht_dfs.config import Config
-from dht_dfs.crypto import (
+from dht_dfs.core.chunker import ChunkSpan, chunk_count, chunk_spans
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import (
     SealedChunk,
     decrypt_into,
     encrypt_with_key,
     seal_chunk,
 )
-from dht_dfs.errors import (
+from dht_dfs.core.errors import (
     ConfigError,
     DhtfsError,
     IntegrityError,
     ManifestError,
     OutputError,
 )
-from dht_dfs.ids import ChunkId
-from dht_dfs.manifest import (
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.manifest import (
     MAX_DEPTH,
     Entry,
     FileMetadata,
@@ -56,8 +56,8 @@ from dht_dfs.manifest import (
     decode_node,
     open_node,
 )
-from dht_dfs.refs import ReadReference, RootHash
-from dht_dfs.store import ChunkStore, PutOutcome
+from dht_dfs.core.refs import ReadReference, RootHash
+from dht_dfs.store.chunks import ChunkStore, PutOutcome
 
 log = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_dfs.errors import ConfigError
+from dht_dfs.core.errors import ConfigError
 
 KiB = 1024
 MiB = 1024 * KiB

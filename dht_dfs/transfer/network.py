@@ -33,21 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
-from dht_dfs.client import (
-    Consume,
-    FetchResult,
-    ProgressFn,
-    PublishResult,
-    fetch_file,
-    get_verified,
-    publish_file,
-    walk_public,
-)
-from dht_dfs.config import Config
-from dht_dfs.crypto import SealedChunk
-from dht_dfs.dht import DhtNode
-from dht_dfs.dhtwire import Contact, ProviderRecord
-from dht_dfs.errors import (
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import SealedChunk
+from dht_dfs.core.errors import (
     ChunkNotFoundError,
     DhtfsError,
     HandshakeError,
@@ -59,12 +47,24 @@ from dht_dfs.errors import (
     RootNotFoundError,
     StoreError,
 )
-from dht_dfs.ids import ChunkId, NodeId
-from dht_dfs.manifest import FileMetadata
-from dht_dfs.refs import ReadReference, RootHash
-from dht_dfs.store import ChunkStore
-from dht_dfs.transport import Endpoint, PeerAddress, PeerConnection
-from dht_dfs.wire import StoreStatus
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.core.manifest import FileMetadata
+from dht_dfs.core.refs import ReadReference, RootHash
+from dht_dfs.dht.node import DhtNode
+from dht_dfs.dht.values import Contact, ProviderRecord
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.transfer.engine import (
+    Consume,
+    FetchResult,
+    ProgressFn,
+    PublishResult,
+    fetch_file,
+    get_verified,
+    publish_file,
+    walk_public,
+)
+from dht_dfs.transport.endpoint import Endpoint, PeerAddress, PeerConnection
+from dht_dfs.wire.protocol import StoreStatus
 
 log = logging.getLogger(__name__)
 

@@ -57,7 +57,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
-from dht_dfs.crypto import (
+from dht_dfs.core.crypto import (
     SESSION_TAG_SIZE,
     EphemeralKey,
     Identity,
@@ -66,8 +66,8 @@ from dht_dfs.crypto import (
     session_seal,
     verify_signature,
 )
-from dht_dfs.errors import LocalProtocolError, RemoteProtocolError
-from dht_dfs.ids import CHUNK_ID_SIZE, ChunkId, NodeId
+from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
+from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId, NodeId
 
 MAGIC: Final = b"DF"
 FRAME_VERSION: Final = 1

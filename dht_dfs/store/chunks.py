@@ -30,8 +30,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_dfs.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
-from dht_dfs.ids import CHUNK_ID_SIZE, ChunkId
+from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
+from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId
 
 log = logging.getLogger(__name__)
 

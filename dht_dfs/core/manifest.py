@@ -39,7 +39,7 @@ import enum
 import struct
 from dataclasses import dataclass
 
-from dht_dfs.crypto import (
+from dht_dfs.core.crypto import (
     KEY_SIZE,
     TAG_SIZE,
     SealedChunk,
@@ -47,9 +47,9 @@ from dht_dfs.crypto import (
     derive_chunk_key,
     encrypt_with_key,
 )
-from dht_dfs.errors import IntegrityError, ManifestError, WrongKeyError
-from dht_dfs.ids import ChunkId
-from dht_dfs.refs import ReadReference
+from dht_dfs.core.errors import IntegrityError, ManifestError, WrongKeyError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.refs import ReadReference
 
 MAGIC = b"DHTM"
 FORMAT_VERSION = 1

@@ -42,9 +42,9 @@ from typing import Any, Final
 
 import umsgpack
 
-from dht_dfs.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
-from dht_dfs.errors import RemoteProtocolError
-from dht_dfs.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+from dht_dfs.core.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
+from dht_dfs.core.errors import RemoteProtocolError
+from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
 
 Address = tuple[str, int]
 """A UDP or TCP endpoint: (host, port)."""

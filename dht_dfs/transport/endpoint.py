@@ -31,10 +31,9 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
-from dht_dfs import wire
-from dht_dfs.config import Config
-from dht_dfs.crypto import Identity
-from dht_dfs.errors import (
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import (
     HandshakeError,
     LocalProtocolError,
     PeerRefusedError,
@@ -42,7 +41,8 @@ from dht_dfs.errors import (
     RemoteProtocolError,
     RequestTimeoutError,
 )
-from dht_dfs.ids import ChunkId, NodeId
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.wire import protocol as wire
 
 log = logging.getLogger(__name__)
 

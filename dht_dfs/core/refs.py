@@ -27,8 +27,8 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 
-from dht_dfs.errors import InvalidReferenceError
-from dht_dfs.ids import CHUNK_ID_SIZE, ChunkId
+from dht_dfs.core.errors import InvalidReferenceError
+from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId
 
 READ_PREFIX = "dhtfs:r1:"
 HASH_PREFIX = "dhtfs:v1:"

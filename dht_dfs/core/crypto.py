@@ -36,8 +36,8 @@ import nacl.exceptions
 import nacl.public
 import nacl.signing
 
-from dht_dfs.errors import IntegrityError
-from dht_dfs.ids import ChunkId, NodeId
+from dht_dfs.core.errors import IntegrityError
+from dht_dfs.core.ids import ChunkId, NodeId
 
 KEY_SIZE = 32
 TAG_SIZE: int = nacl.bindings.crypto_aead_aegis256_ABYTES
