@@ -1626,7 +1626,7 @@ class DhtNode:
                 log.warning(
                     "provided_keys yielded %d keys that are not 20 bytes", len(batch) - len(group)
                 )
-            await self._announce_pacer.acquire(len(group))
+            await asyncio.sleep(self._announce_pacer.reserve(len(group), time.monotonic()))
             await self.announce(group)
             done += len(group)
         self.counters.reannounce_passes += 1
@@ -1715,7 +1715,7 @@ class DhtNode:
         protocol = self.protocol
         for newcomer, records in outgoing.items():
             for batch in split_into_batches(records):
-                await self._push_pacer.acquire()
+                await asyncio.sleep(self._push_pacer.reserve(1, time.monotonic()))
                 reply = await protocol.call_contact(
                     newcomer, "add_providers", [protocol.header, [r.to_wire() for r in batch]]
                 )

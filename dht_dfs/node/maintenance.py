@@ -136,11 +136,11 @@ class Maintainer:
         for chunk_id in await self._stored_ids():
             batch.append(chunk_id)
             if len(batch) >= _BATCH:
-                await pacer.acquire(len(batch))
+                await asyncio.sleep(pacer.reserve(len(batch), time.monotonic()))
                 stats.merge(await self._repair_batch(batch, leaving=False))
                 batch = []
         if batch:
-            await pacer.acquire(len(batch))
+            await asyncio.sleep(pacer.reserve(len(batch), time.monotonic()))
             stats.merge(await self._repair_batch(batch, leaving=False))
         clean = not (stats.copies_added or stats.under_replicated or stats.errors)
         # Remember the membership only after a pass with nothing left to do.

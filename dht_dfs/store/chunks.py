@@ -43,10 +43,6 @@ CREATE TABLE IF NOT EXISTS chunks (
     verified REAL NOT NULL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_verified ON chunks (verified);
-CREATE TABLE IF NOT EXISTS pins (
-    root BLOB PRIMARY KEY,
-    added REAL NOT NULL
-) WITHOUT ROWID;
 """
 
 _HEX = frozenset("0123456789abcdef")
@@ -384,19 +380,3 @@ class ChunkStore:
                 self.delete(chunk_id)
                 corrupt.append(chunk_id)
         return ScrubReport(checked, bytes_checked, tuple(corrupt), tuple(missing))
-
-    # --- pins -------------------------------------------------------------------------
-
-    def pin(self, root: ChunkId) -> None:
-        with self._lock:
-            self.db.execute(
-                "INSERT OR IGNORE INTO pins (root, added) VALUES (?, ?)", (root.digest, time.time())
-            )
-
-    def unpin(self, root: ChunkId) -> bool:
-        with self._lock:
-            return self.db.execute("DELETE FROM pins WHERE root = ?", (root.digest,)).rowcount > 0
-
-    def pinned(self) -> list[ChunkId]:
-        with self._lock:
-            return [ChunkId(r[0]) for r in self.db.execute("SELECT root FROM pins ORDER BY added")]

@@ -123,13 +123,3 @@ def test_concurrent_puts_of_the_same_chunk_count_once(tmp_path: Path) -> None:
         assert PutOutcome.STORED in outcomes
         assert store.stats().chunks == 1
         assert store.stats().bytes_used == len(data)
-
-
-def test_pins(tmp_path: Path) -> None:
-    with ChunkStore(tmp_path) as store:
-        root = chunk()[0]
-        store.pin(root)
-        store.pin(root)
-        assert store.pinned() == [root]
-        assert store.unpin(root)
-        assert store.pinned() == []
