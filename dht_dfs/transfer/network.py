@@ -64,7 +64,7 @@ from dht_dfs.transfer.engine import (
     walk_public,
 )
 from dht_dfs.transport.endpoint import Endpoint, PeerAddress, PeerConnection
-from dht_dfs.wire.protocol import StoreStatus
+from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)
 

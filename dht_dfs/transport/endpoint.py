@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from dht_dfs import wire
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import (
@@ -42,7 +43,6 @@ from dht_dfs.core.errors import (
     RequestTimeoutError,
 )
 from dht_dfs.core.ids import ChunkId, NodeId
-from dht_dfs.wire import protocol as wire
 
 log = logging.getLogger(__name__)
 

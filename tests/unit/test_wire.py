@@ -15,10 +15,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from dht_dfs import wire
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.core.ids import ChunkId
-from dht_dfs.wire import protocol as wire
 
 ALICE = Identity.generate()
 BOB = Identity.generate()
