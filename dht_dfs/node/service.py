@@ -17,7 +17,7 @@ from typing import TypeVar
 from dht_dfs.core.errors import IntegrityError, StoreError, StoreFullError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.store.chunks import ChunkStore, PutOutcome
-from dht_dfs.transport.endpoint import ChunkBody, FileBody
+from dht_dfs.transport.buffers import ChunkBody, FileBody
 from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)

@@ -1,0 +1,481 @@
+"""One authenticated TCP connection to a peer: asyncio glue around ``wire.Connection``.
+
+Owns one socket's flow control, request/response matching, timeouts and the
+serving of requests that arrive on it (a connection is both client and
+server). Flow control: writes wait while the kernel and asyncio buffers are
+above their high-water mark (``pause_writing``); requests beyond
+``max_concurrent_requests`` in progress stay parsed but unhandled in the
+wire state machine, and reading pauses until a handler finishes, so the
+limit holds before any handler starts, however many requests one read
+brought.
+
+Serving chunks: on connections this node accepted, a stored chunk file goes
+out with ``loop.sendfile`` (zero copy). asyncio pauses reading during a
+sendfile, so two peers doing it to each other on one connection could both
+stall with full buffers; only the accepting side ever uses sendfile, which
+rules that out. The initiating side sends chunk bytes with plain writes.
+
+Must not import: dht, store, transfer, node. The pool of connections is the
+``ConnectionOwner`` (the endpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import logging
+import os
+import time
+from typing import Protocol
+
+from dht_dfs import wire
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import (
+    HandshakeError,
+    LocalProtocolError,
+    PeerRefusedError,
+    PeerUnavailableError,
+    RemoteProtocolError,
+    RequestTimeoutError,
+)
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.transport.buffers import BufferPool, ChunkBody, FileBody
+
+log = logging.getLogger(__name__)
+
+_RECEIVE_BUFFER = 256 * 1024
+_DIRECT_RECEIVE_MIN = 16 * 1024
+_WRITE_HIGH_WATER = 4 * 1024 * 1024
+
+
+class RequestHandler(Protocol):
+    """What a node does with requests that arrive on any connection."""
+
+    async def handle_store(
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
+    ) -> tuple[wire.StoreStatus, bytes]:
+        """Keep a chunk (verify it first); return the status and a receipt."""
+
+    async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
+        """The chunk's bytes or file, or None if this node lacks it."""
+
+    async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
+        """Which of these chunks this node holds."""
+
+
+class ConnectionOwner(Protocol):
+    """What a connection needs of the pool it belongs to (the endpoint)."""
+
+    config: Config
+    identity: Identity
+    limits: wire.Limits
+    client_mode: bool
+    buffers: BufferPool
+    handler: RequestHandler | None
+
+    def adopt(self, connection: PeerConnection) -> None:
+        """A socket connected; may abort it (too many connections)."""
+
+    def release(self, connection: PeerConnection) -> None:
+        """The socket is gone."""
+
+    def authenticated(self, connection: PeerConnection) -> None:
+        """The handshake proved the peer's id; the connection may be pooled."""
+
+
+class PeerConnection(asyncio.BufferedProtocol):
+    """One authenticated TCP connection to a peer."""
+
+    def __init__(
+        self, endpoint: ConnectionOwner, role: wire.Role, expected_peer: NodeId | None
+    ) -> None:
+        self._endpoint = endpoint
+        self.accepted = role is wire.Role.RESPONDER
+        self._config = endpoint.config
+        self.wire = wire.Connection(
+            role,
+            endpoint.identity,
+            expected_peer=expected_peer,
+            limits=endpoint.limits,
+            client_mode=endpoint.client_mode,
+            allocate=endpoint.buffers.take,
+        )
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self.handshake: asyncio.Future[wire.HandshakeComplete] = loop.create_future()
+        self.closed: asyncio.Future[None] = loop.create_future()
+        self._transport: asyncio.Transport | None = None
+        self._buffer = bytearray(_RECEIVE_BUFFER)
+        self._direct = False
+        self._pending: dict[int, asyncio.Future[wire.Response]] = {}
+        self._next_request_id = 1
+        self._send_lock = asyncio.Lock()
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._serving: set[asyncio.Task[None]] = set()
+        self._reading_paused = False
+        self.peer_label = "?"
+        self.last_used = time.monotonic()
+        self._handshake_timer: asyncio.TimerHandle | None = None
+
+    # --- asyncio callbacks ----------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._transport = transport
+        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        peer = transport.get_extra_info("peername")
+        if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer_label = f"{peer[0]}:{peer[1]}"
+        self._handshake_timer = self._loop.call_later(
+            self._config.handshake_timeout, self._handshake_timed_out
+        )
+        self._endpoint.adopt(self)
+        self._flush_wire()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        # Chunk bodies go straight from the kernel into their final buffer.
+        direct = self.wire.bulk_buffer()
+        if direct is not None and len(direct) >= _DIRECT_RECEIVE_MIN:
+            self._direct = True
+            return direct
+        self._direct = False
+        return memoryview(self._buffer)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.last_used = time.monotonic()
+        try:
+            if self._direct:
+                self.wire.bulk_received(nbytes)
+            else:
+                self.wire.receive_data(memoryview(self._buffer)[:nbytes])
+            self._flush_wire()
+            self._handle_events()
+        except RemoteProtocolError as error:
+            self._flush_wire()  # e.g. a version-mismatch error frame for the peer
+            self.abort(f"protocol error: {error}")
+
+    def eof_received(self) -> bool:
+        self.abort("peer closed the connection", level=logging.DEBUG)
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._handshake_timer is not None:
+            self._handshake_timer.cancel()
+        reason = f"connection to {self.peer_label} lost" + (f": {exc}" if exc else "")
+        if not self.handshake.done():
+            self.handshake.set_exception(PeerUnavailableError(reason))
+            self.handshake.exception()  # retrieved: a failed connect reports it itself
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(PeerUnavailableError(reason))
+        self._pending.clear()
+        for task in self._serving:
+            task.cancel()
+        self._can_write.set()
+        self.wire.close()
+        if not self.closed.done():
+            self.closed.set_result(None)
+        self._endpoint.release(self)
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # --- state ------------------------------------------------------------------------
+
+    @property
+    def is_open(self) -> bool:
+        return (
+            self._transport is not None
+            and not self._transport.is_closing()
+            and self.handshake.done()
+            and not self.handshake.cancelled()
+            and self.handshake.exception() is None
+        )
+
+    @property
+    def peer_id(self) -> NodeId | None:
+        return self.wire.peer_id
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._pending)
+
+    def abort(self, reason: str, *, level: int = logging.WARNING) -> None:
+        """Close this connection now (pending requests fail)."""
+        if self._transport is None or self._transport.is_closing():
+            return
+        log.log(level, "closing connection with %s: %s", self.peer_label, reason)
+        if not self.handshake.done():
+            self.handshake.set_exception(HandshakeError(f"{self.peer_label}: {reason}"))
+            self.handshake.exception()
+        self._transport.close()
+
+    def _handshake_timed_out(self) -> None:
+        if not self.handshake.done():
+            self.abort(f"no handshake within {self._config.handshake_timeout:g} s")
+
+    def _flush_wire(self) -> None:
+        data = self.wire.data_to_send()
+        if data and self._transport is not None and not self._transport.is_closing():
+            self._transport.write(data)
+
+    # --- events -------------------------------------------------------------------------
+
+    def _handle_event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.HandshakeComplete):
+            if self._handshake_timer is not None:
+                self._handshake_timer.cancel()
+            self.peer_label = f"{self.peer_label} ({event.peer_id})"
+            if not self.handshake.done():
+                self.handshake.set_result(event)
+            self._endpoint.authenticated(self)
+            return
+        if isinstance(event, wire.REQUEST_TYPES):
+            self._serve(event)
+            return
+        future = self._pending.pop(event.request_id, None)
+        if future is None:
+            # A late answer to a request that timed out; its body was consumed.
+            log.debug(
+                "dropping answer to unknown request %d from %s", event.request_id, self.peer_label
+            )
+            return
+        if not future.done():
+            future.set_result(event)
+
+    def _handle_events(self) -> None:
+        """Take parsed events from the wire while this connection may serve more.
+
+        At ``max_concurrent_requests`` handlers in progress the rest stay
+        queued in the wire state machine (at most one read's worth) and
+        reading pauses; each finished handler takes the next one.
+        """
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        limit = self._config.max_concurrent_requests
+        while len(self._serving) < limit:
+            event = self.wire.next_event()
+            if isinstance(event, wire.NeedData):
+                if self._reading_paused:
+                    self._reading_paused = False
+                    transport.resume_reading()
+                return
+            self._handle_event(event)
+        if not self._reading_paused:
+            self._reading_paused = True
+            transport.pause_reading()
+
+    def _serve(self, request: wire.Request) -> None:
+        task = self._loop.create_task(self._answer(request))
+        self._serving.add(task)
+        task.add_done_callback(self._served)
+
+    def _served(self, task: asyncio.Task[None]) -> None:
+        self._serving.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error(
+                "serving a request from %s failed", self.peer_label, exc_info=task.exception()
+            )
+        if self._reading_paused:
+            self._handle_events()
+
+    async def _answer(self, request: wire.Request) -> None:
+        handler = self._endpoint.handler
+        peer = self.wire.peer_id
+        assert peer is not None
+        try:
+            if isinstance(request, wire.Ping):
+                await self._send(wire.Pong(request.request_id, request.nonce))
+            elif handler is None:
+                await self._send(
+                    wire.ErrorReply(
+                        request.request_id,
+                        wire.ErrorCode.BAD_REQUEST,
+                        "this endpoint serves no chunks",
+                    )
+                )
+            elif isinstance(request, wire.StoreChunk):
+                status, receipt = await handler.handle_store(peer, request.chunk_id, request.body)
+                await self._send(
+                    wire.StoreResult(request.request_id, request.chunk_id, status, receipt)
+                )
+            elif isinstance(request, wire.GetChunk):
+                body = await handler.handle_get(peer, request.chunk_id)
+                if body is None:
+                    await self._send(wire.ChunkMissing(request.request_id, request.chunk_id))
+                else:
+                    await self._send_chunk(request.request_id, request.chunk_id, body)
+            else:
+                held = await handler.handle_have(peer, request.chunk_ids)
+                await self._send(wire.HaveAnswer(request.request_id, tuple(held)))
+        except (PeerUnavailableError, ConnectionError):
+            pass  # the connection went away while we answered
+        except Exception as error:
+            log.exception("answering %s from %s failed", type(request).__name__, self.peer_label)
+            with contextlib.suppress(PeerUnavailableError, ConnectionError, LocalProtocolError):
+                await self._send(
+                    wire.ErrorReply(
+                        request.request_id,
+                        wire.ErrorCode.INTERNAL,
+                        f"internal error: {type(error).__name__}",
+                    )
+                )
+
+    # --- sending ------------------------------------------------------------------------
+
+    def _open_transport(self) -> asyncio.Transport:
+        transport = self._transport
+        if transport is None or transport.is_closing() or self.wire.state is not wire.State.OPEN:
+            raise PeerUnavailableError(f"connection to {self.peer_label} is closed")
+        return transport
+
+    async def _send(
+        self, message: wire.Message, body: bytes | bytearray | memoryview | None = None
+    ) -> None:
+        # Sealing consumes the next nonce counter, so seal and write under the
+        # lock with no await in between: frames leave in counter order, and a
+        # request cancelled while it waits for the lock consumes nothing.
+        async with self._send_lock:
+            transport = self._open_transport()
+            transport.write(self.wire.send(message))
+            if body is not None:
+                transport.write(body)
+        await self._can_write.wait()
+
+    async def _send_chunk(self, request_id: int, chunk_id: ChunkId, body: ChunkBody) -> None:
+        if isinstance(body, bytes):
+            await self._send(wire.ChunkData(request_id, chunk_id, len(body)), body)
+            return
+        try:
+            if not self.accepted:
+                data = await asyncio.to_thread(_read_fd, body.fd, body.size)
+                await self._send(wire.ChunkData(request_id, chunk_id, len(data)), data)
+                return
+            async with self._send_lock:
+                transport = self._open_transport()
+                transport.write(self.wire.send(wire.ChunkData(request_id, chunk_id, body.size)))
+                try:
+                    sent = self._try_sendfile_now(transport, body)
+                    if sent < body.size:
+                        with io.FileIO(body.fd, "rb", closefd=False) as handle:
+                            await self._loop.sendfile(transport, handle, sent, body.size - sent)
+                except BaseException:
+                    # A frame header went out without all of its body: the
+                    # stream can no longer be parsed, so end the connection.
+                    self.abort("sending a chunk was interrupted", level=logging.INFO)
+                    raise
+                if self._reading_paused and not transport.is_closing():
+                    transport.pause_reading()  # sendfile resumed it; our limit still holds
+            await self._can_write.wait()
+        finally:
+            os.close(body.fd)
+
+    @staticmethod
+    def _try_sendfile_now(transport: asyncio.Transport, body: FileBody) -> int:
+        """Send what the socket takes right now; the rest goes through loop.sendfile.
+
+        Safe only with nothing queued in the transport (then asyncio has no
+        writer registered and would write straight to the socket itself).
+        Saves the loop.sendfile machinery for chunks that fit the socket
+        buffer, which is most of them on a fast link.
+        """
+        if transport.get_write_buffer_size() != 0:
+            return 0
+        sock = transport.get_extra_info("socket")
+        if sock is None:
+            return 0
+        try:
+            return os.sendfile(sock.fileno(), body.fd, 0, body.size)
+        except (BlockingIOError, InterruptedError):
+            return 0
+        except OSError:
+            return 0  # let loop.sendfile meet (and report) the same error
+
+    async def request(self, message: wire.Request, *, within: float | None = None) -> wire.Response:
+        """Send a request and wait for its answer (``within`` seconds at most)."""
+        return await self._request(message, None, within)
+
+    async def _request(
+        self,
+        message: wire.Request,
+        body: bytes | bytearray | memoryview | None,
+        within: float | None = None,
+    ) -> wire.Response:
+        timeout = self._config.request_timeout if within is None else within
+        request_id = message.request_id
+        future: asyncio.Future[wire.Response] = self._loop.create_future()
+        self._pending[request_id] = future
+        self.last_used = time.monotonic()
+        try:
+            async with asyncio.timeout(timeout):
+                await self._send(message, body)
+                return await future
+        except TimeoutError:
+            raise RequestTimeoutError(
+                f"{self.peer_label} did not answer {type(message).__name__} within {timeout:g} s"
+            ) from None
+        finally:
+            self._pending.pop(request_id, None)
+
+    def new_request_id(self) -> int:
+        request_id = self._next_request_id
+        self._next_request_id = request_id + 1 if request_id < wire.MAX_REQUEST_ID else 1
+        return request_id
+
+    # --- typed client calls ---------------------------------------------------------------
+
+    async def ping(self) -> float:
+        """Round-trip time in seconds."""
+        nonce = os.urandom(8)
+        started = time.perf_counter()
+        answer = await self.request(wire.Ping(self.new_request_id(), nonce))
+        if not isinstance(answer, wire.Pong) or answer.nonce != nonce:
+            raise PeerRefusedError(f"{self.peer_label} answered a ping with {answer!r}")
+        return time.perf_counter() - started
+
+    async def store(
+        self, chunk_id: ChunkId, data: bytes | bytearray | memoryview
+    ) -> wire.StoreResult:
+        message = wire.StoreChunk(self.new_request_id(), chunk_id, len(data))
+        answer = await self._request(message, data)
+        if isinstance(answer, wire.StoreResult) and answer.chunk_id == chunk_id:
+            return answer
+        raise _unexpected(self.peer_label, "STORE", answer)
+
+    async def get(self, chunk_id: ChunkId) -> bytes | bytearray | None:
+        """The peer's copy of a chunk (unverified), or None if it lacks it."""
+        answer = await self.request(wire.GetChunk(self.new_request_id(), chunk_id))
+        if isinstance(answer, wire.ChunkData) and answer.chunk_id == chunk_id:
+            return answer.body
+        if isinstance(answer, wire.ChunkMissing) and answer.chunk_id == chunk_id:
+            return None
+        raise _unexpected(self.peer_label, "GET", answer)
+
+    async def have(self, chunk_ids: list[ChunkId]) -> list[bool]:
+        """Which of the ids the peer holds (any number; sent in batches)."""
+        limit = self.wire.limits.max_have_ids
+        held: list[bool] = []
+        for start in range(0, len(chunk_ids), limit):
+            batch = tuple(chunk_ids[start : start + limit])
+            answer = await self.request(wire.HaveQuery(self.new_request_id(), batch))
+            if not isinstance(answer, wire.HaveAnswer) or len(answer.held) != len(batch):
+                raise _unexpected(self.peer_label, "HAVE", answer)
+            held.extend(answer.held)
+        return held
+
+
+def _read_fd(fd: int, size: int) -> bytes:
+    return os.pread(fd, size, 0)
+
+
+def _unexpected(label: str, what: str, answer: wire.Response) -> Exception:
+    if isinstance(answer, wire.ErrorReply):
+        return PeerRefusedError(f"{label} refused {what}: {answer.message}", int(answer.code))
+    return PeerRefusedError(f"{label} answered {what} with {type(answer).__name__}")
