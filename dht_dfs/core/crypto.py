@@ -1,6 +1,6 @@
 """Keys, chunk encryption and signatures. No I/O, no asyncio.
 
-Chunk encryption is convergent (DESIGN property 2): the key of a chunk is a
+Chunk encryption is convergent: the key of a chunk is a
 keyed BLAKE2b of the convergence secret and the SHA-256 of the plaintext, so
 equal plaintext under the same secret gives equal ciphertext, and therefore
 the same chunk id, and is stored once. The nonce is derived from the key;
@@ -8,10 +8,10 @@ that is safe because a key only ever encrypts the one plaintext it was
 derived from.
 
 The cipher is AEGIS-256 from libsodium (through PyNaCl). Measured on this
-project's 2-core machine (1 MiB buffers, ``bench/crypto.py``): AEGIS-256
-decrypts at ~4.9 GB/s against ~1.3 GB/s for XSalsa20-Poly1305 (SecretBox);
-with SHA-256 of the ciphertext, one core verifies and opens a chunk at
-~1.2 GB/s against ~0.7 GB/s. Fetch is CPU-bound, so this is the difference
+project's 2-core machine (1 MiB buffers, ``python -m bench.crypto``):
+AEGIS-256 decrypts at ~5 GB/s against ~1.1 GB/s for XSalsa20-Poly1305
+(SecretBox); with SHA-256 of the ciphertext, one core verifies and opens a
+chunk at ~1.2 GB/s against ~0.6 GB/s. Fetch is CPU-bound, so this is the difference
 that matters. Its 256-bit tag also makes a stored chunk 32 bytes longer than
 its plaintext.
 
