@@ -88,8 +88,9 @@ class Endpoint:
     async def close(self) -> None:
         if self._janitor is not None:
             self._janitor.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._janitor
+            # wait() never raises the janitor's CancelledError, and still
+            # raises ours if close() itself is cancelled.
+            await asyncio.wait([self._janitor])
         if self._server is not None:
             self._server.close()
         connections = list(self._connections)
