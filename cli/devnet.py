@@ -194,9 +194,13 @@ def ports_free(base: int, count: int) -> bool:
 
 
 def find_free_ports(count: int, attempts: int = 50) -> int:
-    """A base port with ``count`` consecutive free TCP+UDP ports on 127.0.0.1."""
+    """A base port with ``count`` consecutive free TCP+UDP ports on 127.0.0.1.
+
+    Below 32768: above it the kernel hands out ephemeral ports, which could
+    take a node's port between this probe and its bind.
+    """
     for _ in range(attempts):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(20000, 32768 - count)
         if ports_free(base, count):
             return base
     raise DhtfsError(f"found no {count} consecutive free ports")
