@@ -1,20 +1,18 @@
-"""Hosts in network namespaces, and the child processes run on them.
+"""Hosts in network namespaces for the benchmarks (bench.wan).
 
-Shared by bench.wan and the multi-host and CLI tests. Each host is a
-namespace with one address on a bridge that lives in a namespace of its
-own, so this machine's own network is never touched; links can be capped
-with ``tc tbf``. Needs root and iproute2.
+Each host is a namespace with one address on a bridge that lives in a
+namespace of its own, so this machine's own network is never touched;
+links can be capped with ``tc tbf``. Processes run on a host behind
+``Hosts.command(host)``, a prefix the library's process supervisor takes.
+Needs root and iproute2. (The tests keep their own copy, without link
+shaping, in tests/support/hosts.py: tests do not import bench/.)
 """
 
 from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
-import threading
-from collections.abc import Iterable
-from typing import IO
 
 
 def ip(*args: str) -> None:
@@ -105,44 +103,3 @@ def _tbf(namespace: str, device: str, mbit: float) -> None:
         capture_output=True,
         timeout=30,
     )
-
-
-def read_until(stream: IO[str], text: str, timeout: float) -> list[str]:
-    """Lines of ``stream`` up to the first that contains ``text``, at most ``timeout`` s.
-
-    ``text=""`` reads one line. Raises TimeoutError with what was read when no
-    such line comes in time, or the stream ends first.
-    """
-    lines: list[str] = []
-    found = threading.Event()
-
-    def reader() -> None:
-        for line in stream:
-            lines.append(line.rstrip("\n"))
-            if text in line:
-                found.set()
-                return
-
-    threading.Thread(target=reader, daemon=True).start()
-    if not found.wait(timeout):
-        raise TimeoutError(f"no line with {text!r} within {timeout} s: {lines[-5:]}")
-    return lines
-
-
-def stop(
-    processes: Iterable[subprocess.Popen[str]], signum: int = signal.SIGTERM, grace: float = 60
-) -> None:
-    """Signal the processes still running, wait ``grace`` s each, kill what stays; close pipes."""
-    processes = list(processes)
-    for process in processes:
-        if process.poll() is None:
-            process.send_signal(signum)
-    for process in processes:
-        try:
-            process.wait(timeout=grace)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-        for stream in (process.stdout, process.stderr):
-            if stream is not None:
-                stream.close()

@@ -28,8 +28,8 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,9 +103,12 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
                 await loop.sock_sendfile(connection, handle)
 
     raw_task = loop.create_task(raw_server())
+    stop = asyncio.Event()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
     print(
         json.dumps(
             {
+                "event": "ready",
                 "port": port,
                 "raw_port": raw.getsockname()[1],
                 "node_id": identity.node_id.hex(),
@@ -115,7 +118,7 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
         ),
         flush=True,
     )
-    await loop.run_in_executor(None, sys.stdin.read)  # until the client closes our stdin
+    await stop.wait()  # the supervisor's SIGTERM
     raw_task.cancel()
     await endpoint.close()
     store.close()
@@ -177,6 +180,65 @@ async def over_dhtfs(
     await endpoint.close()
 
 
+async def run_client(
+    args: argparse.Namespace, count: int, chunk_size: int
+) -> dict[str, list[dict[str, float]]]:
+    """Rounds against a server process; returns the samples of each mode."""
+    from dht_dfs.node.processes import Supervisor
+
+    scratch = Path(tempfile.mkdtemp(prefix="dhtfs-bench-transport-"))
+    command = [
+        sys.executable,
+        "-m",
+        "bench.transport",
+        "--serve",
+        str(scratch),
+        "--size-mib",
+        str(args.size_mib),
+        "--chunk-mib",
+        str(args.chunk_mib),
+    ]
+    if args.encrypt_bulk:
+        command.append("--encrypt-bulk")
+    total = count * chunk_size
+    modes = ["raw", "get"] + ([] if args.no_store else ["store"])
+    samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+    # Writing the chunks and the flat file comes before the ready line.
+    async with Supervisor(ready_timeout=600, grace=30) as supervisor:
+        try:
+            server = await supervisor.start(command, name="transport server")
+            info = server.ready
+            for _ in range(args.rounds):
+                for mode in modes:
+                    payloads: dict[int, bytes] = {}
+                    if mode == "store":
+                        with open(scratch / "flat.bin", "rb") as flat:
+                            payloads = {i: flat.read(chunk_size) for i in range(count)}
+                    wall0, mine0, theirs0 = time.perf_counter(), own_cpu(), cpu_of(server.pid)
+                    if mode == "raw":
+                        await asyncio.to_thread(raw_copy, int(info["raw_port"]), total)
+                    else:
+                        await over_dhtfs(info, args.window, mode, args.encrypt_bulk, payloads)
+                    wall = time.perf_counter() - wall0
+                    samples[mode].append(
+                        {
+                            "seconds": wall,
+                            "mb_s": total / 1e6 / wall,
+                            "client_cpu_s_per_gib": (own_cpu() - mine0) * (1 << 30) / total,
+                            "server_cpu_s_per_gib": (cpu_of(server.pid) - theirs0)
+                            * (1 << 30)
+                            / total,
+                        }
+                    )
+                    if mode == "store":
+                        shutil.rmtree(scratch / "uploads" / "chunks", ignore_errors=True)
+                        os.sync()
+        finally:
+            await supervisor.stop()
+            shutil.rmtree(scratch, ignore_errors=True)
+    return samples
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size-mib", type=int, default=1024)
@@ -193,56 +255,7 @@ def main() -> None:
         asyncio.run(serve(Path(args.serve), count, chunk_size, args.encrypt_bulk))
         return
 
-    scratch = Path(tempfile.mkdtemp(prefix="dhtfs-bench-transport-"))
-    command = [
-        sys.executable,
-        "-m",
-        "bench.transport",
-        "--serve",
-        str(scratch),
-        "--size-mib",
-        str(args.size_mib),
-        "--chunk-mib",
-        str(args.chunk_mib),
-    ]
-    if args.encrypt_bulk:
-        command.append("--encrypt-bulk")
-    server = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        assert server.stdout is not None
-        info = json.loads(server.stdout.readline())
-        total = count * chunk_size
-        modes = ["raw", "get"] + ([] if args.no_store else ["store"])
-        samples: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
-        for _ in range(args.rounds):
-            for mode in modes:
-                payloads: dict[int, bytes] = {}
-                if mode == "store":
-                    with open(scratch / "flat.bin", "rb") as flat:
-                        payloads = {i: flat.read(chunk_size) for i in range(count)}
-                wall0, mine0, theirs0 = time.perf_counter(), own_cpu(), cpu_of(server.pid)
-                if mode == "raw":
-                    raw_copy(int(info["raw_port"]), total)
-                else:
-                    asyncio.run(over_dhtfs(info, args.window, mode, args.encrypt_bulk, payloads))
-                wall = time.perf_counter() - wall0
-                samples[mode].append(
-                    {
-                        "seconds": wall,
-                        "mb_s": total / 1e6 / wall,
-                        "client_cpu_s_per_gib": (own_cpu() - mine0) * (1 << 30) / total,
-                        "server_cpu_s_per_gib": (cpu_of(server.pid) - theirs0) * (1 << 30) / total,
-                    }
-                )
-                if mode == "store":
-                    shutil.rmtree(scratch / "uploads" / "chunks", ignore_errors=True)
-                    subprocess.run(["sync"], check=False)
-    finally:
-        if server.stdin:
-            server.stdin.close()
-        server.wait(timeout=30)
-        shutil.rmtree(scratch, ignore_errors=True)
-
+    samples = asyncio.run(run_client(args, count, chunk_size))
     summary = {
         mode: {key: round(median([s[key] for s in rows]), 3) for key in rows[0]}
         for mode, rows in samples.items()

@@ -27,9 +27,9 @@ Needs root and iproute2 (ip, tc). Writes bench/results/wan.json.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +37,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import MiB, make_file, median, save
-from bench.hosts import Hosts, read_until, stop, unavailable
+from bench.hosts import Hosts, unavailable
+from dht_dfs.node.processes import Supervisor, dhtfs_command, join_command
 
 ROOT = Path(__file__).resolve().parent.parent
 NODES = 5
@@ -45,68 +46,120 @@ PORT = 4000
 RAW_PORT = 5001
 
 
-def dhtfs(*args: str) -> list[str]:
-    return [sys.executable, "-m", "dhtfs_cli.main", *args]
-
-
-def read_json_line(process: subprocess.Popen[str], timeout: float = 60) -> dict[str, Any]:
-    assert process.stdout is not None
-    document: dict[str, Any] = json.loads(read_until(process.stdout, "", timeout)[-1])
-    return document
-
-
-def run_json(command: list[str]) -> dict[str, Any]:
-    done = subprocess.run(
-        command, check=False, capture_output=True, text=True, timeout=600, cwd=ROOT
+async def run(command: list[str], *, deadline: float = 600) -> str:
+    """Run a command to its end; its stdout (a failure exits the benchmark)."""
+    process = await asyncio.create_subprocess_exec(
+        *command,
+        cwd=ROOT,
+        stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
     )
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command[4:7])} failed: {done.stderr.strip()[-500:]}")
-    document: dict[str, Any] = json.loads(done.stdout)
+    try:
+        stdout, stderr = await asyncio.wait_for(process.communicate(), deadline)
+    except BaseException:
+        process.kill()
+        await process.wait()
+        raise
+    if process.returncode != 0:
+        raise SystemExit(f"{' '.join(command[4:7])} failed: {stderr.decode().strip()[-500:]}")
+    return stdout.decode()
+
+
+async def run_json(command: list[str]) -> dict[str, Any]:
+    document: dict[str, Any] = json.loads(await run(command))
     return document
 
 
-def raw_copy(hosts: Hosts, sender: int, receivers: list[int], source: Path, out: Path) -> float:
-    """Seconds until the slowest receiver has the whole file fsynced."""
-    listening: list[tuple[subprocess.Popen[str], Path]] = []
+async def raw_copy(
+    supervisor: Supervisor, hosts: Hosts, sender: int, receivers: list[int], *, source: Path
+) -> float:
+    """Seconds until the slowest receiver has the whole file fsynced (next to ``source``)."""
+    size = source.stat().st_size  # noqa: ASYNC240 (a benchmark's scratch file, in RAM)
+    out = source.with_name("raw.bin")
+    listening = []
     try:
         for index, host in enumerate(receivers):
             target = out.with_name(f"{out.name}.{index}")
-            process = subprocess.Popen(
-                hosts.command(
-                    host,
-                    sys.executable,
-                    "-m",
-                    "bench.rawcopy",
-                    "receive",
-                    str(RAW_PORT),
-                    str(target),
-                ),
-                stdout=subprocess.PIPE,
-                text=True,
+            # Ready once it prints {"listening": port}.
+            receiver = await supervisor.start(
+                [sys.executable, "-m", "bench.rawcopy", "receive", str(RAW_PORT), str(target)],
+                name=f"raw receiver on host {host}",
+                prefix=hosts.command(host),
                 cwd=ROOT,
             )
-            listening.append((process, target))
-            read_json_line(process)  # {"listening": port}
+            listening.append((receiver, target))
         addresses = [f"{hosts.addresses[h]}:{RAW_PORT}" for h in receivers]
-        subprocess.run(
+        await run(
             hosts.command(sender, sys.executable, "-m", "bench.rawcopy", "send", str(source))
-            + addresses,
-            check=True,
-            timeout=600,
-            cwd=ROOT,
+            + addresses
         )
         seconds = 0.0
-        for process, _ in listening:
-            result = read_json_line(process, 600)  # as long as the send may take
-            if result["bytes"] != source.stat().st_size:
+        for receiver, _ in listening:
+            result = await receiver.read_json(600)  # as long as the send may take
+            if result["bytes"] != size:
                 raise SystemExit("raw copy lost bytes")
             seconds = max(seconds, float(result["seconds"]))
         return seconds
     finally:
         # Receivers have exited after their result; after a failure, end them.
-        stop((process for process, _ in listening), grace=5)
+        await supervisor.stop([receiver for receiver, _ in listening], grace=5)
         for _, target in listening:
             target.unlink(missing_ok=True)
+
+
+async def measure(args: argparse.Namespace, hosts: Hosts, scratch: Path) -> dict[str, list[float]]:
+    client = NODES
+    samples: dict[str, list[float]] = {"raw": [], "fetch": [], "raw3": [], "publish": []}
+    async with Supervisor() as supervisor:
+        first = f"{hosts.addresses[0]}:{PORT}"
+        for index in range(NODES):
+            await supervisor.start(
+                join_command(
+                    scratch / f"node-{index}",
+                    port=PORT,
+                    host=None,
+                    bootstrap=[first] if index else [],
+                    extra=["--repair-interval", "0"],
+                ),
+                name=f"node {index}",
+                log_path=scratch / f"node-{index}.log",
+                prefix=hosts.command(index),
+                cwd=ROOT,
+            )
+        size = args.size * MiB
+        dhtfs = dhtfs_command()
+        for round_number in range(args.rounds):
+            source = make_file(scratch / f"in-{round_number}.bin", size)
+            out = scratch / "out.bin"
+            sender = 1 + round_number % (NODES - 1)
+            samples["raw"].append(
+                await raw_copy(supervisor, hosts, sender, [client], source=source)
+            )
+            samples["raw3"].append(
+                await raw_copy(supervisor, hosts, client, [1, 2, 3], source=source)
+            )
+            published = await run_json(
+                hosts.command(
+                    client, *dhtfs, "publish", str(source), "--json", "--bootstrap", first
+                )
+            )
+            samples["publish"].append(float(published["seconds"]))
+            fetched = await run_json(
+                hosts.command(
+                    client,
+                    *dhtfs,
+                    *("fetch", published["reference"], "--json", "-o", str(out)),
+                    *("--bootstrap", first),
+                )
+            )
+            if fetched["size"] != size:
+                raise SystemExit("fetch returned the wrong size")
+            samples["fetch"].append(float(fetched["seconds"]))
+            out.unlink()
+            source.unlink()
+            print(f"round {round_number + 1} done", file=sys.stderr)
+    return samples
 
 
 def main() -> None:
@@ -119,59 +172,17 @@ def main() -> None:
     reason = unavailable() or (None if shutil.which("tc") else "tc is not installed")
     if reason is not None:
         raise SystemExit(f"bench.wan: {reason}")
-    client = NODES
     hosts = Hosts(NODES + 1, "wan", 78)
     scratch = Path(tempfile.mkdtemp(prefix="dhtfs-bench-wan-", dir="/dev/shm"))
-    nodes: list[subprocess.Popen[str]] = []
-    samples: dict[str, list[float]] = {"raw": [], "fetch": [], "raw3": [], "publish": []}
     try:
         hosts.create()
         hosts.shape(args.uplink, args.downlink)
-        first = f"{hosts.addresses[0]}:{PORT}"
-        for index in range(NODES):
-            command = dhtfs("join", "--port", str(PORT), "--json", "--repair-interval", "0")
-            command += ["--data-dir", str(scratch / f"node-{index}")]
-            if index:
-                command += ["--bootstrap", first]
-            log = (scratch / f"node-{index}.log").open("w")
-            process = subprocess.Popen(
-                hosts.command(index, *command), stdout=subprocess.PIPE, stderr=log, text=True
-            )
-            log.close()
-            nodes.append(process)
-            read_json_line(process)
-        size = args.size * MiB
-        for round_number in range(args.rounds):
-            source = make_file(scratch / f"in-{round_number}.bin", size)
-            out = scratch / "out.bin"
-            seconds = raw_copy(hosts, 1 + round_number % (NODES - 1), [client], source, out)
-            samples["raw"].append(seconds)
-            seconds = raw_copy(hosts, client, [1, 2, 3], source, out)
-            samples["raw3"].append(seconds)
-            published = run_json(
-                hosts.command(
-                    client, *dhtfs("publish", str(source), "--json", "--bootstrap", first)
-                )
-            )
-            samples["publish"].append(float(published["seconds"]))
-            fetched = run_json(
-                hosts.command(
-                    client,
-                    *dhtfs("fetch", published["reference"], "--json", "-o", str(out)),
-                    *("--bootstrap", first),
-                )
-            )
-            if fetched["size"] != size:
-                raise SystemExit("fetch returned the wrong size")
-            samples["fetch"].append(float(fetched["seconds"]))
-            out.unlink()
-            source.unlink()
-            print(f"round {round_number + 1} done", file=sys.stderr)
+        samples = asyncio.run(measure(args, hosts, scratch))
     finally:
-        stop(nodes)
         hosts.destroy()
         shutil.rmtree(scratch, ignore_errors=True)
 
+    size = args.size * MiB
     rates = {mode: round(size / 1e6 / median(values), 1) for mode, values in samples.items()}
     link = f"{args.uplink:g} Mbit/s up, {args.downlink:g} Mbit/s down per host"
     print(f"{NODES} nodes + 1 client host, {link}; {args.size} MiB, {args.rounds} rounds, medians")

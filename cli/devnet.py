@@ -1,141 +1,101 @@
 """A whole network on this machine: ``dhtfs devnet`` and ``dhtfs demo``.
 
 Each node is a real ``dhtfs join`` process on 127.0.0.1 with its own data
-dir; the devnet starts node 0, then the rest bootstrapping from it, and
-waits for each to report ready on stdout (no polling). Nodes log to
-``DIR/node-N/node.log``. Stopping sends SIGTERM (a node then hands off its
-chunks), and SIGKILL only to a node that overstays its leave timeout.
+dir, run by the library's process ``Supervisor``: the devnet starts node 0,
+then the rest bootstrapping from it, and waits for each to report ready on
+stdout (no polling). Nodes log to ``DIR/node-N/node.log``. Stopping sends
+SIGTERM (a node then hands off its chunks), and SIGKILL only to a node that
+overstays its leave timeout.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-import json
 import os
 import random
 import shutil
 import signal
 import socket
-import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from dht_dfs.core.config import Config, format_size
-from dht_dfs.core.errors import ConfigError, DhtfsError
-from dht_dfs.node import control as api
-from dht_dfs.node.node import CONTROL_SOCKET
+from dht_dfs.core.errors import DhtfsError
+from dht_dfs.node.control import CONTROL_SOCKET
+from dht_dfs.node.operations import CheckRequest, FetchRequest, PublishRequest
+from dht_dfs.node.processes import ManagedProcess, Supervisor, join_command
+from dht_dfs.node.session import LocalNodeSession
+from dht_dfs.node.tasks import cancel_and_wait
 
 from . import output
 
 READY_TIMEOUT = 60.0
 
 
-@dataclass
+@dataclass(eq=False)
 class DevnetNode:
     index: int
     port: int
     data_dir: Path
-    process: asyncio.subprocess.Process
-    node_id: str = ""
+    process: ManagedProcess
 
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
     @property
+    def node_id(self) -> str:
+        return str(self.process.ready.get("node_id", ""))
+
+    @property
     def control(self) -> Path:
         return self.data_dir / CONTROL_SOCKET
+
+    @property
+    def session(self) -> LocalNodeSession:
+        return LocalNodeSession(self.data_dir)
 
 
 @dataclass
 class Devnet:
     directory: Path
+    supervisor: Supervisor
+    extra: list[str] = field(default_factory=list)
     nodes: list[DevnetNode] = field(default_factory=list)
 
-    async def stop(self, grace: float) -> None:
-        for node in self.nodes:
-            if node.process.returncode is None:
-                with contextlib.suppress(ProcessLookupError):
-                    node.process.send_signal(signal.SIGTERM)
-        for node in self.nodes:
-            try:
-                await asyncio.wait_for(node.process.wait(), grace)
-            except TimeoutError:
-                with contextlib.suppress(ProcessLookupError):
-                    node.process.kill()
-                await node.process.wait()
-
-
-def join_command(port: int, data_dir: Path, bootstrap: str | None, extra: list[str]) -> list[str]:
-    command = [
-        sys.executable,
-        "-m",
-        "dhtfs_cli.main",
-        "join",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--data-dir",
-        str(data_dir),
-        "--json",
-        *extra,
-    ]
-    if bootstrap:
-        command += ["--bootstrap", bootstrap]
-    return command
-
-
-async def start_node(
-    index: int, port: int, directory: Path, bootstrap: str | None, extra: list[str]
-) -> DevnetNode:
-    data_dir = directory / f"node-{index}"
-    data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    log_file = (data_dir / "node.log").open("ab")
-    try:
-        process = await asyncio.create_subprocess_exec(
-            *join_command(port, data_dir, bootstrap, extra),
-            stdout=asyncio.subprocess.PIPE,
-            stderr=log_file,
-            stdin=asyncio.subprocess.DEVNULL,
+    async def start_node(self, index: int, port: int, bootstrap: str | None) -> DevnetNode:
+        """Start node ``index`` (again, if it ran before: it rejoins through saved contacts)."""
+        data_dir = self.directory / f"node-{index}"
+        data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        process = await self.supervisor.start(
+            join_command(
+                data_dir, port=port, bootstrap=[bootstrap] if bootstrap else [], extra=self.extra
+            ),
+            name=f"node {index}",
+            log_path=data_dir / "node.log",
         )
-    finally:
-        log_file.close()
-    node = DevnetNode(index, port, data_dir, process)
-    assert process.stdout is not None
-    try:
-        line = await asyncio.wait_for(process.stdout.readline(), READY_TIMEOUT)
-    except TimeoutError:
-        process.kill()
-        await process.wait()
-        raise DhtfsError(
-            f"node {index} did not start within {READY_TIMEOUT:.0f} s; see {data_dir / 'node.log'}"
-        ) from None
-    try:
-        ready = json.loads(line)
-    except ValueError:
-        await process.wait()
-        tail = (data_dir / "node.log").read_text(errors="replace").strip().splitlines()[-1:]
-        raise DhtfsError(f"node {index} failed to start: {' '.join(tail) or 'no output'}") from None
-    node.node_id = str(ready.get("node_id", ""))
-    return node
+        node = DevnetNode(index, port, data_dir, process)
+        if index < len(self.nodes):
+            self.nodes[index] = node
+        return node
+
+    async def stop(self, grace: float) -> None:
+        await self.supervisor.stop(grace=grace)
 
 
 async def start_devnet(
-    count: int, base_port: int, directory: Path, extra: list[str] | None = None
+    count: int, base_port: int, directory: Path, extra: Sequence[str] = ()
 ) -> Devnet:
-    net = Devnet(directory)
-    extra = extra or []
+    net = Devnet(directory, Supervisor(ready_timeout=READY_TIMEOUT), list(extra))
     try:
-        net.nodes.append(await start_node(0, base_port, directory, None, extra))
+        net.nodes.append(await net.start_node(0, base_port, None))
         first = net.nodes[0].address
         rest = await asyncio.gather(
-            *(start_node(i, base_port + i, directory, first, extra) for i in range(1, count)),
+            *(net.start_node(i, base_port + i, first) for i in range(1, count)),
             return_exceptions=True,
         )
         for item in rest:
@@ -187,18 +147,21 @@ async def run_devnet(
     )
     # A node that dies (killed to watch the network repair itself, say) is
     # reported; the others keep running until Ctrl-C or until none is left.
-    running = {asyncio.create_task(node.process.wait()): node for node in net.nodes}
+    by_process = {node.process: node for node in net.nodes}
     stopper = asyncio.create_task(stop.wait())
+    running = len(net.nodes)
     try:
         while running and not stop.is_set():
-            done, _ = await asyncio.wait([stopper, *running], return_when=asyncio.FIRST_COMPLETED)
-            for task in done:
-                node = running.pop(task, None)
-                if node is not None:
-                    _report_exit(node, len(running), extra)
+            died = asyncio.create_task(net.supervisor.exited())
+            try:
+                await asyncio.wait([stopper, died], return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                await cancel_and_wait([died])
+            if died.done() and not died.cancelled():
+                running -= 1
+                _report_exit(by_process[died.result()], running, extra)
     finally:
-        for task in [stopper, *running]:
-            task.cancel()
+        await cancel_and_wait([stopper])
         output.stderr.print("stopping the devnet...", markup=False)
         await net.stop(grace=Config().leave_timeout + 10)
         if temporary:
@@ -231,12 +194,16 @@ def ports_free(base: int, count: int) -> bool:
 
 
 def find_free_ports(count: int, attempts: int = 50) -> int:
-    """A base port with ``count`` consecutive free TCP+UDP ports on 127.0.0.1."""
+    """A base port with ``count`` consecutive free TCP+UDP ports on 127.0.0.1.
+
+    Below 32768: above it the kernel hands out ephemeral ports, which could
+    take a node's port between this probe and its bind.
+    """
     for _ in range(attempts):
-        base = random.randrange(20000, 60000 - count)
+        base = random.randrange(20000, 32768 - count)
         if ports_free(base, count):
             return base
-    raise ConfigError(f"found no {count} consecutive free ports")
+    raise DhtfsError(f"found no {count} consecutive free ports")
 
 
 def _write_sample(path: Path, size: int) -> str:
@@ -282,36 +249,32 @@ async def run_demo(count: int, size: int, *, keep: bool) -> bool:
         with output.progress_bar(
             f"publish via node 0 ({publisher.address})", enabled=True
         ) as on_event:
-            published: dict[str, Any] = await api.call(
-                publisher.control, {"op": "publish", "path": str(sample)}, on_event
-            )
+            published = await publisher.session.run(PublishRequest(sample), on_event)
         out = root / "fetched.bin"
         with output.progress_bar(
             f"fetch via node {fetcher.index} ({fetcher.address})", enabled=True
         ) as on_event:
-            fetched = await api.call(
-                fetcher.control,
-                {"op": "fetch", "reference": published["reference"], "output": str(out)},
-                on_event,
+            fetched = await fetcher.session.run(
+                FetchRequest(published.reference, output=out), on_event
             )
         identical = await asyncio.to_thread(_sha256, out) == expected
-        checked = await api.call(fetcher.control, {"op": "check", "root": published["root_hash"]})
-        output.print_line(f"root:      {published['reference']}")
-        output.print_line(f"root hash: {published['root_hash']}")
+        checked = await fetcher.session.run(CheckRequest(published.root_hash))
+        output.print_line(f"root:      {published.reference}")
+        output.print_line(f"root hash: {published.root_hash}")
         output.print_line(
-            f"publish:   {format_size(size)} in {published['seconds']:.2f} s "
-            f"({published['mb_per_s']} MB/s) through node 0"
+            f"publish:   {format_size(size)} in {published.seconds:.2f} s "
+            f"({published.mb_per_s} MB/s) through node 0"
         )
         output.print_line(
-            f"fetch:     {format_size(size)} in {fetched['seconds']:.2f} s "
-            f"({fetched['mb_per_s']} MB/s) through node {fetcher.index}"
+            f"fetch:     {format_size(size)} in {fetched.seconds:.2f} s "
+            f"({fetched.mb_per_s} MB/s) through node {fetcher.index}"
         )
         output.print_line(
-            f"copies:    every chunk on >= {checked['min_copies']} nodes "
-            f"(wanted {checked['replicas_wanted']})"
+            f"copies:    every chunk on >= {checked.min_copies} nodes "
+            f"(wanted {checked.replicas_wanted})"
         )
         output.print_line(f"identical: {'yes' if identical else 'NO'}")
-        return identical and bool(checked["ok"])
+        return identical and checked.ok
     finally:
         await net.stop(grace=Config().leave_timeout + 10)
         if keep:

@@ -1,8 +1,9 @@
 """The ``dhtfs`` command: parses, calls the library, prints.
 
 No logic of its own beyond translating: options become a ``Config`` and a
-request, library errors become one line on stderr and an exit code
-(1 error, 2 usage, 3 check found missing copies, 130 interrupted).
+typed request, run in a session (the local node, or a short-lived client);
+library errors become one line on stderr and the exit code of the one table
+in ``exits`` (1 error, 2 usage, 3 check found missing copies, 130 interrupted).
 """
 
 from __future__ import annotations
@@ -10,9 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
-import stat
 import sys
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -22,14 +21,25 @@ import typer
 
 from dht_dfs import __version__
 from dht_dfs.core.config import DEFAULT_PORT, Config, default_data_dir, format_size, parse_size
-from dht_dfs.core.crypto import secret_from_file_content
-from dht_dfs.core.errors import ConfigError, DhtfsError, InvalidReferenceError
+from dht_dfs.core.errors import DhtfsError, InputError
 from dht_dfs.core.refs import parse_read_reference, parse_root_hash
-from dht_dfs.node import control as api
-from dht_dfs.node.node import CONTROL_SOCKET, Node, client_network
+from dht_dfs.node.node import Node
+from dht_dfs.node.operations import (
+    CheckRequest,
+    FetchRequest,
+    FetchSummary,
+    HealthReport,
+    NodeStatus,
+    PublishRequest,
+    PublishSummary,
+    RepairRequest,
+    StatusRequest,
+    load_convergence_secret,
+)
+from dht_dfs.node.session import open_session
 
 from . import devnet as devnet_module
-from . import output
+from . import exits, output
 
 T = TypeVar("T")
 
@@ -92,78 +102,42 @@ def run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
     """Run a coroutine; map every failure to one line and an exit code."""
     try:
         return asyncio.run(coroutine_factory())
-    except KeyboardInterrupt:
-        output.error("interrupted")
-        raise typer.Exit(output.EXIT_INTERRUPTED) from None
-    except DhtfsError as error:
-        output.error(str(error))
-        raise typer.Exit(output.EXIT_ERROR) from None
-    except OSError as error:
-        output.error(
-            f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
-        )
-        raise typer.Exit(output.EXIT_ERROR) from None
-    except Exception as error:  # a bug: still one line; the trace only with -vv
-        logging.getLogger("dhtfs").debug("internal error", exc_info=True)
-        output.error(f"internal error: {type(error).__name__}: {error} (run with -vv for details)")
-        raise typer.Exit(output.EXIT_ERROR) from None
+    except BaseException as error:
+        fail(error)
 
 
 def checked(parse: Callable[..., T], *args: Any) -> T:
-    """Parse or validate user input; a bad value is a usage error (exit 2)."""
+    """Parse or check user input before any network work; failures exit as ``run``'s."""
     try:
         return parse(*args)
-    except (ConfigError, InvalidReferenceError) as error:
-        usage_error(str(error))
+    except DhtfsError as error:
+        fail(error)
 
 
-def usage_error(message: str) -> NoReturn:
-    output.error(message)
-    raise typer.Exit(output.EXIT_USAGE)
-
-
-def readable_file(path: Path) -> Path:
-    """The absolute path of a regular file we can read, checked before any network work."""
-    resolved = path.expanduser().resolve()
-    try:
-        with open(resolved, "rb") as handle:
-            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                usage_error(f"{path} is not a regular file")
-    except OSError as error:
-        usage_error(f"cannot read {path}: {error.strerror or error}")
-    return resolved
-
-
-def writable_target(path: Path) -> Path:
-    """Where fetch writes: an existing directory, or a file in one."""
-    resolved = path.expanduser().resolve()
-    directory = resolved if resolved.is_dir() else resolved.parent
-    if not directory.is_dir():
-        usage_error(f"cannot write {path}: directory {directory} does not exist")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        usage_error(f"cannot write {path}: directory {directory} is not writable")
-    return resolved
+def fail(error: BaseException) -> NoReturn:
+    """One line on stderr, and the exit code ``exits.EXIT_CODES`` gives the error."""
+    if isinstance(error, typer.Exit | SystemExit):
+        raise error
+    if isinstance(error, KeyboardInterrupt):
+        output.error("interrupted")
+    elif isinstance(error, DhtfsError):
+        output.error(str(error))
+    elif isinstance(error, OSError):
+        output.error(
+            f"{error.strerror or error}" + (f": {error.filename}" if error.filename else "")
+        )
+    elif isinstance(error, Exception):  # a bug: still one line; the trace only with -vv
+        logging.getLogger("dhtfs").debug("internal error", exc_info=error)
+        output.error(f"internal error: {type(error).__name__}: {error} (run with -vv for details)")
+    else:
+        raise error
+    raise typer.Exit(exits.exit_code(error)) from None
 
 
 def _config(replicas: int | None = None, **changes: Any) -> Config:
     if replicas is not None:
         changes["replicas"] = replicas
     return checked(lambda: Config().replace(**changes).validate())
-
-
-async def _operate(
-    request: dict[str, Any],
-    data_dir: Path | None,
-    bootstrap: list[str] | None,
-    config: Config,
-    on_event: Callable[[dict[str, Any]], None],
-) -> dict[str, Any]:
-    """Run through the local node, or as a short-lived client with --bootstrap."""
-    if bootstrap:
-        async with client_network(config, bootstrap) as network:
-            return await api.operate(network, request, on_event)
-    directory = (data_dir or default_data_dir()).expanduser()
-    return await api.call(directory / CONTROL_SOCKET, request, on_event)
 
 
 @app.command()
@@ -213,9 +187,9 @@ def join(
             loop.add_signal_handler(signum, stop.set)
         status = node.status()
         if json_output:
-            output.print_line(json.dumps({"event": "ready", **status}))
+            output.print_line(json.dumps({"event": "ready", **status.to_json()}))
         else:
-            output.print_line(f"dhtfs node {status['node_id']} listening on {status['address']}")
+            output.print_line(f"dhtfs node {status.node_id.hex()} listening on {status.address}")
         await stop.wait()
         logging.getLogger("dhtfs").info("stopping (handing off chunks first)")
         await node.stop(leave=True)
@@ -246,34 +220,31 @@ def publish(
     """Store a file on the network; prints its read reference (last line of stdout)."""
     output.setup_logging(verbose)
     config = _config(replicas)
-    request: dict[str, Any] = {
-        "op": "publish",
-        "path": str(readable_file(file)),
-        "name": name,
-    }
-    if secret_file is not None:
-        try:
-            secret = secret_from_file_content(secret_file.expanduser().read_bytes())
-        except (OSError, ValueError) as error:
-            usage_error(f"cannot use secret file {secret_file}: {error}")
-        request["convergence_secret"] = secret.hex()
+    secret = None if secret_file is None else checked(load_convergence_secret, secret_file)
+    request = checked(PublishRequest(file, name=name, convergence_secret=secret).check_input)
+
     with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
-        result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+
+        async def go() -> PublishSummary:
+            async with open_session(data_dir, bootstrap or [], config) as session:
+                return await session.run(request, on_event)
+
+        result = run(go)
     if json_output:
-        output.print_json(result)
+        output.print_json(result.to_json())
         return
     output.stderr.print(
-        f"published {format_size(result['size'])} in {result['seconds']:.2f} s "
-        f"({result['data_chunks']} chunks); root hash {result['root_hash']}",
+        f"published {format_size(result.size)} in {result.seconds:.2f} s "
+        f"({result.data_chunks} chunks); root hash {result.root_hash}",
         markup=False,
     )
-    if result.get("under_replicated"):
+    if result.under_replicated:
         output.stderr.print(
-            f"dhtfs: warning: {result['under_replicated']} chunk(s) have fewer copies than "
+            f"dhtfs: warning: {result.under_replicated} chunk(s) have fewer copies than "
             "wanted (too few live nodes); nodes add copies when more join",
             markup=False,
         )
-    output.print_line(result["reference"])
+    output.print_line(str(result.reference))
 
 
 @app.command()
@@ -300,29 +271,33 @@ def fetch(
 ) -> None:
     """Fetch a file by its read reference, verifying every chunk; resumes if interrupted."""
     output.setup_logging(verbose)
-    checked(parse_read_reference, reference)
     config = _config()
-    target = writable_target(out if out is not None else Path.cwd())
-    request: dict[str, Any] = {
-        "op": "fetch",
-        "reference": reference,
-        "output": str(target),
-        "overwrite": force,
-    }
-    if verify_hash:
-        request["verify_hash"] = True
+    request = checked(
+        FetchRequest(
+            checked(parse_read_reference, reference),
+            output=out,
+            overwrite=force,
+            verify_hash=True if verify_hash else None,
+        ).check_input
+    )
+
     with output.progress_bar("fetch", enabled=not json_output) as on_event:
-        result = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+
+        async def go() -> FetchSummary:
+            async with open_session(data_dir, bootstrap or [], config) as session:
+                return await session.run(request, on_event)
+
+        result = run(go)
     if json_output:
-        output.print_json(result)
+        output.print_json(result.to_json())
         return
     output.stderr.print(
-        f"fetched {format_size(result['size'])} in {result['seconds']:.2f} s "
-        f"({result['mb_per_s'] or 0:.0f} MB/s)"
-        + (f", {result['chunks_resumed']} chunks resumed" if result["chunks_resumed"] else ""),
+        f"fetched {format_size(result.size)} in {result.seconds:.2f} s "
+        f"({result.mb_per_s or 0:.0f} MB/s)"
+        + (f", {result.chunks_resumed} chunks resumed" if result.chunks_resumed else ""),
         markup=False,
     )
-    output.print_line(result["path"])
+    output.print_line(str(result.path))
 
 
 def _survey(
@@ -336,26 +311,32 @@ def _survey(
     verbose: int,
 ) -> None:
     output.setup_logging(verbose)
-    checked(parse_root_hash, root)
+    root_hash = checked(parse_root_hash, root)
     config = _config(replicas)
-    request = {"op": op, "root": root}
+    request = CheckRequest(root_hash) if op == "check" else RepairRequest(root_hash)
+
     with output.progress_bar(op, enabled=not json_output, unit="chunks") as on_event:
-        report = run(lambda: _operate(request, data_dir, bootstrap, config, on_event))
+
+        async def go() -> HealthReport:
+            async with open_session(data_dir, bootstrap or [], config) as session:
+                return await session.run(request, on_event)
+
+        report = run(go)
     if json_output:
-        output.print_json(report)
+        output.print_json(report.to_json())
     else:
-        state = "OK" if report["ok"] else "DEGRADED"
+        state = "OK" if report.ok else "DEGRADED"
         output.print_line(
-            f"{state}: {report['healthy']}/{report['chunks']} chunks have "
-            f">= {report['replicas_wanted']} live copies (fewest: {report['min_copies']})"
-            + (f"; {report['copies_added']} copies added" if op == "repair" else "")
+            f"{state}: {report.healthy}/{report.chunks} chunks have "
+            f">= {report.replicas_wanted} live copies (fewest: {report.min_copies})"
+            + (f"; {report.copies_added} copies added" if op == "repair" else "")
         )
-        for item in report["under_replicated"][:20]:
-            output.print_line(f"  under-replicated {item['chunk']} ({item['copies']} copies)")
-        for item in report["lost"][:20]:
-            output.print_line(f"  LOST {item['chunk']} (no live copy)")
-    if not report["ok"]:
-        raise typer.Exit(output.EXIT_DEGRADED)
+        for item in report.under_replicated[:20]:
+            output.print_line(f"  under-replicated {item.chunk.hex()} ({item.copies} copies)")
+        for item in report.lost[:20]:
+            output.print_line(f"  LOST {item.chunk.hex()} (no live copy)")
+    if not report.ok:
+        raise typer.Exit(exits.EXIT_DEGRADED)
 
 
 RootArgument = Annotated[
@@ -405,24 +386,25 @@ def status(
 ) -> None:
     """Show the local node: id, address, peers, chunks and bytes stored."""
     output.setup_logging(verbose)
-    directory = (data_dir or default_data_dir()).expanduser()
-    result = run(lambda: api.call(directory / CONTROL_SOCKET, {"op": "status"}))
+
+    async def go() -> NodeStatus:
+        async with open_session(data_dir, [], Config()) as session:
+            return await session.run(StatusRequest())
+
+    result = run(go)
     if json_output:
-        output.print_json(result)
+        output.print_json(result.to_json())
         return
-    store = result["store"]
-    quota = format_size(store["quota"]) if store["quota"] is not None else "no quota"
-    output.print_line(f"node      {result['node_id']}")
+    quota = format_size(result.quota) if result.quota is not None else "no quota"
+    output.print_line(f"node      {result.node_id.hex()}")
     output.print_line(
-        f"address   {result['address']}  (dhtfs {result['version']}, pid "
-        f"{result['pid']}, up {result['uptime_s']:.0f} s)"
+        f"address   {result.address}  (dhtfs {result.version}, pid "
+        f"{result.pid}, up {result.uptime_s:.0f} s)"
     )
-    output.print_line(f"data dir  {result['data_dir']}")
+    output.print_line(f"data dir  {result.data_dir}")
+    output.print_line(f"peers     {result.peers_known} known, {result.peers_connected} connected")
     output.print_line(
-        f"peers     {result['peers']['known']} known, {result['peers']['connected']} connected"
-    )
-    output.print_line(
-        f"stored    {store['chunks']} chunks, {format_size(store['bytes'])} ({quota})"
+        f"stored    {result.chunks} chunks, {format_size(result.bytes_stored)} ({quota})"
     )
 
 
@@ -440,7 +422,7 @@ def devnet(
     """Run a whole network of NODES nodes on 127.0.0.1 until Ctrl-C."""
     output.setup_logging(verbose, default=logging.INFO)
     if nodes < 1:
-        usage_error("a devnet needs at least one node")
+        fail(InputError("a devnet needs at least one node"))
     run(lambda: devnet_module.run_devnet(nodes, port, directory, replicas, max_storage))
 
 
@@ -456,7 +438,7 @@ def demo(
     size_bytes = checked(parse_size, size)
     result = run(lambda: devnet_module.run_demo(nodes, size_bytes, keep=keep))
     if not result:
-        raise typer.Exit(output.EXIT_ERROR)
+        raise typer.Exit(exits.EXIT_ERROR)
 
 
 @app.command()
@@ -470,7 +452,7 @@ def main() -> None:
         app()
     except KeyboardInterrupt:
         output.error("interrupted")
-        sys.exit(output.EXIT_INTERRUPTED)
+        sys.exit(exits.EXIT_INTERRUPTED)
 
 
 if __name__ == "__main__":

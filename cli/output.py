@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -21,14 +21,9 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-stderr = Console(stderr=True, highlight=False, soft_wrap=True)
+from dht_dfs.node import operations
 
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_DEGRADED = 3
-"""check/repair: some chunk has fewer than the wanted copies."""
-EXIT_INTERRUPTED = 130
+stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
 
 def setup_logging(verbosity: int, *, default: int = logging.WARNING) -> None:
@@ -61,9 +56,7 @@ def error(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(
-    label: str, *, enabled: bool, unit: str = "bytes"
-) -> Iterator[Callable[[dict[str, Any]], None]]:
+def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[operations.OnEvent]:
     """A progress bar on stderr fed by progress events (off when not a terminal).
 
     ``unit`` "bytes" shows size, rate and ETA; "chunks" shows a count.
@@ -84,16 +77,12 @@ def progress_bar(
     )
     task = progress.add_task(label, total=None)
 
-    def on_event(event: dict[str, Any]) -> None:
-        kind = event.get("event")
-        if kind == "progress":
-            total = event.get("total") or None
-            progress.update(task, completed=event.get("done", 0), total=total)
-        elif kind == "meta":
+    def on_event(event: operations.Event) -> None:
+        if isinstance(event, operations.Progress):
+            progress.update(task, completed=event.done, total=event.total or None)
+        elif isinstance(event, operations.FileFound):
             progress.update(
-                task,
-                description=f"{label} {event.get('name', '')}".strip(),
-                total=event.get("size") or None,
+                task, description=f"{label} {event.name}".strip(), total=event.size or None
             )
 
     with progress:

@@ -19,7 +19,15 @@ class DhtfsError(Exception):
 
 
 class ConfigError(DhtfsError):
-    """A setting or command-line value is unusable."""
+    """A setting is unusable (a size, a replica count, a port, the data dir's key)."""
+
+
+class InputError(DhtfsError):
+    """What the user asked for cannot work as given, before any network work.
+
+    A missing, unreadable or non-regular file to publish; an output that
+    already exists; a directory that does not exist or cannot be written.
+    """
 
 
 class InvalidReferenceError(DhtfsError):

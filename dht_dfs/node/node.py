@@ -8,11 +8,12 @@ mistake; the data dir holds::
     identity.key        Ed25519 seed, mode 0600
     store/              chunk files and their SQLite index (store.py)
     dht-contacts.json   routing table, to rejoin without a bootstrap node
-    control.sock        local control endpoint for the CLI (api.py), 0600
+    control.sock        local control endpoint for the CLI (control.py), 0600
     node.lock           held while the node runs
 
-Also here: ``client_network``, the short-lived client a CLI command uses
-when no node runs on this machine.
+The node is the control socket's ``ControlHandler``: it answers status and
+runs operations on its own network. The short-lived client a CLI command
+uses when no node runs here is ``session.client_network``.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import fcntl
 import logging
 import os
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterable, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -34,17 +35,31 @@ from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import ConfigError, DhtfsError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.dht.node import DhtNode
-from dht_dfs.node.control import ControlServer
+from dht_dfs.node.control import CONTROL_SOCKET, ControlServer
 from dht_dfs.node.identity import ensure_data_dir, load_or_create_identity
 from dht_dfs.node.maintenance import Maintainer
+from dht_dfs.node.operations import (
+    Contact,
+    NodeStatus,
+    OnEvent,
+    Request,
+    Result,
+    StatusRequest,
+    run_operation,
+)
 from dht_dfs.node.service import ChunkService
+from dht_dfs.node.session import client_network
+from dht_dfs.node.tasks import cancel_and_wait
 from dht_dfs.store.chunks import ChunkStore
 from dht_dfs.transfer.network import Network
 from dht_dfs.transport.endpoint import Endpoint
 
 log = logging.getLogger(__name__)
 
-CONTROL_SOCKET = "control.sock"
+__all__ = ["CONTACTS_FILE", "CONTROL_SOCKET", "LOCK_FILE", "Node", "client_network"]
+"""``CONTROL_SOCKET`` and ``client_network`` live in control.py and session.py;
+they are re-exported because callers found them here before."""
+
 LOCK_FILE = "node.lock"
 CONTACTS_FILE = "dht-contacts.json"
 _PORT_ATTEMPTS = 20
@@ -201,33 +216,43 @@ class Node:
         raise ConfigError(f"cannot listen on UDP {self.host}:{self.requested_port}: {detail}")
 
     async def stop(self, *, leave: bool = True) -> None:
-        """Stop serving. With ``leave``, hand off what only this node holds first."""
-        # Repair and scrub end first, so none runs during the hand-off.
-        for task in self._tasks:
-            task.cancel()
-        for task in list(self._tasks):
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        if leave and self.maintainer is not None and self.store is not None:
-            try:
-                await self.maintainer.hand_off()
-            except DhtfsError as error:
-                log.warning("hand-off failed: %s", error)
-        if self._control is not None:
-            await self._control.close()
-            self._control = None
-        if self.dht is not None:
-            await self.dht.stop()
-        if self.endpoint is not None:
-            await self.endpoint.close()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-        if self.store is not None:
-            self.store.close()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
-        self.stopped.set()
+        """Stop serving. With ``leave``, hand off what only this node holds first.
+
+        Every step runs even when an earlier one fails (the first failure is
+        raised at the end): whatever happens, the store is closed, the lock
+        released and ``stopped`` set, so the data dir can be used again.
+        """
+        # Callbacks run last-pushed first: the order below is the reverse of
+        # the order they run in (control, dht, endpoint, executor, store, lock).
+        async with contextlib.AsyncExitStack() as cleanup:
+            cleanup.callback(self.stopped.set)
+            cleanup.callback(self._release_lock)
+            if self.store is not None:
+                cleanup.callback(self.store.close)
+            if self._executor is not None:
+                cleanup.callback(self._executor.shutdown, wait=True, cancel_futures=True)
+            if self.endpoint is not None:
+                cleanup.push_async_callback(self.endpoint.close)
+            if self.dht is not None:
+                cleanup.push_async_callback(self.dht.stop)
+            cleanup.push_async_callback(self._close_control)
+            # Repair and scrub end first, so none runs during the hand-off.
+            await cancel_and_wait(self._tasks)
+            if leave and self.maintainer is not None and self.store is not None:
+                try:
+                    await self.maintainer.hand_off()
+                except DhtfsError as error:
+                    log.warning("hand-off failed: %s", error)
+
+    async def _close_control(self) -> None:
+        control, self._control = self._control, None
+        if control is not None:
+            await control.close()
+
+    def _release_lock(self) -> None:
+        fd, self._lock_fd = self._lock_fd, None
+        if fd is not None:
+            os.close(fd)
 
     async def __aenter__(self) -> Node:
         return await self.start()
@@ -284,49 +309,30 @@ class Node:
         assert self.dht is not None
         return self.dht.sign_record(chunk_id.dht_key).to_bytes()
 
-    def status(self) -> dict[str, object]:
+    def status(self) -> NodeStatus:
         assert self.store is not None and self.dht is not None and self.endpoint is not None
         assert self.identity is not None
         stats = self.store.stats()
         contacts = self.dht.known_contacts()
-        return {
-            "version": __version__,
-            "node_id": self.identity.node_id.hex(),
-            "address": self.address,
-            "data_dir": str(self.data_dir),
-            "pid": os.getpid(),
-            "uptime_s": round(time.time() - self.started_at, 1),
-            "replicas": self.config.replicas,
-            "peers": {
-                "known": len(contacts),
-                "connected": len(self.endpoint.connected_peers()),
-                "contacts": [
-                    {"node_id": c.node_id.hex(), "address": f"{c.host}:{c.tcp_port}"}
-                    for c in contacts[:50]
-                ],
-            },
-            "store": {
-                "chunks": stats.chunks,
-                "bytes": stats.bytes_used,
-                "quota": stats.quota,
-            },
-        }
+        return NodeStatus(
+            version=__version__,
+            node_id=self.identity.node_id,
+            address=self.address,
+            data_dir=self.data_dir,
+            pid=os.getpid(),
+            uptime_s=round(time.time() - self.started_at, 1),
+            replicas=self.config.replicas,
+            peers_known=len(contacts),
+            peers_connected=len(self.endpoint.connected_peers()),
+            contacts=tuple(Contact(c.node_id, f"{c.host}:{c.tcp_port}") for c in contacts[:50]),
+            chunks=stats.chunks,
+            bytes_stored=stats.bytes_used,
+            quota=stats.quota,
+        )
 
-
-@contextlib.asynccontextmanager
-async def client_network(config: Config, bootstrap: Sequence[str]) -> AsyncIterator[Network]:
-    """Join the network briefly as a client (stores nothing, not in routing tables)."""
-    if not bootstrap:
-        raise ConfigError("a client needs --bootstrap HOST:PORT of a running node")
-    identity = Identity.generate()
-    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-client")
-    endpoint = Endpoint(identity, config, None, client_mode=True)
-    dht = DhtNode(identity, config, client_mode=True)
-    try:
-        await dht.start("0.0.0.0", 0)
-        await dht.bootstrap(list(bootstrap))
-        yield Network(config, dht, endpoint, executor, None)
-    finally:
-        await dht.stop()
-        await endpoint.close()
-        executor.shutdown(wait=False, cancel_futures=True)
+    async def handle(self, request: Request, on_event: OnEvent) -> Result:
+        """Serve one control request (``ControlHandler``)."""
+        if isinstance(request, StatusRequest):
+            return self.status()
+        assert self.network is not None
+        return await run_operation(self.network, request, on_event)

@@ -38,8 +38,8 @@ from dht_dfs.core.crypto import (
     seal_chunk,
 )
 from dht_dfs.core.errors import (
-    ConfigError,
     DhtfsError,
+    InputError,
     IntegrityError,
     ManifestError,
     OutputError,
@@ -258,17 +258,17 @@ async def publish_file(
     try:
         fd = os.open(path, os.O_RDONLY)
     except FileNotFoundError:
-        raise ConfigError(f"no such file: {path}") from None
+        raise InputError(f"no such file: {path}") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path} is a directory; publish takes a file") from None
+        raise InputError(f"{path} is a directory; publish takes a file") from None
     except PermissionError:
-        raise ConfigError(f"cannot read {path}: permission denied") from None
+        raise InputError(f"cannot read {path}: permission denied") from None
     try:
         info = os.fstat(fd)
         if stat.S_ISDIR(info.st_mode):
-            raise ConfigError(f"{path} is a directory; publish takes a file")
+            raise InputError(f"{path} is a directory; publish takes a file")
         if not stat.S_ISREG(info.st_mode):
-            raise ConfigError(f"{path} is not a regular file")
+            raise InputError(f"{path} is not a regular file")
         size = info.st_size
         chunk_size = config.chunk_size
         secret = config.convergence_secret
@@ -534,7 +534,7 @@ async def fetch_file(
     assert metadata is not None
     target = resolve_output(metadata, reference, output)
     if target.exists() and not overwrite:
-        raise ConfigError(
+        raise InputError(
             f"{target} already exists; fetch to another path or overwrite it (--force)"
         )
     if on_metadata is not None:
@@ -545,7 +545,7 @@ async def fetch_file(
     try:
         fd = os.open(part, os.O_RDWR | os.O_CREAT, 0o600)
     except OSError as exc:
-        raise ConfigError(f"cannot write {part}: {exc.strerror}") from None
+        raise OutputError(f"cannot write {part}: {exc.strerror}") from None
     size = metadata.size
     fetched = resumed = chunks = 0
     try:

@@ -10,7 +10,8 @@ from pathlib import Path
 
 from dht_dfs.core.config import Config, KiB
 from dht_dfs.core.ids import ChunkId
-from dht_dfs.node.node import Node, client_network
+from dht_dfs.node.node import Node
+from dht_dfs.node.session import client_network
 from dht_dfs.transfer.network import Network
 
 log = logging.getLogger(__name__)

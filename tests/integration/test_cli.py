@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,15 +13,10 @@ from pathlib import Path
 import pytest
 from dhtfs_cli.devnet import find_free_ports
 
-from bench.hosts import read_until, stop
+from tests.support.processes import dhtfs_command, read_until, stop
 
 NODES = 6
 TIMEOUT = 120
-
-
-def dhtfs_command() -> list[str]:
-    script = Path(sys.executable).parent / "dhtfs"
-    return [str(script)] if script.exists() else [sys.executable, "-m", "dhtfs_cli.main"]
 
 
 @dataclass
@@ -125,8 +119,9 @@ def test_publish_on_one_node_fetch_on_another_and_as_client(devnet: Devnet, tmp_
     again = devnet.run(
         "fetch", reference, "-o", str(out), "--data-dir", str(devnet.node_dir(2)), check=False
     )
+    # An existing output is bad input (exit 2), refused before any network work.
     assert_one_line_error(
-        again, 1, "already exists; fetch to another path or overwrite it (--force)"
+        again, 2, "already exists; fetch to another path or overwrite it (--force)"
     )
     devnet.run("fetch", reference, "-o", str(out), "--force", "--data-dir", str(devnet.node_dir(2)))
 
@@ -220,9 +215,22 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
     assert_one_line_error(
         devnet.run("status", "--data-dir", str(empty), check=False), 1, "no dhtfs node is running"
     )
-    # A short-lived client gives up after a few attempts (a node would keep trying longer).
+    # A bad setting is bad usage whichever layer finds it: Config.validate...
     sample = tmp_path / "sample"
     write(sample, 10)
+    assert_one_line_error(
+        devnet.run("publish", str(sample), "--replicas", "0", *unreachable, check=False),
+        2,
+        "replicas must be at least 1",
+    )
+    # ...or the node, when its port is taken (by node 0 of the devnet).
+    taken = ["--port", str(devnet.base_port), "--host", "127.0.0.1"]
+    assert_one_line_error(
+        devnet.run("join", *taken, "--data-dir", str(tmp_path / "joiner"), check=False),
+        2,
+        "cannot listen on",
+    )
+    # A short-lived client gives up after a few attempts (a node would keep trying longer).
     assert_one_line_error(
         devnet.run("publish", str(sample), *unreachable, check=False),
         1,

@@ -6,13 +6,18 @@ import asyncio
 import hashlib
 import os
 from pathlib import Path
-from typing import Any
 
 import pytest
-from dhtfs_cli.devnet import Devnet, find_free_ports, start_devnet, start_node
+from dhtfs_cli.devnet import Devnet, find_free_ports, start_devnet
 
-from dht_dfs.node import control as api
-from dht_dfs.node.node import CONTROL_SOCKET
+from dht_dfs.node.operations import (
+    Event,
+    FetchRequest,
+    Progress,
+    PublishRequest,
+    PublishSummary,
+    StatusRequest,
+)
 
 pytestmark = pytest.mark.slow
 
@@ -31,21 +36,19 @@ def chunk_files_are_whole(data_dir: Path) -> int:
 
 async def publish_killing(
     net: Devnet, path: Path, victim: int, at_fraction: float
-) -> dict[str, Any]:
+) -> PublishSummary:
     """Publish through node 0; SIGKILL ``victim`` once that much has been sent."""
     killed = asyncio.Event()
 
-    def on_event(event: dict[str, Any]) -> None:
-        if event.get("event") != "progress" or killed.is_set():
+    def on_event(event: Event) -> None:
+        if not isinstance(event, Progress) or killed.is_set():
             return
-        if event["done"] >= at_fraction * event["total"]:
+        if event.done >= at_fraction * event.total:
             net.nodes[victim].process.kill()
             killed.set()
 
     result = await asyncio.wait_for(
-        api.call(
-            net.nodes[0].data_dir / CONTROL_SOCKET, {"op": "publish", "path": str(path)}, on_event
-        ),
+        net.nodes[0].session.run(PublishRequest(path), on_event),
         180,
     )
     assert killed.is_set()
@@ -70,21 +73,17 @@ async def test_sigkill_while_receiving_never_leaves_partial_chunks(tmp_path: Pat
             chunk_files_are_whole(node.data_dir)
             # Restarted as a supervisor would, without --bootstrap: it rejoins
             # through the contacts it saved when it joined.
-            restarted = await start_node(victim, node.port, net.directory, None, [])
-            net.nodes[victim] = restarted
-            status = await api.call(restarted.control, {"op": "status"})
-            assert status["peers"]["known"] >= 1
+            restarted = await net.start_node(victim, node.port, None)
+            assert net.nodes[victim] is restarted
+            status = await restarted.session.run(StatusRequest())
+            assert status.peers_known >= 1
             # ...the restart cleared unfinished temp files...
             assert list((node.data_dir / "store" / "tmp").iterdir()) == []
             checked_files += chunk_files_are_whole(node.data_dir)
             # ...and the node serves again: fetch through it, byte-identical.
             out = tmp_path / f"out-{round_number}.bin"
             await asyncio.wait_for(
-                api.call(
-                    restarted.control,
-                    {"op": "fetch", "reference": published["reference"], "output": str(out)},
-                ),
-                120,
+                restarted.session.run(FetchRequest(published.reference, output=out)), 120
             )
             assert out.read_bytes() == data
         # (A victim may have received nothing before its kill; over three

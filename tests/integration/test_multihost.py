@@ -12,18 +12,19 @@ Needs root and iproute2; skipped (with the reason) where either is missing.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from bench.hosts import Hosts, read_until, stop, unavailable
-from tests.integration.test_cli import dhtfs_command
+from dht_dfs.node.processes import ManagedProcess, Supervisor, join_command
+from tests.support.hosts import Hosts, unavailable
+from tests.support.processes import dhtfs_command
 
 pytestmark = pytest.mark.slow
 
@@ -37,14 +38,17 @@ TIMEOUT = 120
 class Cluster:
     hosts: Hosts
     directory: Path
-    nodes: dict[int, subprocess.Popen[str]] = field(default_factory=dict)
+    supervisor: Supervisor
 
     @property
     def addresses(self) -> list[str]:
         return self.hosts.addresses
 
-    def run(self, host: int, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
+    async def run(
+        self, host: int, *args: str, check: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        done = await asyncio.to_thread(
+            subprocess.run,
             self.hosts.command(host, *dhtfs_command(), *args),
             capture_output=True,
             text=True,
@@ -58,55 +62,60 @@ class Cluster:
     def node_dir(self, host: int) -> Path:
         return self.directory / f"host-{host}"
 
-    def start_node(self, host: int, bootstrap: str | None) -> dict[str, Any]:
-        """Start ``dhtfs join`` on a host; returns its ready document."""
-        command = [*dhtfs_command(), "join", "--port", str(PORT), "--json"]
-        command += ["--data-dir", str(self.node_dir(host))]
-        if bootstrap:
-            command += ["--bootstrap", bootstrap]
-        with (self.directory / f"host-{host}.log").open("w") as log:
-            process = subprocess.Popen(
-                self.hosts.command(host, *command), stdout=subprocess.PIPE, stderr=log, text=True
-            )
-        self.nodes[host] = process
-        assert process.stdout is not None
-        document: dict[str, Any] = json.loads(read_until(process.stdout, "", 60)[-1])
-        return document
+    async def start_node(self, host: int, bootstrap: str | None) -> ManagedProcess:
+        """Start ``dhtfs join`` on a host (all its addresses, as on a real machine)."""
+        return await self.supervisor.start(
+            join_command(
+                self.node_dir(host),
+                port=PORT,
+                host=None,
+                bootstrap=[bootstrap] if bootstrap else [],
+            ),
+            name=f"node on host {host}",
+            log_path=self.directory / f"host-{host}.log",
+            prefix=self.hosts.command(host),
+        )
 
 
 @pytest.fixture
-def hosts(tmp_path: Path) -> Iterator[Cluster]:
+async def hosts(tmp_path: Path) -> AsyncIterator[Cluster]:
     reason = unavailable()
     if reason is not None:
         pytest.skip(reason)
-    cluster = Cluster(Hosts(HOSTS, "test", 77), tmp_path)
-    try:
-        cluster.hosts.create()
-        yield cluster
-    finally:
-        stop(cluster.nodes.values())
-        cluster.hosts.destroy()
+    async with Supervisor(grace=60) as supervisor:
+        cluster = Cluster(Hosts(HOSTS, "test", 77), tmp_path, supervisor)
+        try:
+            cluster.hosts.create()
+            yield cluster
+        finally:
+            await supervisor.stop()
+            cluster.hosts.destroy()
 
 
-def test_nodes_on_separate_hosts_publish_fetch_and_survive_a_lost_host(
+async def test_nodes_on_separate_hosts_publish_fetch_and_survive_a_lost_host(
     hosts: Cluster, tmp_path: Path
 ) -> None:
     first = f"{hosts.addresses[0]}:{PORT}"
-    ready = [hosts.start_node(0, None)]
-    ready += [hosts.start_node(i, first) for i in range(1, HOSTS - 1)]
+    nodes = [await hosts.start_node(0, None)]
+    nodes += [await hosts.start_node(i, first) for i in range(1, HOSTS - 1)]
+    ready = [node.ready for node in nodes]
     # Each node advertises the address its peers reach it at, not 0.0.0.0:
     # a joiner learns it while joining; the first node (listening on 0.0.0.0
     # with nobody to ask) from the nodes that join it.
     assert ready[0]["address"] == f"0.0.0.0:{PORT}"
     assert [doc["address"] for doc in ready[1:]] == [f"{a}:{PORT}" for a in hosts.addresses[1:-1]]
-    status = hosts.run(0, "status", "--json", "--data-dir", str(hosts.node_dir(0))).stdout
+    status = (await hosts.run(0, "status", "--json", "--data-dir", str(hosts.node_dir(0)))).stdout
     assert json.loads(status)["address"] == f"{hosts.addresses[0]}:{PORT}"
 
     data = os.urandom(6 * 1024 * 1024 + 123)
     source = tmp_path / "big.bin"
     source.write_bytes(data)
     published = json.loads(
-        hosts.run(0, "publish", str(source), "--json", "--data-dir", str(hosts.node_dir(0))).stdout
+        (
+            await hosts.run(
+                0, "publish", str(source), "--json", "--data-dir", str(hosts.node_dir(0))
+            )
+        ).stdout
     )
     assert published["under_replicated"] == 0
 
@@ -115,14 +124,16 @@ def test_nodes_on_separate_hosts_publish_fetch_and_survive_a_lost_host(
     client = HOSTS - 1
     out = tmp_path / "out.bin"
     through = f"{hosts.addresses[1]}:{PORT}"
-    hosts.run(client, "fetch", published["reference"], "-o", str(out), "--bootstrap", through)
+    await hosts.run(client, "fetch", published["reference"], "-o", str(out), "--bootstrap", through)
     assert out.read_bytes() == data
 
     # Every chunk is on 3 of the 4 hosts, so losing one host loses nothing.
-    check = hosts.run(2, "check", published["root_hash"], "--json", "--bootstrap", through)
+    check = await hosts.run(2, "check", published["root_hash"], "--json", "--bootstrap", through)
     assert json.loads(check.stdout)["min_copies"] >= 3
     holders = [
-        json.loads(hosts.run(i, "status", "--json", "--data-dir", str(hosts.node_dir(i))).stdout)
+        json.loads(
+            (await hosts.run(i, "status", "--json", "--data-dir", str(hosts.node_dir(i)))).stdout
+        )
         for i in range(HOSTS - 1)
     ]
     chunks = published["data_chunks"] + published["manifest_chunks"]
@@ -130,12 +141,12 @@ def test_nodes_on_separate_hosts_publish_fetch_and_survive_a_lost_host(
 
     # One host lost: every file still fetches, and repair puts every chunk
     # back on 3 live hosts (all that are left).
-    lost = hosts.nodes[3]
+    lost = nodes[3]
     lost.kill()
-    lost.wait()
+    await lost.wait()
     out.unlink()
-    hosts.run(client, "fetch", published["reference"], "-o", str(out), "--bootstrap", through)
+    await hosts.run(client, "fetch", published["reference"], "-o", str(out), "--bootstrap", through)
     assert out.read_bytes() == data
     node_1 = ["--json", "--data-dir", str(hosts.node_dir(1))]
-    repaired = json.loads(hosts.run(1, "repair", published["root_hash"], *node_1).stdout)
+    repaired = json.loads((await hosts.run(1, "repair", published["root_hash"], *node_1)).stdout)
     assert repaired["ok"] and repaired["min_copies"] == 3

@@ -9,7 +9,7 @@ import pytest
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import TAG_SIZE
-from dht_dfs.core.errors import ConfigError, IntegrityError, WrongKeyError
+from dht_dfs.core.errors import InputError, IntegrityError, WrongKeyError
 from dht_dfs.core.refs import ReadReference, parse_read_reference
 from dht_dfs.store.chunks import ChunkStore
 from dht_dfs.transfer.engine import PART_SUFFIX, publish_to_store, restore_from_store
@@ -62,7 +62,7 @@ async def test_restore_into_directory_uses_published_name(
     outdir.mkdir()
     restored = await restore_from_store(result.reference, store, CONFIG, outdir)
     assert restored.path == outdir / "report.txt"
-    with pytest.raises(ConfigError, match="already exists"):
+    with pytest.raises(InputError, match="already exists"):
         await restore_from_store(result.reference, store, CONFIG, outdir)
 
 
@@ -141,9 +141,9 @@ async def test_interrupted_restore_resumes_without_refetching(
 
 
 async def test_missing_input_file_is_a_clear_error(tmp_path: Path, store: ChunkStore) -> None:
-    with pytest.raises(ConfigError, match="no such file"):
+    with pytest.raises(InputError, match="no such file"):
         await publish_to_store(tmp_path / "nope", store, CONFIG)
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(InputError, match="is a directory"):
         await publish_to_store(tmp_path, store, CONFIG)
 
 

@@ -1,0 +1,33 @@
+"""Exit codes, and the one table from an error to the code a command exits with.
+
+Every command ends through ``exit_code``: a mistyped reference and a bad
+setting are usage errors whichever command meets them.
+"""
+
+from __future__ import annotations
+
+from dht_dfs.core.errors import ConfigError, DhtfsError, InputError, InvalidReferenceError
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+"""Bad usage or input: fix the command line, not the network."""
+EXIT_DEGRADED = 3
+"""check/repair: some chunk has fewer than the wanted copies (a result, not an error)."""
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
+    (KeyboardInterrupt, EXIT_INTERRUPTED),
+    (InputError, EXIT_USAGE),
+    (ConfigError, EXIT_USAGE),
+    (InvalidReferenceError, EXIT_USAGE),
+    (DhtfsError, EXIT_ERROR),
+)
+"""First match wins; anything else (an OSError, a bug) is ``EXIT_ERROR``."""
+
+
+def exit_code(error: BaseException) -> int:
+    for kind, code in EXIT_CODES:
+        if isinstance(error, kind):
+            return code
+    return EXIT_ERROR

@@ -1,0 +1,145 @@
+"""Sessions: run operations through the local node, or as a short-lived client.
+
+``open_session(data_dir, bootstrap, config)`` picks one: given bootstrap
+addresses it joins the network briefly as a client (``client_network``);
+otherwise it talks to the node running with ``data_dir`` over its control
+socket. Either way ``session.run(request, on_event)`` returns the same
+typed result.
+
+Check a request's input (``request.check_input()``) before opening a
+session: joining the network takes seconds, a missing file should not.
+``run`` checks again (cheap), so a caller who forgets still gets the error
+before any work on the network.
+
+Must not import: node.py, the CLI.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Protocol, overload
+
+from dht_dfs.core.config import Config, default_data_dir
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import ConfigError
+from dht_dfs.dht.node import DhtNode
+from dht_dfs.node import control
+from dht_dfs.node.operations import (
+    CheckRequest,
+    FetchRequest,
+    FetchSummary,
+    HealthReport,
+    NodeStatus,
+    OnEvent,
+    PublishRequest,
+    PublishSummary,
+    RepairRequest,
+    Request,
+    Result,
+    StatusRequest,
+    run_operation,
+)
+from dht_dfs.transfer.network import Network
+from dht_dfs.transport.endpoint import Endpoint
+
+
+class Session(Protocol):
+    """Runs requests somewhere: the local node, or this process as a client."""
+
+    @overload
+    async def run(
+        self, request: PublishRequest, on_event: OnEvent | None = None
+    ) -> PublishSummary: ...
+    @overload
+    async def run(self, request: FetchRequest, on_event: OnEvent | None = None) -> FetchSummary: ...
+    @overload
+    async def run(
+        self, request: CheckRequest | RepairRequest, on_event: OnEvent | None = None
+    ) -> HealthReport: ...
+    @overload
+    async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
+    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result: ...
+
+
+class LocalNodeSession:
+    """The node running with a data dir on this machine, through its control socket."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.socket_path = data_dir / control.CONTROL_SOCKET
+
+    @overload
+    async def run(
+        self, request: PublishRequest, on_event: OnEvent | None = None
+    ) -> PublishSummary: ...
+    @overload
+    async def run(self, request: FetchRequest, on_event: OnEvent | None = None) -> FetchSummary: ...
+    @overload
+    async def run(
+        self, request: CheckRequest | RepairRequest, on_event: OnEvent | None = None
+    ) -> HealthReport: ...
+    @overload
+    async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
+    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
+        return await control.call(self.socket_path, request.check_input(), on_event)
+
+
+class ClientSession:
+    """This process, joined to the network as a client for the session's length."""
+
+    def __init__(self, network: Network) -> None:
+        self.network = network
+
+    @overload
+    async def run(
+        self, request: PublishRequest, on_event: OnEvent | None = None
+    ) -> PublishSummary: ...
+    @overload
+    async def run(self, request: FetchRequest, on_event: OnEvent | None = None) -> FetchSummary: ...
+    @overload
+    async def run(
+        self, request: CheckRequest | RepairRequest, on_event: OnEvent | None = None
+    ) -> HealthReport: ...
+    @overload
+    async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
+    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
+        if isinstance(request, StatusRequest):
+            raise ConfigError("status shows a running node: give its --data-dir, not --bootstrap")
+        return await run_operation(self.network, request.check_input(), on_event)
+
+
+@contextlib.asynccontextmanager
+async def open_session(
+    data_dir: Path | None, bootstrap: Sequence[str], config: Config
+) -> AsyncIterator[Session]:
+    """A client session given ``bootstrap``; else the node running with ``data_dir``.
+
+    ``data_dir`` None means the default (``$DHTFS_DATA_DIR`` or ``~/.dhtfs``).
+    """
+    if bootstrap:
+        async with client_network(config, bootstrap) as network:
+            yield ClientSession(network)
+    else:
+        yield LocalNodeSession((data_dir or default_data_dir()).expanduser())
+
+
+@contextlib.asynccontextmanager
+async def client_network(config: Config, bootstrap: Sequence[str]) -> AsyncIterator[Network]:
+    """Join the network briefly as a client (stores nothing, not in routing tables)."""
+    if not bootstrap:
+        raise ConfigError("a client needs --bootstrap HOST:PORT of a running node")
+    identity = Identity.generate()
+    executor = ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-client")
+    endpoint = Endpoint(identity, config, None, client_mode=True)
+    dht = DhtNode(identity, config, client_mode=True)
+    try:
+        await dht.start("0.0.0.0", 0)
+        await dht.bootstrap(list(bootstrap))
+        yield Network(config, dht, endpoint, executor, None)
+    finally:
+        await dht.stop()
+        await endpoint.close()
+        executor.shutdown(wait=False, cancel_futures=True)
