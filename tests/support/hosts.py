@@ -3,8 +3,9 @@
 Each host is a namespace with one address on a bridge that lives in a
 namespace of its own, so this machine's own network is never touched.
 Processes run on a host behind ``Hosts.command(host)``, a prefix the
-library's process supervisor takes. Needs root and iproute2. (bench/hosts.py
-is the benchmarks' copy, with link shaping: tests do not import bench/.)
+library's process supervisor takes. Needs root and iproute2. bench/hosts.py
+adds link shaping on top of this for the benchmarks (tests never import
+bench/).
 """
 
 from __future__ import annotations
