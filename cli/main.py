@@ -27,15 +27,12 @@ from dht_dfs.node.node import Node
 from dht_dfs.node.operations import (
     CheckRequest,
     FetchRequest,
-    FetchSummary,
-    HealthReport,
-    NodeStatus,
     PublishRequest,
-    PublishSummary,
     RepairRequest,
     StatusRequest,
     load_convergence_secret,
 )
+from dht_dfs.node.results import FetchSummary, HealthReport, NodeStatus, PublishSummary
 from dht_dfs.node.session import open_session
 
 from . import devnet as devnet_module

@@ -21,7 +21,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
-from dht_dfs.node import operations
+from dht_dfs.node import results
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -56,7 +56,7 @@ def error(message: str) -> None:
 
 
 @contextmanager
-def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[operations.OnEvent]:
+def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[results.OnEvent]:
     """A progress bar on stderr fed by progress events (off when not a terminal).
 
     ``unit`` "bytes" shows size, rate and ETA; "chunks" shows a count.
@@ -77,10 +77,10 @@ def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[
     )
     task = progress.add_task(label, total=None)
 
-    def on_event(event: operations.Event) -> None:
-        if isinstance(event, operations.Progress):
+    def on_event(event: results.Event) -> None:
+        if isinstance(event, results.Progress):
             progress.update(task, completed=event.done, total=event.total or None)
-        elif isinstance(event, operations.FileFound):
+        elif isinstance(event, results.FileFound):
             progress.update(
                 task, description=f"{label} {event.name}".strip(), total=event.size or None
             )

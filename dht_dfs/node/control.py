@@ -34,20 +34,22 @@ from dht_dfs.core import errors
 from dht_dfs.core.errors import ControlError, DhtfsError, NodeNotRunningError
 from dht_dfs.node.operations import (
     CheckRequest,
-    Event,
     FetchRequest,
+    PublishRequest,
+    RepairRequest,
+    Request,
+    StatusRequest,
+    request_from_json,
+)
+from dht_dfs.node.results import (
+    Event,
     FetchSummary,
     HealthReport,
     NodeStatus,
     OnEvent,
-    PublishRequest,
     PublishSummary,
-    RepairRequest,
-    Request,
     Result,
-    StatusRequest,
     event_from_json,
-    request_from_json,
 )
 from dht_dfs.node.tasks import cancel_and_wait
 

@@ -38,15 +38,8 @@ from dht_dfs.dht.node import DhtNode
 from dht_dfs.node.control import CONTROL_SOCKET, ControlServer
 from dht_dfs.node.identity import ensure_data_dir, load_or_create_identity
 from dht_dfs.node.maintenance import Maintainer
-from dht_dfs.node.operations import (
-    Contact,
-    NodeStatus,
-    OnEvent,
-    Request,
-    Result,
-    StatusRequest,
-    run_operation,
-)
+from dht_dfs.node.operations import Request, StatusRequest, run_operation
+from dht_dfs.node.results import Contact, NodeStatus, OnEvent, Result
 from dht_dfs.node.service import ChunkService
 from dht_dfs.node.session import client_network
 from dht_dfs.node.tasks import cancel_and_wait

@@ -30,17 +30,19 @@ from dht_dfs.node import control
 from dht_dfs.node.operations import (
     CheckRequest,
     FetchRequest,
+    PublishRequest,
+    RepairRequest,
+    Request,
+    StatusRequest,
+    run_operation,
+)
+from dht_dfs.node.results import (
     FetchSummary,
     HealthReport,
     NodeStatus,
     OnEvent,
-    PublishRequest,
     PublishSummary,
-    RepairRequest,
-    Request,
     Result,
-    StatusRequest,
-    run_operation,
 )
 from dht_dfs.transfer.network import Network
 from dht_dfs.transport.endpoint import Endpoint

@@ -10,14 +10,8 @@ from pathlib import Path
 import pytest
 from dhtfs_cli.devnet import Devnet, find_free_ports, start_devnet
 
-from dht_dfs.node.operations import (
-    Event,
-    FetchRequest,
-    Progress,
-    PublishRequest,
-    PublishSummary,
-    StatusRequest,
-)
+from dht_dfs.node.operations import FetchRequest, PublishRequest, StatusRequest
+from dht_dfs.node.results import Event, Progress, PublishSummary
 
 pytestmark = pytest.mark.slow
 

@@ -23,23 +23,25 @@ from dht_dfs.core.refs import ReadReference, RootHash
 from dht_dfs.node.control import error_event, error_from_event
 from dht_dfs.node.operations import (
     CheckRequest,
+    FetchRequest,
+    PublishRequest,
+    RepairRequest,
+    Request,
+    StatusRequest,
+    load_convergence_secret,
+    request_from_json,
+)
+from dht_dfs.node.results import (
     ChunkCopies,
     Contact,
-    FetchRequest,
     FetchSummary,
     FileFound,
     HealthReport,
     NodeStatus,
     Progress,
-    PublishRequest,
     PublishSummary,
-    RepairRequest,
-    Request,
     Result,
-    StatusRequest,
     event_from_json,
-    load_convergence_secret,
-    request_from_json,
 )
 
 REFERENCE = ReadReference(ChunkId(bytes(range(32))), bytes(range(32, 64)))

@@ -1,0 +1,376 @@
+"""Typed results and progress events of the operations, with their JSON documents.
+
+Each is a frozen dataclass with ``to_json``/``from_json``; the documents are
+what ``dhtfs ... --json`` prints and what the control socket carries, so a
+node's own operation and a short-lived client's produce the very same ones.
+
+Must not import: node.py, control.py, session.py, the CLI.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
+from dht_dfs.transfer.engine import FetchResult, PublishResult
+from dht_dfs.transfer.network import CheckReport
+
+Document = dict[str, Any]
+
+_PROGRESS_INTERVAL = 0.1
+"""Seconds between progress events: a terminal bar needs no more."""
+
+
+def _rate(size: int, seconds: float) -> float | None:
+    return round(size / 1e6 / seconds, 1) if seconds else None
+
+
+# --- events ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Work done so far on a long operation."""
+
+    done: int
+    """Bytes (publish, fetch) or chunks (check, repair) done."""
+    total: int
+    """The same unit in all; 0 while unknown."""
+
+    def to_json(self) -> Document:
+        return {"event": "progress", "done": self.done, "total": self.total}
+
+
+@dataclass(frozen=True, slots=True)
+class FileFound:
+    """A fetch opened the root: what it is about to write, and where."""
+
+    name: str
+    """The name the publisher recorded."""
+    size: int
+    """Plaintext bytes."""
+    path: Path
+    """The file the fetch writes."""
+
+    def to_json(self) -> Document:
+        return {"event": "meta", "name": self.name, "size": self.size, "path": str(self.path)}
+
+
+Event = Progress | FileFound
+OnEvent = Callable[[Event], None]
+
+
+def event_from_json(document: Mapping[str, Any]) -> Event | None:
+    """The event a control line carries; None for a kind this version does not know."""
+    kind = document.get("event")
+    if kind == "progress":
+        return Progress(int(document["done"]), int(document["total"]))
+    if kind == "meta":
+        return FileFound(str(document["name"]), int(document["size"]), Path(document["path"]))
+    return None
+
+
+class _Throttle:
+    """Forward progress at most every ``_PROGRESS_INTERVAL`` seconds (and at the end)."""
+
+    def __init__(self, on_event: OnEvent) -> None:
+        self._on_event = on_event
+        self._last = 0.0
+
+    def __call__(self, done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - self._last >= _PROGRESS_INTERVAL or (total and done >= total):
+            self._last = now
+            self._on_event(Progress(done, total))
+
+
+# --- results -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PublishSummary:
+    """What a publish stored."""
+
+    reference: ReadReference
+    size: int
+    data_chunks: int
+    manifest_chunks: int
+    copies_placed: int
+    under_replicated: int
+    """Chunks that got fewer copies than wanted (too few live nodes)."""
+    seconds: float
+    mb_per_s: float | None
+
+    @property
+    def root_hash(self) -> RootHash:
+        return self.reference.root_hash
+
+    @classmethod
+    def of(cls, result: PublishResult) -> PublishSummary:
+        return cls(
+            reference=result.reference,
+            size=result.size,
+            data_chunks=result.data_chunks,
+            manifest_chunks=result.manifest_chunks,
+            copies_placed=result.copies,
+            under_replicated=result.under_replicated,
+            seconds=round(result.seconds, 3),
+            mb_per_s=_rate(result.size, result.seconds),
+        )
+
+    def to_json(self) -> Document:
+        return {
+            "reference": str(self.reference),
+            "root_hash": str(self.root_hash),
+            "root_id": self.reference.root.hex(),
+            "size": self.size,
+            "data_chunks": self.data_chunks,
+            "manifest_chunks": self.manifest_chunks,
+            "copies_placed": self.copies_placed,
+            "under_replicated": self.under_replicated,
+            "seconds": self.seconds,
+            "mb_per_s": self.mb_per_s,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> PublishSummary:
+        return cls(
+            reference=parse_read_reference(str(document["reference"])),
+            size=int(document["size"]),
+            data_chunks=int(document["data_chunks"]),
+            manifest_chunks=int(document["manifest_chunks"]),
+            copies_placed=int(document["copies_placed"]),
+            under_replicated=int(document["under_replicated"]),
+            seconds=float(document["seconds"]),
+            mb_per_s=_optional_float(document["mb_per_s"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class FetchSummary:
+    """What a fetch wrote."""
+
+    path: Path
+    name: str
+    size: int
+    sha256: str
+    """Hex SHA-256 of the plaintext, as the manifest records it."""
+    chunks: int
+    chunks_fetched: int
+    chunks_resumed: int
+    """Chunks already intact in a part file from an interrupted fetch."""
+    seconds: float
+    mb_per_s: float | None
+
+    @classmethod
+    def of(cls, result: FetchResult) -> FetchSummary:
+        return cls(
+            path=result.path,
+            name=result.metadata.name,
+            size=result.size,
+            sha256=result.metadata.plain_sha256.hex(),
+            chunks=result.chunks,
+            chunks_fetched=result.chunks_fetched,
+            chunks_resumed=result.chunks_resumed,
+            seconds=round(result.seconds, 3),
+            mb_per_s=_rate(result.size, result.seconds),
+        )
+
+    def to_json(self) -> Document:
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "size": self.size,
+            "sha256": self.sha256,
+            "chunks": self.chunks,
+            "chunks_fetched": self.chunks_fetched,
+            "chunks_resumed": self.chunks_resumed,
+            "seconds": self.seconds,
+            "mb_per_s": self.mb_per_s,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> FetchSummary:
+        return cls(
+            path=Path(str(document["path"])),
+            name=str(document["name"]),
+            size=int(document["size"]),
+            sha256=str(document["sha256"]),
+            chunks=int(document["chunks"]),
+            chunks_fetched=int(document["chunks_fetched"]),
+            chunks_resumed=int(document["chunks_resumed"]),
+            seconds=float(document["seconds"]),
+            mb_per_s=_optional_float(document["mb_per_s"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ChunkCopies:
+    """One chunk that a check found short of copies."""
+
+    chunk: ChunkId
+    manifest: bool
+    """A manifest chunk, not file data."""
+    copies: int
+    holders: tuple[NodeId, ...]
+
+    def to_json(self) -> Document:
+        return {
+            "chunk": self.chunk.hex(),
+            "manifest": self.manifest,
+            "copies": self.copies,
+            "holders": [holder.hex() for holder in self.holders],
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> ChunkCopies:
+        return cls(
+            chunk=ChunkId.from_hex(str(document["chunk"])),
+            manifest=bool(document["manifest"]),
+            copies=int(document["copies"]),
+            holders=tuple(NodeId.from_hex(str(h)) for h in document["holders"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class HealthReport:
+    """What check or repair found (and did): ``CheckReport.to_json`` as a value.
+
+    Lists are capped as ``CheckReport.to_json`` caps them.
+    """
+
+    root: RootHash
+    ok: bool
+    replicas_wanted: int
+    chunks: int
+    bytes: int
+    healthy: int
+    min_copies: int | None
+    under_replicated: tuple[ChunkCopies, ...]
+    lost: tuple[ChunkCopies, ...]
+    copies_added: int
+    errors: tuple[str, ...]
+    seconds: float
+
+    @classmethod
+    def of(cls, report: CheckReport) -> HealthReport:
+        return cls.from_json(report.to_json())
+
+    def to_json(self) -> Document:
+        return {
+            "root": str(self.root),
+            "ok": self.ok,
+            "replicas_wanted": self.replicas_wanted,
+            "chunks": self.chunks,
+            "bytes": self.bytes,
+            "healthy": self.healthy,
+            "min_copies": self.min_copies,
+            "under_replicated": [item.to_json() for item in self.under_replicated],
+            "lost": [item.to_json() for item in self.lost],
+            "copies_added": self.copies_added,
+            "errors": list(self.errors),
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> HealthReport:
+        min_copies = document["min_copies"]
+        return cls(
+            root=parse_root_hash(str(document["root"])),
+            ok=bool(document["ok"]),
+            replicas_wanted=int(document["replicas_wanted"]),
+            chunks=int(document["chunks"]),
+            bytes=int(document["bytes"]),
+            healthy=int(document["healthy"]),
+            min_copies=None if min_copies is None else int(min_copies),
+            under_replicated=tuple(ChunkCopies.from_json(i) for i in document["under_replicated"]),
+            lost=tuple(ChunkCopies.from_json(i) for i in document["lost"]),
+            copies_added=int(document["copies_added"]),
+            errors=tuple(str(e) for e in document["errors"]),
+            seconds=float(document["seconds"]),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Contact:
+    """A peer a node knows."""
+
+    node_id: NodeId
+    address: str
+    """HOST:PORT of its chunk transport."""
+
+    def to_json(self) -> Document:
+        return {"node_id": self.node_id.hex(), "address": self.address}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> Contact:
+        return cls(NodeId.from_hex(str(document["node_id"])), str(document["address"]))
+
+
+@dataclass(frozen=True, slots=True)
+class NodeStatus:
+    """A running node: who it is, whom it knows, what it stores."""
+
+    version: str
+    node_id: NodeId
+    address: str
+    data_dir: Path
+    pid: int
+    uptime_s: float
+    replicas: int
+    peers_known: int
+    peers_connected: int
+    contacts: tuple[Contact, ...]
+    """At most 50 of the known peers."""
+    chunks: int
+    bytes_stored: int
+    quota: int | None
+
+    def to_json(self) -> Document:
+        return {
+            "version": self.version,
+            "node_id": self.node_id.hex(),
+            "address": self.address,
+            "data_dir": str(self.data_dir),
+            "pid": self.pid,
+            "uptime_s": self.uptime_s,
+            "replicas": self.replicas,
+            "peers": {
+                "known": self.peers_known,
+                "connected": self.peers_connected,
+                "contacts": [contact.to_json() for contact in self.contacts],
+            },
+            "store": {"chunks": self.chunks, "bytes": self.bytes_stored, "quota": self.quota},
+        }
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> NodeStatus:
+        peers, store = document["peers"], document["store"]
+        quota = store["quota"]
+        return cls(
+            version=str(document["version"]),
+            node_id=NodeId.from_hex(str(document["node_id"])),
+            address=str(document["address"]),
+            data_dir=Path(str(document["data_dir"])),
+            pid=int(document["pid"]),
+            uptime_s=float(document["uptime_s"]),
+            replicas=int(document["replicas"]),
+            peers_known=int(peers["known"]),
+            peers_connected=int(peers["connected"]),
+            contacts=tuple(Contact.from_json(c) for c in peers["contacts"]),
+            chunks=int(store["chunks"]),
+            bytes_stored=int(store["bytes"]),
+            quota=None if quota is None else int(quota),
+        )
+
+
+Result = PublishSummary | FetchSummary | HealthReport | NodeStatus
+
+
+def _optional_float(value: Any) -> float | None:
+    return None if value is None else float(value)
