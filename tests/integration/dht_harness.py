@@ -16,8 +16,9 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import RemoteProtocolError
 from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.codec import FLAG_CLIENT, KIND_REPLY, decode_datagram, encode_request
 from dht_dfs.dht.node import DhtNode
-from dht_dfs.dht.values import FLAG_CLIENT, KIND_REPLY, Address, decode_datagram, encode_request
+from dht_dfs.dht.values import Address
 
 LOCALHOST = "127.0.0.1"
 WAIT = 10.0
