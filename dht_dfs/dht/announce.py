@@ -2,7 +2,7 @@
 
 Owns ``put_records`` (records batched per target, in groups of keys), the
 announcement of this node's own records and their periodic re-announcement
-(paced), and the push of
+(reading the keys it provides in a worker thread, paced), and the push of
 held records to a newly verified node that is now among their k closest
 (paper section 2.5). The records a node holds are in ``records``; signing
 and lookups are the owner's (``DhtNode``).
@@ -19,7 +19,7 @@ import logging
 import random
 import time
 import typing
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
 from typing import Final
 
@@ -53,6 +53,8 @@ ANNOUNCE_CONCURRENCY: Final = 8
 PUT_GROUP_KEYS: Final = 256
 """Keys whose records put_records places together (one lookup task each)."""
 MAX_REANNOUNCE_KEYS: Final = 10_000_000
+KEY_PULL_BATCH: Final = 1024
+"""Keys read from ``provided_keys`` per trip to a worker thread."""
 
 
 class AnnounceOwner(typing.Protocol):
@@ -83,6 +85,14 @@ async def run_pass(what: str, step: Callable[[], typing.Awaitable[object]]) -> N
     # (a BaseException) still does.
     except Exception:
         log.exception("DHT %s pass failed", what)
+
+
+def _take(keys: Iterator[bytes], count: int) -> list[bytes]:
+    return list(islice(keys, count))
+
+
+def _iterate(provided_keys: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
+    return iter(provided_keys())
 
 
 class Announcer:
@@ -230,20 +240,28 @@ class Announcer:
         if self._provided_keys is None or self.client_mode:
             return 0
         done = 0
-        keys = iter(self._provided_keys())
+        # provided_keys walks the chunk store's index (SQLite): it runs in a worker
+        # thread, KEY_PULL_BATCH keys a trip, so a large store never stalls the
+        # event loop. One trip at a time: the iterator is never used concurrently.
+        keys = await asyncio.to_thread(_iterate, self._provided_keys)
         # Bounded by MAX_REANNOUNCE_KEYS keys, ANNOUNCE_GROUP at a time, paced.
         while done < MAX_REANNOUNCE_KEYS:
-            batch = list(islice(keys, ANNOUNCE_GROUP))
-            if not batch:
+            pulled = await asyncio.to_thread(_take, keys, KEY_PULL_BATCH)
+            if not pulled:
                 break
-            group = [k for k in batch if isinstance(k, bytes) and len(k) == DHT_KEY_SIZE]
-            if len(group) != len(batch):
-                log.warning(
-                    "provided_keys yielded %d keys that are not 20 bytes", len(batch) - len(group)
-                )
-            await asyncio.sleep(self._announce_pacer.reserve(len(group), time.monotonic()))
-            await self.announce(group)
-            done += len(group)
+            for start in range(0, len(pulled), ANNOUNCE_GROUP):
+                if done >= MAX_REANNOUNCE_KEYS:
+                    break
+                batch = pulled[start : start + ANNOUNCE_GROUP]
+                group = [k for k in batch if isinstance(k, bytes) and len(k) == DHT_KEY_SIZE]
+                if len(group) != len(batch):
+                    log.warning(
+                        "provided_keys yielded %d keys that are not 20 bytes",
+                        len(batch) - len(group),
+                    )
+                await asyncio.sleep(self._announce_pacer.reserve(len(group), time.monotonic()))
+                await self.announce(group)
+                done += len(group)
         self.counters.reannounce_passes += 1
         self.reannounced.set()
         return done

@@ -573,7 +573,11 @@ class DhtNode:
         return await self._announcer.put_records(records, closest)
 
     async def reannounce(self) -> int:
-        """Announce every key ``provided_keys`` yields again; returns how many."""
+        """Announce every key ``provided_keys`` yields again; returns how many.
+
+        The keys are read in a worker thread, a batch at a time, so a large
+        store never stalls the event loop.
+        """
         return await self._announcer.reannounce()
 
     # --- background work ------------------------------------------------------------------

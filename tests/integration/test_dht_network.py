@@ -9,6 +9,8 @@ import json
 import os
 import random
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -358,3 +360,27 @@ async def test_records_of_a_provider_that_is_gone_are_forgotten() -> None:
         # ...evicts the contact, and with it the records that pointed at it.
         assert provider.identity.node_id not in {c.node_id for c in holder.known_contacts()}
         assert holder.local_providers(key) == []
+
+
+async def test_reannouncement_reads_provided_keys_off_the_event_loop() -> None:
+    # provided_keys walks the chunk store's SQLite index: on the event loop, a
+    # large store would stall every reply this node owes its peers.
+    keys = [os.urandom(20) for _ in range(3)]
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def provided_keys() -> Iterator[bytes]:
+        for key in keys:
+            threads.append(threading.get_ident())
+            yield key
+
+    node = await start_node(CONFIG, provided_keys=provided_keys)
+    try:
+        assert await node.reannounce() == len(keys)
+        assert len(threads) == len(keys)
+        assert loop_thread not in threads
+        # Alone in its network, the node is the closest to every key: it holds them.
+        assert all(node.local_providers(key) for key in keys)
+    finally:
+        await node.stop()
+
