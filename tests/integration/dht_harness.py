@@ -145,6 +145,15 @@ class RawPeer(asyncio.DatagramProtocol):
                 await self._arrived.wait()
         return reply
 
+    async def wait_datagram(self, within: float = WAIT) -> tuple[bytes, Address]:
+        """The first datagram received (waiting for it if none came yet)."""
+        async with asyncio.timeout(within):
+            # Bounded by the timeout; each round waits for a new datagram.
+            while not self.received:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.received[0]
+
     async def request(
         self, address: Address, name: str, args: Sequence[object], within: float = WAIT
     ) -> Any:

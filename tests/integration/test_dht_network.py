@@ -20,7 +20,9 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import LocalProtocolError, NetworkError
 from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.compat import DhtPeer
 from dht_dfs.dht.node import DhtNode
+from dht_dfs.dht.values import Contact
 from tests.integration.dht_harness import (
     LOCALHOST,
     WAIT,
@@ -384,3 +386,20 @@ async def test_reannouncement_reads_provided_keys_off_the_event_loop() -> None:
     finally:
         await node.stop()
 
+
+async def test_cancelled_lookup_raises_and_leaves_no_query_running() -> None:
+    node = await start_node(CONFIG)
+    try:
+        async with RawPeer.open() as silent:
+            contact = Contact(silent.identity.node_id, LOCALHOST, silent.port, silent.port)
+            node.protocol.welcome_if_new(DhtPeer(contact))
+            before = set(asyncio.all_tasks())
+            lookup = asyncio.create_task(node.lookup(os.urandom(20)))
+            await silent.wait_datagram()  # the query is in flight
+            lookup.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lookup
+            leftover = set(asyncio.all_tasks()) - before - {lookup}
+            assert leftover == set()
+    finally:
+        await node.stop()
