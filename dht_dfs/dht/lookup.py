@@ -182,9 +182,12 @@ class Lookup:
     def handle_timer(self, now: float) -> None:
         """Mark queries unanswered for ``slow_after`` seconds as SLOW."""
         for candidate in self._in_flight.values():
+            # The very sum next_timer returns: with ``now - asked_at`` instead,
+            # rounding could leave a query ASKED at its own timer, and a driver
+            # with exact time (a simulation) would spin.
             if (
                 candidate.state is CandidateState.ASKED
-                and now - candidate.asked_at >= self.slow_after
+                and now >= candidate.asked_at + self.slow_after
             ):
                 candidate.state = CandidateState.SLOW
 
