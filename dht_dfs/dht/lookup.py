@@ -283,7 +283,13 @@ class Lookup:
         problems: list[str] = []
         for item in reply.contact_items:
             # Most of a reply is contacts already met: skip those before parsing.
-            if isinstance(item, list) and item and item[0] in self._seen:
+            # The id must be bytes before it is looked up: a list is unhashable.
+            if (
+                isinstance(item, list)
+                and item
+                and isinstance(item[0], bytes)
+                and item[0] in self._seen
+            ):
                 continue
             try:
                 contact = Contact.from_wire(item)

@@ -309,6 +309,7 @@ def test_a_malformed_contact_is_refused_with_a_reason_and_the_rest_used() -> Non
     network = Network()
     bad_items: list[object] = [
         [b"short", "10.0.0.1", 1, 1],
+        [[1], "10.0.0.1", 1, 1],  # an unhashable id
         "not a contact",
     ]
     network.add(replier, lambda _c: (0.01, FindReply([*bad_items, good.to_wire()], [])))
