@@ -9,6 +9,7 @@ each, lowest layer first:
 * ``records``: the bounded store of records held for others (pure);
 * ``contacts``: the saved contact list (a JSON file);
 * ``lookup``: the iterative lookup as a state machine, time passed in (pure);
+* ``driver``: runs a lookup machine over the protocol (asyncio);
 * ``compat``: the only module of dhtfs that imports ``kademlia`` or
   ``rpcudp``; its docstring lists the library's faults it fixes;
 * ``protocol``: our RPCs over UDP (serve, call, validate, count);

@@ -1,14 +1,14 @@
 """The DHT node: the facade the node engine uses, wiring the DHT's parts.
 
 Owns the lifecycle (bind, background tasks, stop), bootstrap and joining
-(paper section 2.3), the asyncio driver of the lookup state machine, and the
-public API (lookups, provider records, announcements, contacts). The work
-itself is in the modules it wires: ``compat`` (kademlia's Server, routing
-table and protocol base; the list of library fixes is in its docstring),
-``protocol`` (our RPCs), ``lookup`` (the pure lookup machine),
-``membership`` (identity proofs), ``records`` (records held for others),
-``announce`` (placing records), ``contacts`` (the saved contact list),
-``values`` and ``codec`` (what crosses the wire).
+(paper section 2.3), and the public API (lookups, provider records,
+announcements, contacts). The work itself is in the modules it wires:
+``compat`` (kademlia's Server, routing table and protocol base; the list of
+library fixes is in its docstring), ``protocol`` (our RPCs), ``lookup`` (the
+pure lookup machine) and ``driver`` (its asyncio driver), ``membership``
+(identity proofs), ``records`` (records held for others), ``announce``
+(placing records), ``contacts`` (the saved contact list), ``values`` and
+``codec`` (what crosses the wire).
 
 Joining follows section 2.3 of the paper: a lookup of our own id, then one
 per distance level farther than our closest neighbour, so that every holder
@@ -39,7 +39,8 @@ from dht_dfs.core.ids import NODE_ID_SIZE, NodeId
 from dht_dfs.dht.announce import Announcer, run_pass
 from dht_dfs.dht.compat import DhtPeer, DhtServer
 from dht_dfs.dht.contacts import MAX_SAVED_CONTACTS, load_contacts, save_contacts
-from dht_dfs.dht.lookup import MAX_LOOKUP_STEPS, SLOW_REPLY_FRACTION, CandidateState, Lookup
+from dht_dfs.dht.driver import drive_lookup
+from dht_dfs.dht.lookup import SLOW_REPLY_FRACTION, Lookup
 from dht_dfs.dht.membership import Membership
 from dht_dfs.dht.protocol import DhtProtocol
 from dht_dfs.dht.records import ProviderStore
@@ -48,7 +49,6 @@ from dht_dfs.dht.values import (
     UNSPECIFIED_HOSTS,
     Address,
     Contact,
-    FindReply,
     LookupResult,
     LookupStats,
     NodeCounters,
@@ -458,11 +458,7 @@ class DhtNode:
         return contacts[:count]
 
     async def _lookup(self, key: bytes, *, want: int | None, with_providers: bool) -> LookupResult:
-        """Drive a ``lookup.Lookup`` machine (its docstring has the rules) over UDP.
-
-        Sends the queries it asks for, waits for the first reply or its next
-        timer, and feeds each outcome back.
-        """
+        """A ``lookup.Lookup`` machine (its docstring has the rules), driven over UDP."""
         protocol = self.protocol
         loop = asyncio.get_running_loop()
         started = loop.time()
@@ -485,47 +481,9 @@ class DhtNode:
             known_records=self.providers.get(key, record_time) if with_providers else (),
             presumed_dead=protocol.presumed_dead,
         )
-        in_flight: dict[asyncio.Task[FindReply | None], Contact] = {}
-        ended = False
-        try:
-            for _ in range(MAX_LOOKUP_STEPS):
-                now = loop.time()
-                for contact in machine.next_queries(now):
-                    query = protocol.query(contact, key, with_providers, limit)
-                    in_flight[loop.create_task(query)] = contact
-                if machine.finished(now):
-                    break
-                done, _pending = await asyncio.wait(
-                    in_flight,
-                    timeout=max(0.0, machine.next_timer() - now),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                now = loop.time()
-                for task in done:
-                    contact = in_flight.pop(task)
-                    reply = task.result()
-                    if reply is None:
-                        machine.on_failure(contact.node_id, now)
-                        continue
-                    for problem in machine.on_reply(contact.node_id, reply, now):
-                        protocol.drop(contact.udp_address, problem)
-            ended = True
-        finally:
-            # After a normal end, slow queries run on, owned by the node, so that a
-            # dead contact's timeout still counts toward its eviction; the others
-            # stop here, and all of them if the lookup itself failed or was cancelled.
-            cancelled = []
-            for task, contact in in_flight.items():
-                if ended and machine.state_of(contact.node_id) is CandidateState.SLOW:
-                    self._adopt(task)
-                else:
-                    task.cancel()
-                    cancelled.append(task)
-            if cancelled:
-                # asyncio.wait never raises the tasks' CancelledError, and a new
-                # cancellation of this task still interrupts it.
-                await asyncio.wait(cancelled)
-        return machine.result(loop.time())
+        return await drive_lookup(
+            machine, protocol, with_providers=with_providers, limit=limit, adopt=self._adopt
+        )
 
     # --- provider records --------------------------------------------------------------
 
