@@ -21,7 +21,7 @@ import time
 import typing
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import islice
-from typing import Final
+from typing import Final, TypeVar
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.ids import DHT_KEY_SIZE, NodeId
@@ -38,6 +38,8 @@ from dht_dfs.dht.values import (
 )
 
 log = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 WELCOME_PUSHERS: Final = 3
 """A holder pushes records to a new node only if it is among this many
@@ -93,6 +95,21 @@ def _take(keys: Iterator[bytes], count: int) -> list[bytes]:
 
 def _iterate(provided_keys: Callable[[], Iterable[bytes]]) -> Iterator[bytes]:
     return iter(provided_keys())
+
+
+async def _in_worker_thread(work: Callable[[], _T]) -> _T:
+    """``work()`` in a worker thread; if cancelled, re-raise only once it returned.
+
+    A thread cannot be stopped: without the wait, a node's stop() would return
+    while the thread still reads the caller's store, which its owner closes next.
+    """
+    future = asyncio.ensure_future(asyncio.to_thread(work))
+    try:
+        return await asyncio.shield(future)
+    except asyncio.CancelledError:
+        # Our own cancellation: let the read finish, then propagate it.
+        await asyncio.wait([future])
+        raise
 
 
 class Announcer:
@@ -243,10 +260,11 @@ class Announcer:
         # provided_keys walks the chunk store's index (SQLite): it runs in a worker
         # thread, KEY_PULL_BATCH keys a trip, so a large store never stalls the
         # event loop. One trip at a time: the iterator is never used concurrently.
-        keys = await asyncio.to_thread(_iterate, self._provided_keys)
+        provided_keys = self._provided_keys
+        keys = await _in_worker_thread(lambda: _iterate(provided_keys))
         # Bounded by MAX_REANNOUNCE_KEYS keys, ANNOUNCE_GROUP at a time, paced.
         while done < MAX_REANNOUNCE_KEYS:
-            pulled = await asyncio.to_thread(_take, keys, KEY_PULL_BATCH)
+            pulled = await _in_worker_thread(functools.partial(_take, keys, KEY_PULL_BATCH))
             if not pulled:
                 break
             for start in range(0, len(pulled), ANNOUNCE_GROUP):

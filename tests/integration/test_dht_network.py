@@ -387,6 +387,34 @@ async def test_reannouncement_reads_provided_keys_off_the_event_loop() -> None:
         await node.stop()
 
 
+async def test_cancelled_reannouncement_waits_for_the_key_read_in_progress() -> None:
+    # The owner closes the store the keys come from right after stop(): a read
+    # still running in a worker thread must end before the cancellation does.
+    entered, release = threading.Event(), threading.Event()
+    read_done: list[bool] = []
+
+    def provided_keys() -> Iterator[bytes]:
+        entered.set()
+        release.wait(WAIT)
+        yield os.urandom(20)
+        read_done.append(True)
+
+    node = await start_node(CONFIG, provided_keys=provided_keys)
+    try:
+        task = asyncio.create_task(node.reannounce())
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        task.cancel()
+        finished, _running = await asyncio.wait([task], timeout=0.2)
+        assert finished == set()  # still waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT)
+        assert read_done == [True]
+    finally:
+        release.set()
+        await node.stop()
+
+
 async def test_cancelled_lookup_raises_and_leaves_no_query_running() -> None:
     node = await start_node(CONFIG)
     try:
