@@ -7,8 +7,9 @@ four handlers, the memory of consecutive failures per contact (eviction, and
 the "presumed dead" test lookups use), and the running counters. It builds on
 ``compat.CompatProtocol`` for what kademlia's base class does.
 
-Must not import: kademlia, rpcudp (only ``compat`` does), nor the higher
-modules of ``dht`` (lookup, membership, records, contacts, node).
+Must not import: kademlia, rpcudp (only ``compat`` does), nor the ``dht``
+modules built on it (driver, membership, announce, node) or unrelated to it
+(lookup, contacts).
 """
 
 from __future__ import annotations
