@@ -166,7 +166,8 @@ class Lookup:
         """Merge a (shape-checked) reply; returns why parts of it were refused.
 
         A SLOW query's reply is used like any other: its contact is ANSWERED and
-        back in the window.
+        back in the window. The reasons are for the caller to log against the
+        replier (``DhtProtocol.drop``).
         """
         candidate = self._complete(node_id)
         candidate.state = CandidateState.ANSWERED
@@ -175,7 +176,10 @@ class Lookup:
         return self._absorb(candidate, reply)
 
     def on_failure(self, node_id: NodeId, now: float) -> None:
-        """The query to ``node_id`` timed out or its reply was malformed."""
+        """The query to ``node_id`` timed out or its reply was malformed.
+
+        ``now`` is taken for symmetry with ``on_reply``; neither rule depends on it.
+        """
         self._complete(node_id).state = CandidateState.FAILED
         self.failed += 1
 

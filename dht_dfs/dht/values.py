@@ -1,10 +1,12 @@
 """The DHT's values: contacts, signed provider records, identity proofs, lookup
-results. Pure: no sockets, no kademlia, no asyncio.
+results and counters. Pure: no sockets, no kademlia, no asyncio.
 
-Owns what the DHT's messages carry and how each is checked: every parser
-here raises RemoteProtocolError for a peer's mistake, so the protocol can
-drop a bad datagram with one log line. The datagram framing and MessagePack
-primitives are in ``codec``; this module builds on it.
+Owns what the DHT's messages carry and how each is checked (including the
+parsing of find_node / get_providers and ping replies, and the batching of
+records into datagrams): every parser here raises RemoteProtocolError for a
+peer's mistake, so the protocol can drop a bad datagram with one log line.
+The datagram framing and MessagePack primitives are in ``codec``; this
+module builds on it.
 
 Must not import: asyncio, kademlia, rpcudp, or any ``dht`` module but ``codec``.
 
