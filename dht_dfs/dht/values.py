@@ -1,27 +1,14 @@
-"""The DHT's values and datagram format. Pure: no sockets, no kademlia.
+"""The DHT's values: contacts, signed provider records, identity proofs, lookup
+results and counters. Pure: no sockets, no kademlia, no asyncio.
 
-Owns what crosses the wire between DHT nodes and how it is checked:
-contacts, signed provider records, the datagram codec (rpcudp's framing with
-one MessagePack value), the validation every argument from a peer goes
-through, the bounded store of provider records a node holds for others, and
-the identity proof of a challenge ping. ``dht.py`` puts these to work on
-kademlia's protocol; every function here raises RemoteProtocolError for a
+Owns what the DHT's messages carry and how each is checked (including the
+parsing of find_node / get_providers and ping replies, and the batching of
+records into datagrams): every parser here raises RemoteProtocolError for a
 peer's mistake, so the protocol can drop a bad datagram with one log line.
+The datagram framing and MessagePack primitives are in ``codec``; this
+module builds on it.
 
-Wire format. Datagrams keep rpcudp's framing: one kind byte (0x00 request,
-0x01 reply), a 20-byte random message id, then exactly one MessagePack
-value. A request's value is ``[name, args]`` and its first argument is the
-sender header ``[node_id, tcp_port, flags]`` (flags bit 0: client mode)::
-
-    ping(header, nonce)              -> [node_id, public_key, tcp_port, flags,
-                                         signature, [observed_host, observed_port]]
-    find_node(header, key)           -> [contact, ...]
-    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...]]
-    add_providers(header, [record, ...]) -> [accepted, ...]
-
-    contact = [node_id(20), host (IP literal), udp_port, tcp_port]
-    record  = [key(20), node_id(20), public_key(32), host, tcp_port,
-               expiry (unix seconds), signature(64)]
+Must not import: asyncio, kademlia, rpcudp, or any ``dht`` module but ``codec``.
 
 A ping signature covers ``PING_DOMAIN | len(nonce) | nonce | node_id |
 tcp_port(2) | flags(1)``; a record signature covers ``RECORD_DOMAIN | key |
@@ -33,18 +20,25 @@ joiners receive records).
 from __future__ import annotations
 
 import contextlib
-import heapq
-import io
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import umsgpack
-
 from dht_dfs.core.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
 from dht_dfs.core.errors import RemoteProtocolError
 from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+from dht_dfs.dht.codec import (
+    DATAGRAM_BUDGET,
+    FLAG_CLIENT,
+    FRAME_HEADER_SIZE,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    pack,
+    remote_error,
+    unpack_exact,
+)
 
 Address = tuple[str, int]
 """A UDP or TCP endpoint: (host, port)."""
@@ -52,16 +46,6 @@ Address = tuple[str, int]
 # --- limits --------------------------------------------------------------------------
 # Fixed by the protocol rather than tuned per deployment, so they live here and
 # not in Config.
-
-MAX_DATAGRAM_SIZE: Final = 8192
-"""Largest datagram accepted; anything longer is dropped unread."""
-DATAGRAM_BUDGET: Final = 6144
-"""Largest datagram this node sends. Well under the receive limit, so a peer
-running the same code never drops what we send, and fewer IP fragments."""
-MESSAGE_ID_SIZE: Final = 20
-FRAME_HEADER_SIZE: Final = 1 + MESSAGE_ID_SIZE
-KIND_REQUEST: Final = 0x00
-KIND_REPLY: Final = 0x01
 
 MIN_NONCE_SIZE: Final = 16
 MAX_NONCE_SIZE: Final = 64
@@ -71,7 +55,6 @@ MAX_CONTACTS_PER_REPLY: Final = 64
 MAX_RECORDS_PER_MESSAGE: Final = 64
 MAX_EXPIRY: Final = 2**40
 """Unix seconds; far beyond any real expiry, small enough for 8 bytes."""
-FLAG_CLIENT: Final = 0x01
 MAX_RECORD_BYTES: Final = 512
 """A record's MessagePack encoding is about 190 bytes with a 15-character host."""
 
@@ -89,44 +72,8 @@ HOST_CHARACTERS: Final = frozenset(
 )
 UNSPECIFIED_HOSTS: Final = frozenset({"", "0.0.0.0", "::"})
 
-REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
-"""The only procedure names this node calls or serves."""
 
-
-# --- argument validation (shared by requests, replies, state file) --------------------
-
-
-def remote_error(message: str) -> RemoteProtocolError:
-    return RemoteProtocolError(message)
-
-
-def expect_bytes(value: object, size: int, what: str) -> bytes:
-    if not isinstance(value, bytes):
-        raise remote_error(f"{what} must be bytes, got {type(value).__name__}")
-    if len(value) != size:
-        raise remote_error(f"{what} must be {size} bytes, got {len(value)}")
-    return value
-
-
-def expect_int(value: object, low: int, high: int, what: str) -> int:
-    # bool is an int subclass; a peer that sends true for a port is wrong.
-    if not isinstance(value, int) or isinstance(value, bool):
-        raise remote_error(f"{what} must be an integer, got {type(value).__name__}")
-    if not low <= value <= high:
-        raise remote_error(f"{what} must be in [{low}, {high}], got {value}")
-    return value
-
-
-def expect_list(
-    value: object, what: str, *, exact: int | None = None, limit: int | None = None
-) -> list[Any]:
-    if not isinstance(value, list):
-        raise remote_error(f"{what} must be a list, got {type(value).__name__}")
-    if exact is not None and len(value) != exact:
-        raise remote_error(f"{what} must have {exact} items, got {len(value)}")
-    if limit is not None and len(value) > limit:
-        raise remote_error(f"{what} has {len(value)} items, more than {limit}")
-    return value
+# --- host and key validation -----------------------------------------------------------
 
 
 def expect_host(value: object, what: str, *, ip_only: bool) -> str:
@@ -353,6 +300,17 @@ class ProviderRecord:
         return f"ProviderRecord({self.key.hex()[:12]}… by {self.node_id} at {where})"
 
 
+@dataclass(slots=True)
+class NodeCounters:
+    """Running totals of one DhtNode, for ``status``."""
+
+    lookups: int = 0
+    verified: int = 0
+    verification_failures: int = 0
+    records_pushed: int = 0
+    reannounce_passes: int = 0
+
+
 @dataclass(frozen=True, slots=True)
 class LookupStats:
     """What one lookup cost, for the benchmark and for logs."""
@@ -381,83 +339,7 @@ class LookupResult:
     stats: LookupStats
 
 
-# --- datagram codec (sans-IO) -------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Datagram:
-    """One decoded datagram."""
-
-    kind: int
-    """KIND_REQUEST or KIND_REPLY."""
-    message_id: bytes
-    """20 random bytes that pair a reply with its request."""
-    body: Any
-    """The decoded MessagePack value (not yet validated)."""
-
-
-def pack(value: object) -> bytes:
-    packed: bytes = umsgpack.packb(value)
-    return packed
-
-
-def encode_request(message_id: bytes, name: str, args: Sequence[object]) -> bytes:
-    return bytes([KIND_REQUEST]) + message_id + pack([name, list(args)])
-
-
-def encode_reply(message_id: bytes, body: object) -> bytes:
-    packed = body.data if isinstance(body, Encoded) else pack(body)
-    return bytes([KIND_REPLY]) + message_id + packed
-
-
-@dataclass(frozen=True, slots=True)
-class Encoded:
-    """A value already in MessagePack form, assembled from cached pieces."""
-
-    data: bytes
-
-
-def array_header(count: int) -> bytes:
-    """The MessagePack header of an array of ``count`` items."""
-    if count < 16:
-        return bytes([0x90 | count])
-    if count < 1 << 16:
-        return b"\xdc" + count.to_bytes(2, "big")
-    return b"\xdd" + count.to_bytes(4, "big")
-
-
-def unpack_exact(payload: bytes) -> Any:
-    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError."""
-    stream = io.BytesIO(payload)
-    try:
-        value = umsgpack.unpack(stream)
-    # umsgpack raises its own UnpackException family, but hostile input also reaches
-    # RecursionError (deep nesting), ValueError/OverflowError (timestamps) and more;
-    # the decoder does not document the full set, so everything it raises is "bad input".
-    except Exception as exc:
-        raise remote_error(f"body is not MessagePack ({type(exc).__name__})") from None
-    trailing = len(payload) - stream.tell()
-    if trailing:
-        raise remote_error(f"{trailing} trailing byte(s) after the MessagePack body")
-    return value
-
-
-def decode_datagram(data: bytes) -> Datagram:
-    """Split and decode a datagram; raises RemoteProtocolError with the reason."""
-    if len(data) > MAX_DATAGRAM_SIZE:
-        raise remote_error(
-            f"datagram of {len(data)} bytes exceeds the {MAX_DATAGRAM_SIZE}-byte limit"
-        )
-    if len(data) <= FRAME_HEADER_SIZE:
-        raise remote_error(
-            f"datagram of {len(data)} bytes is shorter than the "
-            f"{FRAME_HEADER_SIZE + 1}-byte minimum"
-        )
-    kind = data[0]
-    if kind not in (KIND_REQUEST, KIND_REPLY):
-        raise remote_error(f"unknown datagram kind 0x{kind:02x}")
-    body = unpack_exact(bytes(data[FRAME_HEADER_SIZE:]))
-    return Datagram(kind, bytes(data[1:FRAME_HEADER_SIZE]), body)
+# --- messages built from values ----------------------------------------------------------
 
 
 def split_into_batches(
@@ -479,131 +361,6 @@ def split_into_batches(
     if current:
         batches.append(current)
     return batches
-
-
-# --- provider records held by this node (pure) -----------------------------------------------
-
-
-class ProviderStore:
-    """The provider records this node holds for others, bounded and expiring.
-
-    At most ``max_per_key`` records per key and ``max_total`` in all; when full,
-    the record that expires soonest gives way to one that lives longer. Records
-    are verified before they get here; this class only keeps them.
-    """
-
-    def __init__(self, max_per_key: int, max_total: int) -> None:
-        if max_per_key < 1 or max_total < 1:
-            raise ValueError("provider store limits must be positive")
-        self.max_per_key = max_per_key
-        self.max_total = max_total
-        self._by_key: dict[bytes, dict[NodeId, ProviderRecord]] = {}
-        self._by_provider: dict[NodeId, set[bytes]] = {}
-        # (expiry, key, node id) with lazy deletion: an entry whose record was
-        # replaced or removed is skipped when it surfaces.
-        self._expiry_heap: list[tuple[int, bytes, bytes]] = []
-        self._count = 0
-
-    def __len__(self) -> int:
-        return self._count
-
-    def keys(self) -> list[bytes]:
-        return list(self._by_key)
-
-    def holds(self, record: ProviderRecord) -> bool:
-        """True if this exact record is already held (so it needs no new check)."""
-        return self._by_key.get(record.key, {}).get(record.node_id) == record
-
-    def get(self, key: bytes, now: float) -> list[ProviderRecord]:
-        """Unexpired records for ``key``, longest-lived first."""
-        records = [r for r in self._by_key.get(key, {}).values() if not r.expired(now)]
-        records.sort(key=lambda r: r.expiry, reverse=True)
-        return records
-
-    def add(self, record: ProviderRecord, now: float) -> bool:
-        """Keep a verified record; False if it is expired or loses to the caps."""
-        if record.expired(now):
-            return False
-        per_key = self._by_key.get(record.key, {})
-        held = per_key.get(record.node_id)
-        if held is not None:
-            if held.expiry >= record.expiry:
-                return True  # already held, as long-lived: the store confirms it
-            per_key[record.node_id] = record
-            self._push(record)
-            return True
-        if len(per_key) >= self.max_per_key:
-            soonest = min(per_key.values(), key=lambda r: r.expiry)
-            if soonest.expiry >= record.expiry and not soonest.expired(now):
-                return False
-            self._remove(soonest.key, soonest.node_id)
-        if self._count >= self.max_total:
-            self.expire(now)
-        if self._count >= self.max_total:
-            victim = self._soonest()
-            if victim is None or victim.expiry >= record.expiry:
-                return False
-            self._remove(victim.key, victim.node_id)
-        self._by_key.setdefault(record.key, {})[record.node_id] = record
-        self._by_provider.setdefault(record.node_id, set()).add(record.key)
-        self._count += 1
-        self._push(record)
-        return True
-
-    def remove(self, key: bytes, node_id: NodeId) -> bool:
-        return self._remove(key, node_id)
-
-    def remove_provider(self, node_id: NodeId) -> int:
-        """Drop every record of one provider (it is gone); returns how many."""
-        keys = self._by_provider.get(node_id, set()).copy()
-        return sum(self._remove(key, node_id) for key in keys)
-
-    def expire(self, now: float) -> int:
-        """Drop every record expired at ``now``; returns how many."""
-        dropped = 0
-        # Bounded: each iteration pops one heap entry.
-        while self._expiry_heap and self._expiry_heap[0][0] <= now:
-            _expiry, key, digest = heapq.heappop(self._expiry_heap)
-            node_id = NodeId(digest)
-            record = self._by_key.get(key, {}).get(node_id)
-            if record is not None and record.expired(now):
-                self._remove(key, node_id)
-                dropped += 1
-        return dropped
-
-    def _push(self, record: ProviderRecord) -> None:
-        heapq.heappush(self._expiry_heap, (record.expiry, record.key, record.node_id.digest))
-        if len(self._expiry_heap) > 2 * self._count + 1024:
-            self._expiry_heap = [
-                (r.expiry, r.key, r.node_id.digest)
-                for per_key in self._by_key.values()
-                for r in per_key.values()
-            ]
-            heapq.heapify(self._expiry_heap)
-
-    def _soonest(self) -> ProviderRecord | None:
-        # Bounded by the heap's length; stale entries are discarded on the way.
-        while self._expiry_heap:
-            expiry, key, digest = self._expiry_heap[0]
-            record = self._by_key.get(key, {}).get(NodeId(digest))
-            if record is not None and record.expiry == expiry:
-                return record
-            heapq.heappop(self._expiry_heap)
-        return None
-
-    def _remove(self, key: bytes, node_id: NodeId) -> bool:
-        per_key = self._by_key.get(key)
-        if per_key is None or per_key.pop(node_id, None) is None:
-            return False
-        self._count -= 1
-        if not per_key:
-            del self._by_key[key]
-        provided = self._by_provider.get(node_id)
-        if provided is not None:
-            provided.discard(key)
-            if not provided:
-                del self._by_provider[node_id]
-        return True
 
 
 def ping_proof_message(nonce: bytes, node_id: NodeId, tcp_port: int, flags: int) -> bytes:

@@ -16,8 +16,9 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import RemoteProtocolError
 from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.codec import FLAG_CLIENT, KIND_REPLY, decode_datagram, encode_request
 from dht_dfs.dht.node import DhtNode
-from dht_dfs.dht.values import FLAG_CLIENT, KIND_REPLY, Address, decode_datagram, encode_request
+from dht_dfs.dht.values import Address
 
 LOCALHOST = "127.0.0.1"
 WAIT = 10.0
@@ -143,6 +144,15 @@ class RawPeer(asyncio.DatagramProtocol):
                 self._arrived.clear()
                 await self._arrived.wait()
         return reply
+
+    async def wait_datagram(self, within: float = WAIT) -> tuple[bytes, Address]:
+        """The first datagram received (waiting for it if none came yet)."""
+        async with asyncio.timeout(within):
+            # Bounded by the timeout; each round waits for a new datagram.
+            while not self.received:
+                self._arrived.clear()
+                await self._arrived.wait()
+        return self.received[0]
 
     async def request(
         self, address: Address, name: str, args: Sequence[object], within: float = WAIT

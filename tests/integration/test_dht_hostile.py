@@ -15,8 +15,9 @@ import pytest
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
-from dht_dfs.dht.node import DROP_LOG_BURST
-from dht_dfs.dht.values import MAX_DATAGRAM_SIZE, ProviderRecord, encode_request
+from dht_dfs.dht.codec import MAX_DATAGRAM_SIZE, encode_request
+from dht_dfs.dht.protocol import DROP_LOG_BURST
+from dht_dfs.dht.values import ProviderRecord
 from tests.integration.dht_harness import (
     LOCALHOST,
     RawPeer,
@@ -84,7 +85,7 @@ async def test_malformed_and_oversized_datagrams_are_dropped(
         address = (LOCALHOST, target.port)
         with (
             loop_exception_reports() as reports,
-            caplog.at_level(logging.WARNING, "dht_dfs.dht.node"),
+            caplog.at_level(logging.WARNING, "dht_dfs.dht.protocol"),
         ):
             datagrams = hostile_datagrams(raw.header())
             for start in range(0, len(datagrams), 10):

@@ -9,6 +9,8 @@ import json
 import os
 import random
 import socket
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,9 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import LocalProtocolError, NetworkError
 from dht_dfs.core.ids import NodeId
+from dht_dfs.dht.compat import DhtPeer
 from dht_dfs.dht.node import DhtNode
+from dht_dfs.dht.values import Contact
 from tests.integration.dht_harness import (
     LOCALHOST,
     WAIT,
@@ -358,3 +362,72 @@ async def test_records_of_a_provider_that_is_gone_are_forgotten() -> None:
         # ...evicts the contact, and with it the records that pointed at it.
         assert provider.identity.node_id not in {c.node_id for c in holder.known_contacts()}
         assert holder.local_providers(key) == []
+
+
+async def test_reannouncement_reads_provided_keys_off_the_event_loop() -> None:
+    # provided_keys walks the chunk store's SQLite index: on the event loop, a
+    # large store would stall every reply this node owes its peers.
+    keys = [os.urandom(20) for _ in range(3)]
+    loop_thread = threading.get_ident()
+    threads: list[int] = []
+
+    def provided_keys() -> Iterator[bytes]:
+        for key in keys:
+            threads.append(threading.get_ident())
+            yield key
+
+    node = await start_node(CONFIG, provided_keys=provided_keys)
+    try:
+        assert await node.reannounce() == len(keys)
+        assert len(threads) == len(keys)
+        assert loop_thread not in threads
+        # Alone in its network, the node is the closest to every key: it holds them.
+        assert all(node.local_providers(key) for key in keys)
+    finally:
+        await node.stop()
+
+
+async def test_cancelled_reannouncement_waits_for_the_key_read_in_progress() -> None:
+    # The owner closes the store the keys come from right after stop(): a read
+    # still running in a worker thread must end before the cancellation does.
+    entered, release = threading.Event(), threading.Event()
+    read_done: list[bool] = []
+
+    def provided_keys() -> Iterator[bytes]:
+        entered.set()
+        release.wait(WAIT)
+        yield os.urandom(20)
+        read_done.append(True)
+
+    node = await start_node(CONFIG, provided_keys=provided_keys)
+    try:
+        task = asyncio.create_task(node.reannounce())
+        assert await asyncio.to_thread(entered.wait, WAIT)
+        task.cancel()
+        finished, _running = await asyncio.wait([task], timeout=0.2)
+        assert finished == set()  # still waiting for the thread
+        release.set()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, WAIT)
+        assert read_done == [True]
+    finally:
+        release.set()
+        await node.stop()
+
+
+async def test_cancelled_lookup_raises_and_leaves_no_query_running() -> None:
+    node = await start_node(CONFIG)
+    try:
+        async with RawPeer.open() as silent:
+            contact = Contact(silent.identity.node_id, LOCALHOST, silent.port, silent.port)
+            node.protocol.welcome_if_new(DhtPeer(contact))
+            before = set(asyncio.all_tasks())
+            lookup = asyncio.create_task(node.lookup(os.urandom(20)))
+            await silent.wait_datagram()  # the query is in flight
+            lookup.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await lookup
+            leftover = set(asyncio.all_tasks()) - before - {lookup}
+            assert leftover == set()
+    finally:
+        await node.stop()

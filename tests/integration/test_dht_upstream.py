@@ -29,8 +29,11 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import RemoteProtocolError
 from dht_dfs.core.ids import NodeId
-from dht_dfs.dht.node import STATE_FORMAT, DhtNode, DhtPeer
-from dht_dfs.dht.values import DATAGRAM_BUDGET, Contact, ProviderRecord, decode_datagram
+from dht_dfs.dht.codec import DATAGRAM_BUDGET, decode_datagram
+from dht_dfs.dht.compat import DhtPeer
+from dht_dfs.dht.contacts import STATE_FORMAT
+from dht_dfs.dht.node import DhtNode
+from dht_dfs.dht.values import Contact, ProviderRecord
 from tests.integration.dht_harness import LOCALHOST, RawPeer, loop_exception_reports, settle
 
 FAST = Config(dht_rpc_timeout=0.3, dht_lookup_timeout=5.0, ksize=20)

@@ -27,19 +27,17 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import LocalProtocolError
 from dht_dfs.core.ids import NodeId
-from dht_dfs.dht.node import DhtPeer, DhtProtocol, DhtRoutingTable
-from dht_dfs.dht.values import (
+from dht_dfs.dht.codec import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
-    Address,
-    Contact,
-    ProviderRecord,
-    ProviderStore,
-    check_ping_reply,
     decode_datagram,
     encode_reply,
     encode_request,
 )
+from dht_dfs.dht.compat import DhtPeer, DhtRoutingTable
+from dht_dfs.dht.protocol import DhtProtocol
+from dht_dfs.dht.records import ProviderStore
+from dht_dfs.dht.values import Address, Contact, ProviderRecord, check_ping_reply
 
 NOW = 1_700_000_000.0
 PEER: Address = ("10.0.0.9", 5000)
@@ -258,7 +256,7 @@ def test_bad_arguments_are_dropped_with_one_log_line(
     name: str, args: list[object], reason: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     protocol, transport, hooks = make_protocol()
-    with caplog.at_level(logging.WARNING, logger="dht_dfs.dht.node"):
+    with caplog.at_level(logging.WARNING, logger="dht_dfs.dht.protocol"):
         send(protocol, name, args)
     assert transport.sent == []
     assert hooks.senders == []

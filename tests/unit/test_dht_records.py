@@ -13,18 +13,20 @@ from hypothesis import strategies as st
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import RemoteProtocolError
 from dht_dfs.core.ids import NodeId
-from dht_dfs.dht.values import (
+from dht_dfs.dht.codec import (
     DATAGRAM_BUDGET,
     KIND_REPLY,
     KIND_REQUEST,
     MAX_DATAGRAM_SIZE,
-    RECORD_DOMAIN,
-    Contact,
-    ProviderRecord,
-    ProviderStore,
     decode_datagram,
     encode_reply,
     encode_request,
+)
+from dht_dfs.dht.records import ProviderStore
+from dht_dfs.dht.values import (
+    RECORD_DOMAIN,
+    Contact,
+    ProviderRecord,
     parse_address,
     split_into_batches,
 )

@@ -1,0 +1,173 @@
+"""The DHT datagram format and MessagePack codec. Pure: no sockets, no kademlia.
+
+Owns how a datagram's bytes become a value and back, and the argument checks
+every value from a peer goes through (``expect_*``). It knows no value type
+of the DHT (those are in ``values``, which builds on this module); every
+function here raises RemoteProtocolError for a peer's mistake, so the
+protocol can drop a bad datagram with one log line.
+
+Must not import: asyncio, kademlia, rpcudp, or any other module of ``dht``.
+
+Wire format. Datagrams keep rpcudp's framing: one kind byte (0x00 request,
+0x01 reply), a 20-byte random message id, then exactly one MessagePack
+value. A request's value is ``[name, args]`` and its first argument is the
+sender header ``[node_id, tcp_port, flags]`` (flags bit 0: client mode)::
+
+    ping(header, nonce)              -> [node_id, public_key, tcp_port, flags,
+                                         signature, [observed_host, observed_port]]
+    find_node(header, key)           -> [contact, ...]
+    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...]]
+    add_providers(header, [record, ...]) -> [accepted, ...]
+
+    contact = [node_id(20), host (IP literal), udp_port, tcp_port]
+    record  = [key(20), node_id(20), public_key(32), host, tcp_port,
+               expiry (unix seconds), signature(64)]
+
+The signed messages of a ping proof and of a provider record are described
+in ``values``.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Final
+
+import umsgpack
+
+from dht_dfs.core.errors import RemoteProtocolError
+
+# --- limits --------------------------------------------------------------------------
+# Fixed by the protocol rather than tuned per deployment, so they live here and
+# not in Config.
+
+MAX_DATAGRAM_SIZE: Final = 8192
+"""Largest datagram accepted; anything longer is dropped unread."""
+DATAGRAM_BUDGET: Final = 6144
+"""Largest datagram this node sends. Well under the receive limit, so a peer
+running the same code never drops what we send, and fewer IP fragments."""
+MESSAGE_ID_SIZE: Final = 20
+FRAME_HEADER_SIZE: Final = 1 + MESSAGE_ID_SIZE
+KIND_REQUEST: Final = 0x00
+KIND_REPLY: Final = 0x01
+FLAG_CLIENT: Final = 0x01
+"""Sender header flag: the sender is a client and never enters a routing table."""
+
+REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
+"""The only procedure names this node calls or serves."""
+
+
+# --- argument validation (shared by requests, replies, state file) --------------------
+
+
+def remote_error(message: str) -> RemoteProtocolError:
+    return RemoteProtocolError(message)
+
+
+def expect_bytes(value: object, size: int, what: str) -> bytes:
+    if not isinstance(value, bytes):
+        raise remote_error(f"{what} must be bytes, got {type(value).__name__}")
+    if len(value) != size:
+        raise remote_error(f"{what} must be {size} bytes, got {len(value)}")
+    return value
+
+
+def expect_int(value: object, low: int, high: int, what: str) -> int:
+    # bool is an int subclass; a peer that sends true for a port is wrong.
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise remote_error(f"{what} must be an integer, got {type(value).__name__}")
+    if not low <= value <= high:
+        raise remote_error(f"{what} must be in [{low}, {high}], got {value}")
+    return value
+
+
+def expect_list(
+    value: object, what: str, *, exact: int | None = None, limit: int | None = None
+) -> list[Any]:
+    if not isinstance(value, list):
+        raise remote_error(f"{what} must be a list, got {type(value).__name__}")
+    if exact is not None and len(value) != exact:
+        raise remote_error(f"{what} must have {exact} items, got {len(value)}")
+    if limit is not None and len(value) > limit:
+        raise remote_error(f"{what} has {len(value)} items, more than {limit}")
+    return value
+
+
+# --- MessagePack and framing (sans-IO) -------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Datagram:
+    """One decoded datagram."""
+
+    kind: int
+    """KIND_REQUEST or KIND_REPLY."""
+    message_id: bytes
+    """20 random bytes that pair a reply with its request."""
+    body: Any
+    """The decoded MessagePack value (not yet validated)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    """A value already in MessagePack form, assembled from cached pieces."""
+
+    data: bytes
+
+
+def pack(value: object) -> bytes:
+    packed: bytes = umsgpack.packb(value)
+    return packed
+
+
+def encode_request(message_id: bytes, name: str, args: Sequence[object]) -> bytes:
+    return bytes([KIND_REQUEST]) + message_id + pack([name, list(args)])
+
+
+def encode_reply(message_id: bytes, body: object) -> bytes:
+    packed = body.data if isinstance(body, Encoded) else pack(body)
+    return bytes([KIND_REPLY]) + message_id + packed
+
+
+def array_header(count: int) -> bytes:
+    """The MessagePack header of an array of ``count`` items."""
+    if count < 16:
+        return bytes([0x90 | count])
+    if count < 1 << 16:
+        return b"\xdc" + count.to_bytes(2, "big")
+    return b"\xdd" + count.to_bytes(4, "big")
+
+
+def unpack_exact(payload: bytes) -> Any:
+    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError."""
+    stream = io.BytesIO(payload)
+    try:
+        value = umsgpack.unpack(stream)
+    # umsgpack raises its own UnpackException family, but hostile input also reaches
+    # RecursionError (deep nesting), ValueError/OverflowError (timestamps) and more;
+    # the decoder does not document the full set, so everything it raises is "bad input".
+    except Exception as exc:
+        raise remote_error(f"body is not MessagePack ({type(exc).__name__})") from None
+    trailing = len(payload) - stream.tell()
+    if trailing:
+        raise remote_error(f"{trailing} trailing byte(s) after the MessagePack body")
+    return value
+
+
+def decode_datagram(data: bytes) -> Datagram:
+    """Split and decode a datagram; raises RemoteProtocolError with the reason."""
+    if len(data) > MAX_DATAGRAM_SIZE:
+        raise remote_error(
+            f"datagram of {len(data)} bytes exceeds the {MAX_DATAGRAM_SIZE}-byte limit"
+        )
+    if len(data) <= FRAME_HEADER_SIZE:
+        raise remote_error(
+            f"datagram of {len(data)} bytes is shorter than the "
+            f"{FRAME_HEADER_SIZE + 1}-byte minimum"
+        )
+    kind = data[0]
+    if kind not in (KIND_REQUEST, KIND_REPLY):
+        raise remote_error(f"unknown datagram kind 0x{kind:02x}")
+    body = unpack_exact(bytes(data[FRAME_HEADER_SIZE:]))
+    return Datagram(kind, bytes(data[1:FRAME_HEADER_SIZE]), body)

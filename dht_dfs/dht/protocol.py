@@ -1,0 +1,446 @@
+"""Our DHT RPC protocol: serving and calling ping, find_node, get_providers and
+add_providers over UDP.
+
+Owns the synchronous, validated receive path (a bad datagram is dropped with
+one rate-limited log line), the request/reply matching of the send path, the
+four handlers, the memory of consecutive failures per contact (eviction, and
+the "presumed dead" test lookups use), and the running counters. It builds on
+``compat.CompatProtocol`` for what kademlia's base class does.
+
+Must not import: kademlia, rpcudp (only ``compat`` does), nor the ``dht``
+modules built on it (driver, membership, announce, node) or unrelated to it
+(lookup, contacts).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import time
+import typing
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import Identity
+from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
+from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
+from dht_dfs.dht.codec import (
+    DATAGRAM_BUDGET,
+    FLAG_CLIENT,
+    FRAME_HEADER_SIZE,
+    KIND_REQUEST,
+    MESSAGE_ID_SIZE,
+    REMOTE_PROCEDURES,
+    Datagram,
+    Encoded,
+    array_header,
+    decode_datagram,
+    encode_reply,
+    encode_request,
+    expect_bytes,
+    expect_int,
+    expect_list,
+    pack,
+    remote_error,
+)
+from dht_dfs.dht.compat import CompatProtocol, DhtPeer
+from dht_dfs.dht.records import ProviderStore
+from dht_dfs.dht.values import (
+    CLOCK_SKEW_ALLOWANCE,
+    MAX_CONTACTS_PER_REPLY,
+    MAX_NONCE_SIZE,
+    MAX_RECORDS_PER_MESSAGE,
+    MIN_NONCE_SIZE,
+    Address,
+    Contact,
+    FindReply,
+    ProviderRecord,
+    parse_find_reply,
+    ping_proof_message,
+)
+
+log = logging.getLogger(__name__)
+
+FAILURE_MEMORY_SIZE: Final = 4096
+DEAD_CONTACT_MEMORY: Final = 300.0
+"""Seconds a contact that failed repeatedly is skipped by lookups (unless it
+answers or sends us a request meanwhile)."""
+DROP_LOG_BURST: Final = 20
+DROP_LOG_WINDOW: Final = 10.0
+
+
+class ProtocolHooks(typing.Protocol):
+    """What the protocol tells its owner (a DhtNode, or a test double)."""
+
+    def sender_seen(self, node_id: NodeId, tcp_port: int, address: Address) -> None:
+        """A non-client node sent us a well-formed request."""
+
+    def contact_answered(self, contact: Contact) -> None:
+        """A contact answered one of our requests."""
+
+    def bucket_full(self, head: DhtPeer) -> None:
+        """A full bucket refused a contact: check that its head is still alive."""
+
+    def contact_welcomed(self, contact: Contact) -> None:
+        """A verified node entered the routing table for the first time."""
+
+    def contact_evicted(self, node_id: NodeId) -> None:
+        """A contact failed too often in a row and left the routing table."""
+
+
+class _LogLimiter:
+    """At most ``burst`` warnings per ``window`` seconds, then one summary line."""
+
+    def __init__(self, burst: int = DROP_LOG_BURST, window: float = DROP_LOG_WINDOW) -> None:
+        self.burst = burst
+        self.window = window
+        self._window_start = time.monotonic()
+        self._lines = 0
+        self._suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= self.window:
+            if self._suppressed:
+                log.warning(
+                    "%d more dropped-datagram lines suppressed in %.0f s",
+                    self._suppressed,
+                    self.window,
+                )
+            self._window_start, self._lines, self._suppressed = now, 0, 0
+        if self._lines < self.burst:
+            self._lines += 1
+            log.warning(message, *args)
+        else:
+            self._suppressed += 1
+
+
+@dataclass(slots=True)
+class _Pending:
+    future: asyncio.Future[Any]
+    address: Address
+
+
+@dataclass(slots=True)
+class ProtocolCounters:
+    """Running totals of one protocol instance."""
+
+    requests_sent: int = 0
+    requests_served: int = 0
+    replies_received: int = 0
+    timeouts: int = 0
+    dropped: int = 0
+    evictions: int = 0
+
+
+class DhtProtocol(CompatProtocol):
+    """Our RPCs on kademlia's protocol, with a validated, synchronous receive path.
+
+    Requests are served in ``datagram_received`` itself: nothing is scheduled
+    per datagram, so a bad datagram cannot leave a failed task behind. Only the
+    procedures in REMOTE_PROCEDURES are served (an explicit table) or called
+    (``__getattr__`` refuses other names).
+    """
+
+    def __init__(
+        self,
+        *,
+        identity: Identity,
+        config: Config,
+        providers: ProviderStore,
+        hooks: ProtocolHooks,
+        tcp_port: int = 0,
+        client_mode: bool = False,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(
+            identity.node_id, providers, config.ksize, config.dht_rpc_timeout, hooks.bucket_full
+        )
+        self.identity = identity
+        self.config = config
+        self.providers = providers
+        self.hooks = hooks
+        self.tcp_port = tcp_port
+        self.client_mode = client_mode
+        self.clock = clock
+        self.counters = ProtocolCounters()
+        self.closed = asyncio.Event()
+        self._pending: dict[bytes, _Pending] = {}
+        # Consecutive failures and the time of the last one, for any contact (not
+        # only routing-table ones), so lookups can skip nodes known to be dead.
+        self._failures: OrderedDict[NodeId, tuple[int, float]] = OrderedDict()
+        self._drop_log = _LogLimiter()
+        self._handlers: dict[str, Callable[[Address, list[Any]], object]] = {
+            "ping": self._serve_ping,
+            "find_node": self._serve_find_node,
+            "get_providers": self._serve_get_providers,
+            "add_providers": self._serve_add_providers,
+        }
+
+    # --- header and bookkeeping -----------------------------------------------------
+
+    @property
+    def header(self) -> list[object]:
+        flags = FLAG_CLIENT if self.client_mode else 0
+        return [self.identity.node_id.digest, self.tcp_port, flags]
+
+    @property
+    def failure_threshold(self) -> int:
+        return max(1, self.config.contact_failures_before_eviction)
+
+    def note_failure(self, node_id: NodeId) -> None:
+        """One more consecutive failure of a contact; evict at the threshold."""
+        failures = self._failures.pop(node_id, (0, 0.0))[0] + 1
+        self._failures[node_id] = (failures, time.monotonic())
+        while len(self._failures) > FAILURE_MEMORY_SIZE:
+            self._failures.popitem(last=False)
+        peer = self.router.get(node_id)
+        if peer is None or failures < self.failure_threshold:
+            return
+        self.router.remove_contact(peer)
+        self.counters.evictions += 1
+        log.info("evicted %s after %d consecutive failures", peer.contact, failures)
+        self.hooks.contact_evicted(node_id)
+
+    def note_success(self, node_id: NodeId) -> None:
+        self._failures.pop(node_id, None)
+
+    def presumed_dead(self, node_id: NodeId) -> bool:
+        """True if the contact failed ``failure_threshold`` times in a row lately."""
+        entry = self._failures.get(node_id)
+        if entry is None or entry[0] < self.failure_threshold:
+            return False
+        return time.monotonic() - entry[1] < DEAD_CONTACT_MEMORY
+
+    def peer_welcomed(self, peer: DhtPeer) -> None:
+        self.hooks.contact_welcomed(peer.contact)
+
+    # --- receive path ------------------------------------------------------------------
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        for pending in self._pending.values():
+            if not pending.future.done():
+                pending.future.set_result(None)
+        self._pending.clear()
+        self.closed.set()
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors for earlier sends (port unreachable, ...): the request
+        # concerned simply times out.
+        log.debug("UDP error: %s", exc)
+
+    def receive_datagram(self, data: bytes, address: Address) -> None:
+        try:
+            datagram = decode_datagram(data)
+            if datagram.kind == KIND_REQUEST:
+                self._serve(datagram, address)
+            else:
+                self._accept_reply(datagram, address)
+        except RemoteProtocolError as exc:
+            self.drop(address, str(exc))
+        # A bug of ours, not bad input: keep serving, but with the traceback.
+        except Exception:
+            log.exception("error handling a datagram from %s:%d", *address)
+
+    def drop(self, address: Address, reason: str) -> None:
+        self.counters.dropped += 1
+        self._drop_log.warning("dropped datagram from %s:%d: %s", address[0], address[1], reason)
+
+    def _serve(self, datagram: Datagram, address: Address) -> None:
+        body = datagram.body
+        if not isinstance(body, list) or len(body) != 2:
+            raise remote_error("request is not [name, args]")
+        name, args = body
+        if not isinstance(name, str):
+            raise remote_error("procedure name is not a string")
+        handler = self._handlers.get(name)
+        if handler is None:
+            raise remote_error(f"unknown procedure {name[:40]!r}")
+        if not isinstance(args, list):
+            raise remote_error(f"{name} arguments are not a list")
+        try:
+            reply = handler(address, args)
+        except RemoteProtocolError as exc:
+            raise remote_error(f"bad {name} request: {exc}") from None
+        packed = encode_reply(datagram.message_id, reply)
+        if len(packed) > DATAGRAM_BUDGET:
+            # Handlers trim their replies; reaching this is a bug here, not the peer's.
+            log.error("not sending a %d-byte %s reply to %s:%d", len(packed), name, *address)
+            return
+        self.counters.requests_served += 1
+        if self.transport is not None:
+            self.transport.sendto(packed, address)
+
+    def _accept_reply(self, datagram: Datagram, address: Address) -> None:
+        pending = self._pending.get(datagram.message_id)
+        if pending is None:
+            # Usually a reply that arrived after its request timed out.
+            log.debug("reply from %s:%d matches no request", *address)
+            return
+        if pending.address != address:
+            raise remote_error("reply from an address the request was not sent to")
+        del self._pending[datagram.message_id]
+        self.counters.replies_received += 1
+        if not pending.future.done():
+            pending.future.set_result(datagram.body)
+
+    # --- send path ----------------------------------------------------------------------
+
+    async def call(self, address: Address, name: str, args: list[object]) -> Any:
+        """Send one request; the decoded reply, or None if none came in time."""
+        if name not in REMOTE_PROCEDURES:
+            raise LocalProtocolError(f"{name!r} is not a remote procedure")
+        if self.transport is None or self.transport.is_closing() or self.closed.is_set():
+            return None
+        message_id = os.urandom(MESSAGE_ID_SIZE)
+        packed = encode_request(message_id, name, args)
+        if len(packed) > DATAGRAM_BUDGET:
+            raise LocalProtocolError(
+                f"{name} request of {len(packed)} bytes exceeds the "
+                f"{DATAGRAM_BUDGET}-byte datagram budget"
+            )
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending[message_id] = _Pending(future, address)
+        self.counters.requests_sent += 1
+        try:
+            self.transport.sendto(packed, address)
+            async with asyncio.timeout(self._wait_timeout):
+                return await future
+        except TimeoutError:
+            self.counters.timeouts += 1
+            return None
+        finally:
+            self._pending.pop(message_id, None)
+
+    async def call_contact(self, contact: Contact, name: str, args: list[object]) -> Any:
+        """``call`` to a known contact, counting its failures toward eviction."""
+        reply = await self.call(contact.udp_address, name, args)
+        if reply is None:
+            self.note_failure(contact.node_id)
+        else:
+            self.note_success(contact.node_id)
+            self.hooks.contact_answered(contact)
+        return reply
+
+    async def query(
+        self, contact: Contact, key: bytes, with_providers: bool, limit: int
+    ) -> FindReply | None:
+        """One lookup step: find_node (or get_providers) to ``contact``, parsed;
+        None if it did not answer or answered garbage."""
+        if with_providers:
+            raw = await self.call_contact(contact, "get_providers", [self.header, key, limit])
+        else:
+            raw = await self.call_contact(contact, "find_node", [self.header, key])
+        if raw is None:
+            return None
+        try:
+            return parse_find_reply(raw, with_providers)
+        except RemoteProtocolError as exc:
+            self.drop(contact.udp_address, f"bad reply: {exc}")
+            return None
+
+    # --- handlers: each validates every argument, then answers synchronously -----------
+
+    def _sender(self, address: Address, header: object) -> NodeId:
+        items = expect_list(header, "sender header", exact=3)
+        node_id = NodeId(expect_bytes(items[0], NODE_ID_SIZE, "sender node id"))
+        flags = expect_int(items[2], 0, 255, "sender flags")
+        client = bool(flags & FLAG_CLIENT)
+        tcp_port = expect_int(items[1], 0 if client else 1, 65535, "sender TCP port")
+        if not client and node_id != self.identity.node_id:
+            self.hooks.sender_seen(node_id, tcp_port, address)
+        return node_id
+
+    def _serve_ping(self, address: Address, args: list[Any]) -> object:
+        expect_list(args, "ping arguments", exact=2)
+        nonce = args[1]
+        if not isinstance(nonce, bytes) or not MIN_NONCE_SIZE <= len(nonce) <= MAX_NONCE_SIZE:
+            raise remote_error(f"nonce must be {MIN_NONCE_SIZE} to {MAX_NONCE_SIZE} bytes")
+        self._sender(address, args[0])
+        flags = FLAG_CLIENT if self.client_mode else 0
+        signature = self.identity.sign(
+            ping_proof_message(nonce, self.identity.node_id, self.tcp_port, flags)
+        )
+        return [
+            self.identity.node_id.digest,
+            self.identity.public_key,
+            self.tcp_port,
+            flags,
+            signature,
+            [address[0], address[1]],
+        ]
+
+    def _serve_find_node(self, address: Address, args: list[Any]) -> object:
+        expect_list(args, "find_node arguments", exact=2)
+        key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
+        sender = self._sender(address, args[0])
+        contacts, _size = self._contacts_near(key, sender, DATAGRAM_BUDGET - 64)
+        return Encoded(contacts)
+
+    def _serve_get_providers(self, address: Address, args: list[Any]) -> object:
+        expect_list(args, "get_providers arguments", exact=3)
+        key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
+        limit = expect_int(args[2], 0, 1 << 16, "limit")
+        sender = self._sender(address, args[0])
+        contacts, contacts_size = self._contacts_near(key, sender, DATAGRAM_BUDGET // 3)
+        records = self.providers.get(key, self.clock())
+        total = len(records)
+        # Frame, the outer array, two array headers and the total: under 32 bytes.
+        room = DATAGRAM_BUDGET - FRAME_HEADER_SIZE - contacts_size - 32
+        if len(records) > limit:
+            # Different nodes then return different subsets, so a union over a
+            # lookup covers more providers than any one reply can carry.
+            records = random.sample(records, limit)
+        chosen: list[object] = []
+        used = 0
+        for record in records:
+            size = record.wire_size()
+            if used + size > room or len(chosen) >= MAX_RECORDS_PER_MESSAGE:
+                break
+            chosen.append(record.to_wire())
+            used += size
+        return Encoded(array_header(3) + pack(chosen) + pack(total) + contacts)
+
+    def _serve_add_providers(self, address: Address, args: list[Any]) -> object:
+        expect_list(args, "add_providers arguments", exact=2)
+        items = expect_list(args[1], "records", limit=MAX_RECORDS_PER_MESSAGE)
+        records = [ProviderRecord.from_wire(item) for item in items]
+        self._sender(address, args[0])
+        now = self.clock()
+        max_ttl = self.config.provider_ttl + CLOCK_SKEW_ALLOWANCE
+        accepted: list[bool] = []
+        for record in records:
+            if self.providers.holds(record):
+                accepted.append(not record.expired(now))
+                continue
+            problem = record.problem(now, max_ttl=max_ttl)
+            if problem is not None:
+                self.drop(address, f"refused provider record {record!r}: {problem}")
+                accepted.append(False)
+                continue
+            accepted.append(self.providers.add(record, now))
+        return accepted
+
+    def _contacts_near(self, key: bytes, exclude: NodeId, budget: int) -> tuple[bytes, int]:
+        """The encoded array of the k contacts closest to ``key`` that fit in
+        ``budget`` bytes, and its length."""
+        peers = self.router.closest(key, self.config.ksize + 1)
+        chosen: list[bytes] = []
+        used = 3  # the largest array header needed
+        for peer in peers:
+            if peer.id == exclude.digest:
+                continue
+            if used + len(peer.packed) > budget or len(chosen) >= min(
+                self.config.ksize, MAX_CONTACTS_PER_REPLY
+            ):
+                break
+            chosen.append(peer.packed)
+            used += len(peer.packed)
+        encoded = array_header(len(chosen)) + b"".join(chosen)
+        return encoded, len(encoded)
