@@ -32,6 +32,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.core.ids import ChunkId, NodeId
@@ -40,7 +41,6 @@ from dht_dfs.dht.values import Contact
 from dht_dfs.store.chunks import ChunkStore, ScrubReport
 from dht_dfs.transfer.engine import get_verified
 from dht_dfs.transfer.network import Network, NetworkSource, address_of
-from dht_dfs.transport.endpoint import PeerAddress
 
 log = logging.getLogger(__name__)
 

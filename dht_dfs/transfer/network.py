@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import SealedChunk
 from dht_dfs.core.errors import (
@@ -63,7 +64,7 @@ from dht_dfs.transfer.engine import (
     publish_file,
     walk_public,
 )
-from dht_dfs.transport.endpoint import Endpoint, PeerAddress, PeerConnection
+from dht_dfs.transport.endpoint import Endpoint, PeerConnection
 from dht_dfs.wire.protocol import StoreStatus
 
 log = logging.getLogger(__name__)

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import (
@@ -49,19 +50,6 @@ log = logging.getLogger(__name__)
 _RECEIVE_BUFFER = 256 * 1024
 _DIRECT_RECEIVE_MIN = 16 * 1024
 _WRITE_HIGH_WATER = 4 * 1024 * 1024
-
-
-@dataclass(frozen=True, slots=True)
-class PeerAddress:
-    """Where to reach a peer, and (when known) who it must prove to be."""
-
-    host: str
-    port: int
-    node_id: NodeId | None = None
-
-    def __str__(self) -> str:
-        who = f" ({self.node_id})" if self.node_id else ""
-        return f"{self.host}:{self.port}{who}"
 
 
 @dataclass(frozen=True, slots=True)
