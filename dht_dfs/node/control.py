@@ -30,8 +30,7 @@ from dht_dfs.core import errors
 from dht_dfs.core.errors import ControlError, DhtfsError, NodeNotRunningError
 from dht_dfs.core.manifest import FileMetadata
 from dht_dfs.core.refs import parse_read_reference, parse_root_hash
-from dht_dfs.transfer.engine import FetchResult, PublishResult
-from dht_dfs.transfer.network import CheckReport, Network
+from dht_dfs.transfer.network import CheckReport, FetchResult, Network, PublishResult
 
 if TYPE_CHECKING:
     from dht_dfs.node.node import Node

@@ -642,3 +642,22 @@ class Endpoint:
         except PeerUnavailableError as error:
             raise HandshakeError(f"handshake with {address} failed: {error}") from None
         return connection
+
+    # --- what the transfer layer asks of a dialer (transfer.ports.Dialer) -----------------
+
+    def in_flight_to(self, peer: NodeId) -> int:
+        """Requests waiting for an answer from ``peer`` (0 if not connected)."""
+        connection = self.connection_to(peer)
+        return connection.in_flight if connection is not None else 0
+
+    def serving_peers(self) -> list[NodeId]:
+        """Connected peers that are nodes; a client serves no chunks."""
+        return [
+            peer
+            for peer, connection in self._pool.items()
+            if connection.is_open and not connection.wire.peer_is_client
+        ]
+
+    def give_back(self, buffer: bytes | bytearray) -> None:
+        """A received chunk body its consumer is done with, to receive the next into."""
+        self.buffers.give_back(buffer)
