@@ -88,8 +88,8 @@ async def run_rate(
         assert node.store is not None
         everything.update(node.store.ids())
     # Attribute chunks to files through the public manifest walk.
-    from dht_dfs.transfer.engine import walk_public
-    from dht_dfs.transfer.network import NetworkSource
+    from dht_dfs.transfer.retrieval import NetworkSource
+    from dht_dfs.transfer.walk import walk_public
 
     assert first.network is not None
     for reference in references:

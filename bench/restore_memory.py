@@ -28,7 +28,7 @@ def child(action: str, store_dir: str, path: str, token: str) -> None:
     from dht_dfs.core.config import Config
     from dht_dfs.core.refs import parse_read_reference
     from dht_dfs.store.chunks import ChunkStore
-    from dht_dfs.transfer.engine import publish_to_store, restore_from_store
+    from dht_dfs.transfer.local import publish_to_store, restore_from_store
 
     config = Config()
     with ChunkStore(Path(store_dir)) as store:

@@ -149,10 +149,11 @@ async def over_dhtfs(
     encrypt_bulk: bool,
     payloads: dict[int, bytes],
 ) -> None:
+    from dht_dfs.core.addresses import PeerAddress
     from dht_dfs.core.config import Config
     from dht_dfs.core.crypto import Identity, session_open
     from dht_dfs.core.ids import ChunkId, NodeId
-    from dht_dfs.transport.endpoint import Endpoint, PeerAddress
+    from dht_dfs.transport.endpoint import Endpoint
 
     ids = [ChunkId.from_hex(h) for h in info["ids"]]
     key = bytes.fromhex(str(info["key"]))

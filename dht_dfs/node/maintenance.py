@@ -32,15 +32,16 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.pacer import Pacer
 from dht_dfs.dht.values import Contact
 from dht_dfs.store.chunks import ChunkStore, ScrubReport
-from dht_dfs.transfer.engine import get_verified
-from dht_dfs.transfer.network import Network, NetworkSource, address_of
-from dht_dfs.transport.endpoint import PeerAddress
+from dht_dfs.transfer.network import Network
+from dht_dfs.transfer.ports import address_of, get_verified
+from dht_dfs.transfer.retrieval import NetworkSource
 
 log = logging.getLogger(__name__)
 
@@ -99,7 +100,7 @@ class Maintainer:
     async def live_membership(self) -> frozenset[NodeId]:
         """The nearest known nodes that answer a ping now (this node included)."""
         network = self._network
-        contacts = network.dht.known_contacts()[:_PROBED_CONTACTS]
+        contacts = network.locator.known_contacts()[:_PROBED_CONTACTS]
 
         async def alive(contact: Contact) -> NodeId | None:
             try:
@@ -188,7 +189,7 @@ class Maintainer:
 
         async def closest_of(chunk_id: ChunkId) -> list[Contact]:
             async with lookups:
-                return await network.dht.closest_live_nodes(
+                return await network.locator.closest_live_nodes(
                     chunk_id.dht_key, self._config.ksize, include_self=not leaving
                 )
 

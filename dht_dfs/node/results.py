@@ -17,8 +17,9 @@ from typing import Any
 
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
-from dht_dfs.transfer.engine import FetchResult, PublishResult
+from dht_dfs.transfer.fetch import FetchResult
 from dht_dfs.transfer.network import CheckReport
+from dht_dfs.transfer.publish import PublishResult
 
 Document = dict[str, Any]
 

@@ -18,30 +18,17 @@ import asyncio
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
 
 from dht_dfs import wire
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import HandshakeError, LocalProtocolError, PeerUnavailableError
 from dht_dfs.core.ids import NodeId
-from dht_dfs.transport.buffers import BufferPool, ChunkBody, FileBody
+from dht_dfs.transport.buffers import BufferPool
 from dht_dfs.transport.connection import PeerConnection, RequestHandler
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True, slots=True)
-class PeerAddress:
-    """Where to reach a peer, and (when known) who it must prove to be."""
-
-    host: str
-    port: int
-    node_id: NodeId | None = None
-
-    def __str__(self) -> str:
-        who = f" ({self.node_id})" if self.node_id else ""
-        return f"{self.host}:{self.port}{who}"
 
 
 class Endpoint:
@@ -190,13 +177,21 @@ class Endpoint:
             raise HandshakeError(f"handshake with {address} failed: {error}") from None
         return connection
 
+    # --- what the transfer layer asks of a dialer (transfer.ports.Dialer) -----------------
 
-__all__ = [
-    "BufferPool",
-    "ChunkBody",
-    "Endpoint",
-    "FileBody",
-    "PeerAddress",
-    "PeerConnection",
-    "RequestHandler",
-]
+    def in_flight_to(self, peer: NodeId) -> int:
+        """Requests waiting for an answer from ``peer`` (0 if not connected)."""
+        connection = self.connection_to(peer)
+        return connection.in_flight if connection is not None else 0
+
+    def serving_peers(self) -> list[NodeId]:
+        """Connected peers that are nodes; a client serves no chunks."""
+        return [
+            peer
+            for peer, connection in self._pool.items()
+            if connection.is_open and not connection.wire.peer_is_client
+        ]
+
+    def give_back(self, buffer: bytes | bytearray) -> None:
+        """A received chunk body its consumer is done with, to receive the next into."""
+        self.buffers.give_back(buffer)

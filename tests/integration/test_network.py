@@ -7,19 +7,62 @@ import hashlib
 import itertools
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 
 import pytest
 
 from dht_dfs.core.errors import RootNotFoundError
-from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.refs import ReadReference
-from dht_dfs.transfer.engine import PART_SUFFIX
+from dht_dfs.dht.values import Contact, LookupResult, ProviderRecord
+from dht_dfs.transfer.fetch import PART_SUFFIX
+from dht_dfs.transfer.network import Network
+from dht_dfs.transfer.ports import Locator
 
 from .cluster import TEST_CONFIG, Cluster, cluster
 
 NODES = 6
+
+
+class CountingLocator:
+    """A Locator that counts the DHT lookups asked of it (each call is one)."""
+
+    def __init__(self, inner: Locator) -> None:
+        self._inner = inner
+        self.lookups = 0
+
+    @property
+    def contact(self) -> Contact:
+        return self._inner.contact
+
+    async def lookup(self, key: bytes) -> LookupResult:
+        self.lookups += 1
+        return await self._inner.lookup(key)
+
+    async def find_providers(self, key: bytes) -> list[ProviderRecord]:
+        self.lookups += 1
+        return await self._inner.find_providers(key)
+
+    async def closest_live_nodes(
+        self, key: bytes, count: int, *, include_self: bool = True
+    ) -> list[Contact]:
+        self.lookups += 1
+        return await self._inner.closest_live_nodes(key, count, include_self=include_self)
+
+    async def put_records(
+        self, records: Sequence[ProviderRecord], closest: Mapping[bytes, Sequence[Contact]]
+    ) -> dict[bytes, int]:
+        return await self._inner.put_records(records, closest)
+
+    def sign_record(self, key: bytes) -> ProviderRecord:
+        return self._inner.sign_record(key)
+
+    def forget_provider(self, key: bytes, node_id: NodeId) -> None:
+        self._inner.forget_provider(key, node_id)
+
+    def known_contacts(self) -> list[Contact]:
+        return self._inner.known_contacts()
 
 
 @pytest.fixture
@@ -123,7 +166,7 @@ async def test_corrupt_replicas_are_skipped(
     assert damaged >= len(chunks) >= 17
     fetcher = net.nodes[fetcher_index]
     assert fetcher is not None and fetcher.network is not None
-    with caplog.at_level(logging.WARNING, logger="dht_dfs.transfer.network"):
+    with caplog.at_level(logging.WARNING, logger="dht_dfs.transfer.retrieval"):
         await fetcher.network.fetch(reference, output=tmp_path / "out.bin")
     assert (tmp_path / "out.bin").read_bytes() == data
     assert any("served a corrupt copy" in r.getMessage() for r in caplog.records)
@@ -206,8 +249,9 @@ async def test_repeated_chunks_are_fetched_without_a_lookup_each(
     # 2 distinct data chunks and 3 manifest nodes (two leaves are equal too).
     assert len(net.stored_chunks()) <= 6, "40 equal chunks are stored once"
     async with net.client() as client:
-        before = client.dht.counters.lookups
-        await client.fetch(result.reference, output=tmp_path / "out.bin")
-        lookups = client.dht.counters.lookups - before
+        counting = CountingLocator(client.locator)
+        counted = Network(client.config, counting, client.dialer, client.executor)
+        await counted.fetch(result.reference, output=tmp_path / "out.bin")
+        lookups = counting.lookups
     assert (tmp_path / "out.bin").read_bytes() == data
     assert lookups <= 5, f"{lookups} DHT lookups for a file of 2 distinct chunks"

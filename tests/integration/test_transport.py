@@ -15,13 +15,14 @@ from pathlib import Path
 import pytest
 
 from dht_dfs import wire
+from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity, seal_chunk
 from dht_dfs.core.errors import HandshakeError, PeerUnavailableError, RequestTimeoutError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.node.service import ChunkService
 from dht_dfs.store.chunks import ChunkStore
-from dht_dfs.transport.endpoint import Endpoint, PeerAddress
+from dht_dfs.transport.endpoint import Endpoint
 
 CONFIG = Config(handshake_timeout=1.0, request_timeout=5.0)
 

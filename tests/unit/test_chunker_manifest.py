@@ -24,7 +24,7 @@ from dht_dfs.core.manifest import (
     open_node,
 )
 from dht_dfs.core.refs import ReadReference
-from dht_dfs.transfer import engine as client
+from dht_dfs.transfer.walk import LeafChunk, open_root, walk_leaves, walk_public
 
 
 @given(st.integers(0, 10_000), st.integers(1, 700))
@@ -78,13 +78,11 @@ def build(count: int, fanout: int) -> tuple[dict[ChunkId, bytes], ReadReference,
     return nodes, reference, data_chunks
 
 
-async def collect_leaves(
-    nodes: dict[ChunkId, bytes], reference: ReadReference
-) -> list[client.LeafChunk]:
+async def collect_leaves(nodes: dict[ChunkId, bytes], reference: ReadReference) -> list[LeafChunk]:
     source = MemorySource(nodes)
     with ThreadPoolExecutor(2) as executor:
-        root = await client.open_root(source, reference, executor)
-        return [leaf async for leaf in client.walk_leaves(source, root, executor)]
+        root = await open_root(source, reference, executor)
+        return [leaf async for leaf in walk_leaves(source, root, executor)]
 
 
 @settings(max_examples=60, deadline=None)
@@ -94,7 +92,7 @@ def test_manifest_tree_lists_every_chunk_in_order(count: int, fanout: int) -> No
     leaves = asyncio.run(collect_leaves(nodes, reference))
     assert [leaf.entry.chunk_id for leaf in leaves] == [c.chunk_id for c in data_chunks]
     assert [leaf.key for leaf in leaves] == [c.key for c in data_chunks]
-    assert all(leaf.index == i for i, leaf in enumerate(leaves))
+    assert [leaf.index for leaf in leaves] == list(range(len(data_chunks)))
     # No node lists more than fanout entries, and small files need one node.
     for chunk_id, data in nodes.items():
         assert len(decode_node(chunk_id, data).entries) <= fanout
@@ -209,7 +207,7 @@ async def collect_public(nodes: dict[ChunkId, bytes], root: ChunkId) -> list[Chu
 
     source = MemorySource(nodes)
     with ThreadPoolExecutor(2) as executor:
-        return [c async for c, _, _ in client.walk_public(source, RootHash(root), executor)]
+        return [c async for c, _, _ in walk_public(source, RootHash(root), executor)]
 
 
 def test_a_root_listed_inside_a_tree_is_refused_by_both_walks() -> None:

@@ -12,7 +12,8 @@ from dht_dfs.core.crypto import TAG_SIZE
 from dht_dfs.core.errors import InputError, IntegrityError, WrongKeyError
 from dht_dfs.core.refs import ReadReference, parse_read_reference
 from dht_dfs.store.chunks import ChunkStore
-from dht_dfs.transfer.engine import PART_SUFFIX, publish_to_store, restore_from_store
+from dht_dfs.transfer.fetch import PART_SUFFIX
+from dht_dfs.transfer.local import publish_to_store, restore_from_store
 
 CHUNK = 4096
 CONFIG = Config(chunk_size=CHUNK, manifest_fanout=4)

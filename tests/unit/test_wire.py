@@ -387,7 +387,7 @@ def test_chunk_bodies_come_from_the_given_allocator() -> None:
 
 
 def test_buffer_pool_recycles_one_size_class() -> None:
-    from dht_dfs.transport.endpoint import BufferPool
+    from dht_dfs.transport.buffers import BufferPool
 
     pool = BufferPool(keep=2)
     first = pool.take(1 << 20)

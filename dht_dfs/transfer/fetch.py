@@ -1,0 +1,377 @@
+"""The fetch engine: get, verify, decrypt and write a file's chunks from a ``ChunkSource``.
+
+``fetch_file`` builds a ``FileFetch`` and runs it. The steps, in order:
+
+1. ``open``: read the root, pick the output path, open ``<output>.dhtfs-part``.
+2. ``run``: walk the leaves with ``transfer_window`` chunks in flight; for
+   each, ``resume_check`` (a part file left by an earlier try may hold it
+   already: re-encrypting the region gives its id) or a fetch whose worker
+   call is ``write_chunk`` (check, decrypt into a per-thread buffer, write
+   at the offset: one thread hop per chunk).
+3. ``finish``: compare the optional whole-file hash, fsync, set the mode,
+   rename the part file over the output.
+
+Decryption happens here, at the edge: a source only moves sealed bytes.
+
+Must not import: dht, transport, node, or the network side of transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import decrypt_into, encrypt_with_key
+from dht_dfs.core.errors import (
+    DhtfsError,
+    InputError,
+    IntegrityError,
+    ManifestError,
+    OutputError,
+)
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.manifest import FileMetadata, OpenedNode
+from dht_dfs.core.refs import ReadReference
+from dht_dfs.transfer.pipeline import InOrderHasher, ProgressFn, first_error
+from dht_dfs.transfer.ports import ChunkSource
+from dht_dfs.transfer.walk import LeafChunk, open_root, walk_leaves
+
+PART_SUFFIX = ".dhtfs-part"
+
+MetadataFn = Callable[[FileMetadata, Path], Awaitable[None] | None]
+"""Called once the file's metadata and output path are known, before any chunk."""
+
+
+@dataclass(frozen=True, slots=True)
+class FetchResult:
+    path: Path
+    size: int
+    chunks: int
+    chunks_fetched: int
+    """Chunks downloaded in this run (the rest were already in a partial file)."""
+    chunks_resumed: int
+    seconds: float
+    metadata: FileMetadata
+
+
+def safe_file_name(name: str, fallback: str) -> str:
+    """A publisher-chosen name made safe to create in a directory."""
+    cleaned = name.replace("\x00", "").strip()
+    if not cleaned or cleaned in (".", "..") or "/" in cleaned or "\\" in cleaned:
+        return fallback
+    return cleaned
+
+
+def resolve_output(metadata: FileMetadata, reference: ReadReference, output: Path | None) -> Path:
+    fallback = f"dhtfs-{reference.root.hex()[:16]}"
+    name = safe_file_name(metadata.name, fallback)
+    if output is None:
+        return Path.cwd() / name
+    if output.is_dir():
+        return output / name
+    return output
+
+
+async def fetch_file(
+    reference: ReadReference,
+    source: ChunkSource,
+    config: Config,
+    *,
+    executor: Executor,
+    output: Path | None = None,
+    overwrite: bool = False,
+    progress: ProgressFn | None = None,
+    on_metadata: MetadataFn | None = None,
+    verify_hash: bool | None = None,
+) -> FetchResult:
+    """Fetch, verify and decrypt a file, writing each chunk at its offset.
+
+    Every chunk is checked against its id (SHA-256 of its ciphertext, listed
+    in the authenticated manifest) and its AEGIS tag before it is written.
+    With ``verify_hash`` (default: ``config.verify_file_hash``) the whole
+    file's SHA-256 is also recomputed and compared with the manifest's; that
+    catches nothing the chunk checks miss unless dhtfs itself has a bug, and
+    costs ~0.6 CPU-seconds per GiB.
+
+    Writes into ``<output>.dhtfs-part`` and renames it when all is well. If
+    a part file is already there, chunks it holds intact (re-encrypting them
+    gives their id) are not fetched again. Memory is bounded by
+    ``transfer_window`` chunks.
+    """
+    fetch = FileFetch(
+        reference,
+        source,
+        config,
+        executor=executor,
+        output=output,
+        overwrite=overwrite,
+        progress=progress,
+        on_metadata=on_metadata,
+        verify_hash=config.verify_file_hash if verify_hash is None else verify_hash,
+    )
+    return await fetch.run()
+
+
+class FileFetch:
+    """One fetch of one file into its part file (see the module docstring for the steps)."""
+
+    def __init__(
+        self,
+        reference: ReadReference,
+        source: ChunkSource,
+        config: Config,
+        *,
+        executor: Executor,
+        output: Path | None,
+        overwrite: bool,
+        progress: ProgressFn | None,
+        on_metadata: MetadataFn | None,
+        verify_hash: bool,
+    ) -> None:
+        self._reference = reference
+        self._source = source
+        self._config = config
+        self._executor = executor
+        self._output = output
+        self._overwrite = overwrite
+        self._progress = progress
+        self._on_metadata = on_metadata
+        self._verify_hash = verify_hash
+        # Set by open():
+        self._root: OpenedNode | None = None
+        self._metadata: FileMetadata | None = None
+        self.target = Path()
+        self._part = Path()
+        self._fd = -1
+        self._size = 0
+        self._resuming = False
+        # Progress of run():
+        self._window = asyncio.Semaphore(config.transfer_window)
+        self._hasher: InOrderHasher | None = None
+        self._ready: dict[int, bytes] = {}
+        """Chunks written but not yet hashed, waiting for those before them (by index)."""
+        self._next_to_hash = 0
+        self._digest: bytes | None = None
+        """The whole file's SHA-256 as fetched, when ``verify_hash`` asked for it."""
+        self._done_bytes = 0
+        self.chunks = 0
+        self.fetched = 0
+        self.resumed = 0
+
+    async def run(self) -> FetchResult:
+        started = time.monotonic()
+        metadata = await self.open()
+        try:
+            self._prepare_part()
+            await self._fetch_all()
+            await self.finish()
+        finally:
+            os.close(self._fd)
+        try:
+            os.replace(self._part, self.target)
+        except OSError as exc:
+            raise _output_error(self.target, exc) from None
+        return FetchResult(
+            self.target,
+            self._size,
+            self.chunks,
+            self.fetched,
+            self.resumed,
+            time.monotonic() - started,
+            metadata,
+        )
+
+    # --- the steps ---------------------------------------------------------------------
+
+    async def open(self) -> FileMetadata:
+        """Read the root, choose the output path, open the part file."""
+        self._root = await open_root(self._source, self._reference, self._executor)
+        metadata = self._root.metadata
+        assert metadata is not None
+        self._metadata = metadata
+        self._size = metadata.size
+        self.target = resolve_output(metadata, self._reference, self._output)
+        if self.target.exists() and not self._overwrite:
+            raise InputError(
+                f"{self.target} already exists; fetch to another path or overwrite it (--force)"
+            )
+        if self._on_metadata is not None:
+            maybe = self._on_metadata(metadata, self.target)
+            if maybe is not None:
+                await maybe
+        self._part = self.target.with_name(self.target.name + PART_SUFFIX)
+        try:
+            self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as exc:
+            raise OutputError(f"cannot write {self._part}: {exc.strerror}") from None
+        return metadata
+
+    def _prepare_part(self) -> None:
+        self._resuming = os.fstat(self._fd).st_size > 0
+        try:
+            os.ftruncate(self._fd, self._size)
+        except OSError as exc:
+            raise _output_error(self._part, exc) from None
+
+    def resume_check(self, leaf: LeafChunk) -> bytes | None:
+        """In a worker: the chunk's plaintext if the part file already holds it intact."""
+        fd = self._fd
+        if not _region_has_data(fd, leaf.offset, leaf.entry.plain_size):
+            return None
+        plain = os.pread(fd, leaf.entry.plain_size, leaf.offset)
+        if len(plain) != leaf.entry.plain_size:
+            return None
+        if ChunkId.of(encrypt_with_key(plain, leaf.key)) != leaf.entry.chunk_id:
+            return None
+        return plain
+
+    def write_chunk(self, leaf: LeafChunk, data: bytes | bytearray) -> bytes | int:
+        """In a worker: check, decrypt into this thread's buffer, write at the offset.
+
+        Returns the plaintext when the whole-file hash needs it, else its length.
+        """
+        chunk_id = leaf.entry.chunk_id
+        if len(data) != leaf.entry.stored_size or not chunk_id.matches(data):
+            raise IntegrityError(f"chunk {chunk_id.hex()} is corrupt", chunk_id.hex())
+        buffer = _thread_buffer(leaf.entry.plain_size)
+        length = decrypt_into(data, leaf.key, buffer, chunk_id)
+        if length != leaf.entry.plain_size:
+            raise ManifestError(f"chunk {chunk_id.hex()} size disagrees with its manifest")
+        view = memoryview(buffer)[:length]
+        position = leaf.offset
+        try:
+            while view:
+                written = os.pwrite(self._fd, view, position)
+                view = view[written:]
+                position += written
+        except OSError as exc:
+            raise _output_error(self._part, exc) from None
+        return bytes(buffer[:length]) if self._verify_hash else length
+
+    async def finish(self) -> None:
+        """Check the whole-file hash (if asked for), then make the part file durable."""
+        metadata = self._metadata
+        assert metadata is not None
+        if self._digest is not None and self._digest != metadata.plain_sha256:
+            raise IntegrityError(
+                f"file assembled from {self._reference.root.hex()} does not match its "
+                "recorded SHA-256; the partial file is kept for inspection"
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, os.fsync, self._fd)
+            os.fchmod(self._fd, metadata.mode & 0o777 or 0o644)
+        except OSError as exc:
+            raise _output_error(self._part, exc) from None
+
+    # --- the pipeline ------------------------------------------------------------------
+
+    async def _fetch_all(self) -> None:
+        assert self._root is not None
+        root_hex = self._reference.root.hex()
+        size = self._size
+        expected_offset = 0
+        if self._verify_hash:
+            self._hasher = InOrderHasher(self._config.transfer_window)
+        try:
+            async with asyncio.TaskGroup() as group:
+                async for leaf in walk_leaves(self._source, self._root, self._executor):
+                    if leaf.offset != expected_offset or leaf.offset + leaf.entry.plain_size > size:
+                        raise ManifestError(
+                            f"manifest of {root_hex} does not add up to the file size"
+                        )
+                    expected_offset += leaf.entry.plain_size
+                    self.chunks += 1
+                    await self._window.acquire()
+                    group.create_task(self._fetch_one(leaf))
+            if expected_offset != size:
+                raise ManifestError(
+                    f"manifest of {root_hex} covers {expected_offset} bytes, the file has {size}"
+                )
+            if self._hasher is not None:
+                self._digest = await self._hasher.digest()
+        except* DhtfsError as group_error:
+            raise first_error(group_error) from None
+        finally:
+            if self._hasher is not None:
+                self._hasher.close()
+
+    async def _fetch_one(self, leaf: LeafChunk) -> None:
+        result: bytes | int | None = None
+        if self._resuming:
+            result = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.resume_check, leaf
+            )
+        if result is not None:
+            self.resumed += 1
+        else:
+            result = await self._source.fetch(
+                leaf.entry.chunk_id,
+                leaf.entry.stored_size,
+                functools.partial(self.write_chunk, leaf),
+            )
+            self.fetched += 1
+        if self._hasher is None:
+            self._chunk_done(result if isinstance(result, int) else len(result))
+        else:
+            assert isinstance(result, bytes)
+            self._ready[leaf.index] = result
+            await self._hash_in_order()
+
+    async def _hash_in_order(self) -> None:
+        # The whole-file hash needs the chunks in file order: finished ones
+        # wait here, holding their window slot, until their turn.
+        assert self._hasher is not None
+        while self._next_to_hash in self._ready:
+            plain = self._ready.pop(self._next_to_hash)
+            await self._hasher.update(plain)
+            self._next_to_hash += 1
+            self._chunk_done(len(plain))
+
+    def _chunk_done(self, length: int) -> None:
+        self._done_bytes += length
+        self._window.release()
+        if self._progress is not None:
+            self._progress(self._done_bytes, self._size)
+
+
+def _output_error(path: Path, exc: OSError) -> OutputError:
+    reason = exc.strerror or str(exc)
+    return OutputError(
+        f"cannot write {path}: {reason}; the partial file is kept, "
+        "fetch again to resume once this is fixed"
+    )
+
+
+_buffers = threading.local()
+
+
+def _thread_buffer(size: int) -> bytearray:
+    """A reusable per-thread buffer of at least ``size`` bytes (no churn of fresh pages)."""
+    buffer: bytearray | None = getattr(_buffers, "buffer", None)
+    if buffer is None or len(buffer) < size:
+        buffer = bytearray(size)
+        _buffers.buffer = buffer
+    return buffer
+
+
+def _region_has_data(fd: int, offset: int, length: int) -> bool:
+    """False when [offset, offset+length) is a hole: nothing was written there."""
+    if length == 0:
+        return True
+    try:
+        data_at = os.lseek(fd, offset, os.SEEK_DATA)
+    except OSError:
+        return False  # ENXIO: only a hole remains after offset
+    return data_at < offset + length
+
+
+__all__ = ["PART_SUFFIX", "FetchResult", "FileFetch", "fetch_file", "resolve_output"]

@@ -1,0 +1,155 @@
+"""The publish engine: split, seal and hand a file's chunks to a ``ChunkSink``.
+
+The file is read once, in chunk order, with at most ``transfer_window``
+chunks in flight, so memory does not grow with the file. Reading and
+sealing run in worker threads (hashlib and libsodium release the GIL).
+Encryption happens here, at the edge, as in Tahoe-LAFS: the sink only ever
+sees sealed chunks.
+
+Must not import: dht, transport, node, or the network side of transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import stat
+import time
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from pathlib import Path
+
+from dht_dfs.core.chunker import ChunkSpan, chunk_count, chunk_spans
+from dht_dfs.core.config import Config
+from dht_dfs.core.crypto import SealedChunk, seal_chunk
+from dht_dfs.core.errors import DhtfsError, InputError
+from dht_dfs.core.manifest import FileMetadata, ManifestBuilder
+from dht_dfs.core.refs import ReadReference, RootHash
+from dht_dfs.transfer.pipeline import InOrderHasher, ProgressFn, first_error, ordered_map
+from dht_dfs.transfer.ports import ChunkSink
+
+
+@dataclass(frozen=True, slots=True)
+class PublishResult:
+    reference: ReadReference
+    size: int
+    data_chunks: int
+    manifest_chunks: int
+    seconds: float
+    copies: int = 0
+    """Chunk copies placed (a network publish); 0 for a local store."""
+    under_replicated: int = 0
+    """Chunks that got fewer than ``replicas`` copies (too few live nodes)."""
+
+    @property
+    def root_hash(self) -> RootHash:
+        return self.reference.root_hash
+
+
+async def publish_file(
+    path: Path,
+    sink: ChunkSink,
+    config: Config,
+    *,
+    executor: Executor,
+    name: str | None = None,
+    progress: ProgressFn | None = None,
+) -> PublishResult:
+    """Split, encrypt and store a file; return its read reference.
+
+    Reads the file once, in order of chunks, ``transfer_window`` chunks in
+    flight at most. A file that changes size while it is read is refused.
+    """
+    started = time.monotonic()
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        raise InputError(f"no such file: {path}") from None
+    except IsADirectoryError:
+        raise InputError(f"{path} is a directory; publish takes a file") from None
+    except PermissionError:
+        raise InputError(f"cannot read {path}: permission denied") from None
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISDIR(info.st_mode):
+            raise InputError(f"{path} is a directory; publish takes a file")
+        if not stat.S_ISREG(info.st_mode):
+            raise InputError(f"{path} is not a regular file")
+        size = info.st_size
+        chunk_size = config.chunk_size
+        secret = config.convergence_secret
+
+        def read_and_seal(span: ChunkSpan) -> tuple[bytes, SealedChunk]:
+            try:
+                plain = os.pread(fd, span.length, span.offset)
+            except OSError as exc:
+                raise DhtfsError(f"cannot read {path}: {exc.strerror or exc}") from None
+            if len(plain) != span.length:
+                raise DhtfsError(f"{path} shrank while it was being published")
+            return plain, seal_chunk(plain, secret)
+
+        builder = ManifestBuilder(secret, config.manifest_fanout)
+        hasher = InOrderHasher(config.transfer_window)
+        window = asyncio.Semaphore(config.transfer_window)
+        done_bytes = 0
+        manifest_chunks = 0
+
+        async def put_bounded(chunk: SealedChunk) -> None:
+            try:
+                await sink.put(chunk)
+            finally:
+                window.release()
+
+        try:
+            async with asyncio.TaskGroup() as group:
+
+                async def put(chunk: SealedChunk) -> None:
+                    await window.acquire()
+                    group.create_task(put_bounded(chunk))
+
+                async for plain, sealed in ordered_map(
+                    read_and_seal,
+                    chunk_spans(size, chunk_size),
+                    concurrency=config.transfer_window,
+                    executor=executor,
+                ):
+                    await hasher.update(plain)
+                    await put(sealed)
+                    for node in builder.add(sealed):
+                        manifest_chunks += 1
+                        await put(node)
+                    done_bytes += len(plain)
+                    if progress is not None:
+                        progress(done_bytes, size)
+                after = os.fstat(fd)
+                if after.st_size != size or after.st_mtime_ns != info.st_mtime_ns:
+                    raise DhtfsError(f"{path} changed while it was being published; try again")
+                metadata = FileMetadata(
+                    name=name if name is not None else path.name,
+                    size=size,
+                    mode=stat.S_IMODE(info.st_mode),
+                    chunk_size=chunk_size,
+                    plain_sha256=await hasher.digest(),
+                )
+                nodes, reference = builder.finish(metadata)
+                for node in nodes:
+                    manifest_chunks += 1
+                    await put(node)
+        except* DhtfsError as group_error:
+            raise first_error(group_error) from None
+        finally:
+            hasher.close()
+        await sink.flush()
+    finally:
+        os.close(fd)
+    return PublishResult(
+        reference,
+        size,
+        chunk_count(size, chunk_size),
+        manifest_chunks,
+        time.monotonic() - started,
+    )
+
+
+__all__ = ["PublishResult", "publish_file"]

@@ -1,0 +1,233 @@
+"""Getting verified chunks from the network: ``NetworkSource``.
+
+A chunk comes from whichever holder answers, tried in this order: this
+node's own store; peers that said they hold it (HAVE queries sent ahead for
+a whole manifest leaf, see ``prefetch``); the providers the DHT knows; the
+nodes closest to the chunk's id (copies belong there even when their
+provider records were lost). Within each group the holder with fewest
+failures, then fewest requests in flight, goes first. A dead peer, a
+timeout or a corrupt copy only moves the fetch on to the next holder; a
+holder that no longer has the chunk has its provider record forgotten. A
+corrupt local copy is replaced by the good one fetched (read repair).
+
+Must not import: dht (except ``dht.values``), transport, node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+from collections.abc import Iterable, Sequence
+from typing import TypeVar
+
+from dht_dfs.core.addresses import PeerAddress
+from dht_dfs.core.errors import (
+    ChunkNotFoundError,
+    DhtfsError,
+    HandshakeError,
+    IntegrityError,
+    NetworkError,
+    PeerRefusedError,
+    PeerUnavailableError,
+    RootNotFoundError,
+)
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.transfer.ports import Consume, NetworkView, address_of, address_of_record
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_PREFETCH_PEERS = 8
+"""Known contacts asked (besides connected peers) which chunks they hold."""
+
+
+class NetworkSource:
+    """Gets verified chunks from whichever holder answers (see module docstring)."""
+
+    def __init__(self, network: NetworkView) -> None:
+        self._network = network
+        self._hints: dict[ChunkId, list[PeerAddress]] = {}
+        self._failures: dict[NodeId, int] = {}
+        self._restore: set[ChunkId] = set()
+        """Chunks whose local copy was found corrupt (and removed) by this source."""
+
+    async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
+        """Ask connected (and a few known) peers which of these chunks they hold."""
+        network = self._network
+        self._hints.clear()
+        if not chunk_ids:
+            return
+        wanted = list(chunk_ids)
+        peers: dict[NodeId, PeerAddress] = {}
+        for contact in network.locator.known_contacts()[:_PREFETCH_PEERS]:
+            peers[contact.node_id] = address_of(contact)
+        for node_id in network.dialer.serving_peers():
+            peers.setdefault(node_id, PeerAddress("", 0, node_id))
+        peers.pop(network.node_id, None)
+
+        async def ask(address: PeerAddress) -> None:
+            try:
+                link = await network.dialer.connect(address)
+                held = await link.have(wanted)
+            except (NetworkError, OSError):
+                return
+            for chunk_id, here in zip(wanted, held, strict=True):
+                if here:
+                    self._hints.setdefault(chunk_id, []).append(address)
+
+        # A hint only: whatever has not answered in time is found through the DHT.
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(network.config.request_timeout):
+                await asyncio.gather(*(ask(address) for address in peers.values()))
+
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume: Consume[T]) -> T:
+        network = self._network
+        if network.store is not None:
+            local = await self._local(chunk_id, consume)
+            if local is not None:
+                return local[0]
+        tried: set[NodeId] = {network.node_id}
+        errors: list[str] = []
+        # Not popped: a file may list the same chunk many times (zero blocks).
+        hinted = self._hints.get(chunk_id, [])
+        found = await self._try_each(chunk_id, hinted, tried, errors, consume)
+        if found is not None:
+            return found[0]
+        records = await network.locator.find_providers(chunk_id.dht_key)
+        found = await self._try_each(
+            chunk_id, [address_of_record(r) for r in records], tried, errors, consume
+        )
+        if found is not None:
+            return found[0]
+        # No announced holder answered. Copies are placed on the nodes closest
+        # to the id, so ask those directly: this finds chunks whose provider
+        # records were lost (say, every record holder restarted at once).
+        closest = await network.locator.closest_live_nodes(
+            chunk_id.dht_key, 2 * network.config.replicas, include_self=False
+        )
+        found = await self._try_each(
+            chunk_id, [address_of(c) for c in closest], tried, errors, consume
+        )
+        if found is not None:
+            return found[0]
+        if errors:
+            detail = f"; tried {len(errors)} holder(s): " + "; ".join(errors[-3:])
+        else:
+            detail = ": no node announces it"
+        raise ChunkNotFoundError(f"chunk {chunk_id.hex()} is unavailable{detail}", chunk_id.hex())
+
+    async def _local(self, chunk_id: ChunkId, consume: Consume[T]) -> tuple[T] | None:
+        store = self._network.store
+        assert store is not None
+
+        def read() -> tuple[T] | None:
+            try:
+                return (consume(store.get(chunk_id)),)
+            except ChunkNotFoundError:
+                return None
+
+        try:
+            return await self._network.run(read)
+        except DhtfsError as error:
+            # The store removed its corrupt copy; the good copy fetched from
+            # a peer will be put back (read repair).
+            log.warning("%s", error)
+            self._restore.add(chunk_id)
+            return None
+
+    def _ordered(self, addresses: Iterable[PeerAddress]) -> list[PeerAddress]:
+        """Fewest failures first, then least busy, random among equals (spreads load)."""
+        dialer = self._network.dialer
+
+        def load(address: PeerAddress) -> tuple[int, int, float]:
+            in_flight = dialer.in_flight_to(address.node_id) if address.node_id else 0
+            failures = self._failures.get(address.node_id, 0) if address.node_id else 0
+            return failures, in_flight, random.random()
+
+        return sorted(addresses, key=load)
+
+    async def _try_each(
+        self,
+        chunk_id: ChunkId,
+        addresses: Sequence[PeerAddress],
+        tried: set[NodeId],
+        errors: list[str],
+        consume: Consume[T],
+    ) -> tuple[T] | None:
+        for address in self._ordered(addresses):
+            if address.node_id in tried:
+                continue
+            if address.node_id is not None:
+                tried.add(address.node_id)
+            found = await self._try_one(chunk_id, address, errors, consume)
+            if found is not None:
+                return found
+        return None
+
+    async def _try_one(
+        self, chunk_id: ChunkId, address: PeerAddress, errors: list[str], consume: Consume[T]
+    ) -> tuple[T] | None:
+        network = self._network
+        try:
+            link = await network.dialer.connect(address)
+            body = await link.get(chunk_id)
+        except (PeerUnavailableError, HandshakeError, PeerRefusedError, OSError) as error:
+            self._failed(address, errors, str(error))
+            return None
+        if body is None:
+            errors.append(f"{address.node_id} no longer has it")
+            if address.node_id is not None:
+                network.locator.forget_provider(chunk_id.dht_key, address.node_id)
+            return None
+        try:
+            result = await network.run(consume, body)
+        except IntegrityError:
+            log.warning(
+                "node %s served a corrupt copy of chunk %s; trying the next holder",
+                address.node_id,
+                chunk_id.hex(),
+            )
+            self._failed(address, errors, "served a corrupt copy")
+            network.dialer.give_back(body)
+            return None
+        if chunk_id in self._restore and network.store is not None:
+            self._restore.discard(chunk_id)
+            await self._put_back(chunk_id, bytes(body))
+        if result is not body:
+            # consume is done with the received buffer (it kept a length or
+            # a copy), so the next chunk can be received into it.
+            network.dialer.give_back(body)
+        return (result,)
+
+    async def _put_back(self, chunk_id: ChunkId, data: bytes) -> None:
+        """Replace this node's corrupt copy with the good one just fetched."""
+        store = self._network.store
+        assert store is not None
+        try:
+            await self._network.run(store.put, chunk_id, data)
+        except DhtfsError as error:
+            log.warning("could not restore chunk %s after finding it corrupt: %s", chunk_id, error)
+            return
+        log.info("replaced the corrupt local copy of chunk %s with a good one", chunk_id)
+
+    def _failed(self, address: PeerAddress, errors: list[str], reason: str) -> None:
+        errors.append(f"{address.node_id or address}: {reason}")
+        if address.node_id is not None:
+            self._failures[address.node_id] = self._failures.get(address.node_id, 0) + 1
+
+
+def root_not_found(error: ChunkNotFoundError, root: ChunkId) -> ChunkNotFoundError:
+    """The error to report when a chunk was missing: worded for the root itself."""
+    if error.chunk_hex != root.hex():
+        return error
+    return RootNotFoundError(
+        f"no node has root {root.hex()}: the file was never published on this network, "
+        "or every copy is gone",
+        error.chunk_hex,
+    )
+
+
+__all__ = ["NetworkSource", "root_not_found"]

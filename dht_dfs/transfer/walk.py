@@ -1,0 +1,143 @@
+"""Walking a file's manifest tree: its root, its data chunks, all its chunk ids.
+
+Manifest nodes are fetched from a ``ChunkSource`` as they are reached, one
+held per level, so memory is bounded by the tree's depth, not the file's
+size. With a read key the walk yields each data chunk with its offset and
+key (``walk_leaves``); without one, only the public part is read
+(``walk_public``): enough to check, repair or pin a file.
+
+Must not import: dht, transport, node, or the network side of transfer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from concurrent.futures import Executor
+from dataclasses import dataclass
+
+from dht_dfs.core.errors import ManifestError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.manifest import (
+    MAX_DEPTH,
+    Entry,
+    ManifestNode,
+    NodeKind,
+    OpenedNode,
+    decode_node,
+    open_node,
+)
+from dht_dfs.core.refs import ReadReference, RootHash
+from dht_dfs.transfer.ports import ChunkSource, get_verified
+
+
+@dataclass(frozen=True, slots=True)
+class LeafChunk:
+    """One data chunk of a file, where it goes, and how to open it."""
+
+    index: int
+    offset: int
+    entry: Entry
+    key: bytes
+
+
+async def _read_node(
+    source: ChunkSource, chunk_id: ChunkId, size: int | None, executor: Executor
+) -> ManifestNode:
+    """Fetch, check and parse one manifest node (public part only)."""
+    data = bytes(await get_verified(source, chunk_id, size))
+    if size is not None and len(data) != size:
+        raise ManifestError(
+            f"manifest chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
+        )
+    node = await asyncio.get_running_loop().run_in_executor(executor, decode_node, chunk_id, data)
+    if node.is_root != (size is None):
+        where = "is a manifest node but not a root" if size is None else "is a root inside a tree"
+        raise ManifestError(f"manifest chunk {chunk_id.hex()} {where}")
+    return node
+
+
+async def open_root(
+    source: ChunkSource, reference: ReadReference, executor: Executor
+) -> OpenedNode:
+    node = await _read_node(source, reference.root, None, executor)
+    return await asyncio.get_running_loop().run_in_executor(
+        executor, open_node, node, reference.key
+    )
+
+
+async def _walk(
+    source: ChunkSource,
+    root: ManifestNode,
+    keys: tuple[bytes, ...] | None,
+    executor: Executor,
+    *,
+    prefetch: bool,
+) -> AsyncIterator[tuple[Entry, bytes | None, bool]]:
+    """Every entry below ``root``, depth first in file order: (entry, key, is manifest).
+
+    Without ``keys`` (no read key) only public parts are read and each key
+    is None. Manifest nodes are fetched as they are reached and one node is
+    held per level, so memory is bounded by the depth. With ``prefetch`` the
+    source hears of each leaf's chunks as the leaf is reached.
+    """
+    loop = asyncio.get_running_loop()
+    if prefetch and root.kind == NodeKind.LEAF:
+        await source.prefetch([entry.chunk_id for entry in root.entries])
+    stack: list[tuple[ManifestNode, tuple[bytes, ...] | None, int]] = [(root, keys, 0)]
+    while stack:
+        node, node_keys, position = stack[-1]
+        if position == len(node.entries):
+            stack.pop()
+            continue
+        stack[-1] = (node, node_keys, position + 1)
+        entry = node.entries[position]
+        key = None if node_keys is None else node_keys[position]
+        if node.kind == NodeKind.LEAF:
+            yield entry, key, False
+            continue
+        if len(stack) >= MAX_DEPTH:
+            raise ManifestError(
+                f"manifest of {root.chunk_id.hex()} is deeper than {MAX_DEPTH} levels"
+            )
+        child = await _read_node(source, entry.chunk_id, entry.stored_size, executor)
+        yield entry, key, True
+        if prefetch and child.kind == NodeKind.LEAF:
+            await source.prefetch([leaf.chunk_id for leaf in child.entries])
+        child_keys = None
+        if key is not None:
+            child_keys = (await loop.run_in_executor(executor, open_node, child, key)).keys
+        stack.append((child, child_keys, 0))
+
+
+async def walk_leaves(
+    source: ChunkSource, root: OpenedNode, executor: Executor
+) -> AsyncIterator[LeafChunk]:
+    """Every data chunk of the file in order, with its offset and key."""
+    index = offset = 0
+    async for entry, key, is_manifest in _walk(
+        source, root.node, root.keys, executor, prefetch=True
+    ):
+        if is_manifest:
+            continue
+        assert key is not None
+        yield LeafChunk(index, offset, entry, key)
+        index += 1
+        offset += entry.plain_size
+
+
+async def walk_public(
+    source: ChunkSource, root: RootHash, executor: Executor
+) -> AsyncIterator[tuple[ChunkId, int, bool]]:
+    """Every chunk of a file without its key: (id, stored size, is manifest).
+
+    Manifest nodes come before their children. Enough to check, repair or
+    pin a file.
+    """
+    node = await _read_node(source, root.root, None, executor)
+    yield root.root, node.stored_size, True
+    async for entry, _, is_manifest in _walk(source, node, None, executor, prefetch=False):
+        yield entry.chunk_id, entry.stored_size, is_manifest
+
+
+__all__ = ["LeafChunk", "open_root", "walk_leaves", "walk_public"]

@@ -1,0 +1,154 @@
+"""The rules of the repair pass and the hand-off, over the in-memory network.
+
+Ranks are by XOR distance to the chunk's id: ``ranked[0]`` is the closest
+node. With ``replicas = 3`` the rightful holders are ``ranked[:3]``, and a
+copy beyond ``ranked[:6]`` is far surplus.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import Executor
+from pathlib import Path
+
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.node.maintenance import Maintainer
+from tests.support.memnet import FakeNode, Joined, MemNet
+
+
+def give(chunk_id: ChunkId, data: bytes, *holders: FakeNode) -> None:
+    for node in holders:
+        node.keep(chunk_id, data)
+
+
+def maintainer(net: MemNet, me: FakeNode, executor: Executor) -> tuple[Maintainer, Joined]:
+    joined = net.join(me, executor)
+    assert me.store is not None
+    return Maintainer(joined.network, me.store, net.config), joined
+
+
+def ids(*nodes: FakeNode) -> set[NodeId]:
+    return {node.node_id for node in nodes}
+
+
+def a_chunk_ranked(net: MemNet) -> tuple[ChunkId, bytes, list[FakeNode]]:
+    data = os.urandom(3000)
+    chunk_id = ChunkId.of(data)
+    return chunk_id, data, net.by_distance(chunk_id.dht_key)
+
+
+async def test_only_the_closest_holder_copies(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, ranked[0], ranked[1])
+    second, _ = maintainer(net, ranked[1], executor)
+    stats = await second.repair_pass(rate=0)
+    assert stats.examined == 1 and stats.copies_added == 0
+    assert net.holders(chunk_id) == ids(ranked[0], ranked[1]), "a closer holder is responsible"
+    first, _ = maintainer(net, ranked[0], executor)
+    stats = await first.repair_pass(rate=0)
+    assert stats.copies_added == 1
+    assert net.holders(chunk_id) == ids(*ranked[:3])
+
+
+async def test_a_node_outside_the_rightful_set_copies_only_when_none_of_it_has_it(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    outside_rank = 4
+    # A rightful node has the chunk: the outsider leaves it to that node.
+    kept, kept_data, ranked = a_chunk_ranked(net)
+    give(kept, kept_data, ranked[0], ranked[outside_rank])
+    outsider, _ = maintainer(net, ranked[outside_rank], executor)
+    stats = await outsider.repair_pass(rate=0)
+    assert stats.copies_added == 0
+    assert net.holders(kept) == ids(ranked[0], ranked[outside_rank])
+    # No rightful node has it (they joined closer to it): the outsider copies.
+    for node in ranked:
+        node.drop(kept)
+    moved, moved_data, ranked = a_chunk_ranked(net)
+    give(moved, moved_data, ranked[outside_rank])
+    outsider, _ = maintainer(net, ranked[outside_rank], executor)
+    stats = await outsider.repair_pass(rate=0, force=True)
+    assert stats.copies_added == 3
+    assert net.holders(moved) == ids(*ranked[:3], ranked[outside_rank])
+
+
+async def test_a_far_surplus_copy_is_dropped_only_when_the_rightful_set_is_complete(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(8, stores=tmp_path)
+    far_rank = 7
+    incomplete, incomplete_data, ranked = a_chunk_ranked(net)
+    give(incomplete, incomplete_data, ranked[0], ranked[1], ranked[far_rank])
+    far, _ = maintainer(net, ranked[far_rank], executor)
+    stats = await far.repair_pass(rate=0)
+    assert stats.copies_dropped == 0
+    assert ranked[far_rank].has(incomplete), "kept while a rightful copy is missing"
+    ranked[far_rank].drop(incomplete)
+
+    complete, complete_data, ranked = a_chunk_ranked(net)
+    give(complete, complete_data, *ranked[:3], ranked[far_rank])
+    far, _ = maintainer(net, ranked[far_rank], executor)
+    stats = await far.repair_pass(rate=0, force=True)
+    assert stats.copies_dropped == 1
+    assert net.holders(complete) == ids(*ranked[:3])
+
+
+async def test_a_near_surplus_copy_is_kept(net: MemNet, executor: Executor, tmp_path: Path) -> None:
+    net.add(8, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, *ranked[:3], ranked[5])
+    near, _ = maintainer(net, ranked[5], executor)
+    stats = await near.repair_pass(rate=0)
+    assert stats.copies_dropped == 0
+    assert net.holders(chunk_id) == ids(*ranked[:3], ranked[5])
+
+
+async def test_hand_off_copies_what_would_be_short(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    leaving_rank = 0
+    short, short_data, ranked = a_chunk_ranked(net)
+    give(short, short_data, ranked[leaving_rank], ranked[1])
+    leaving, _ = maintainer(net, ranked[leaving_rank], executor)
+    stats = await leaving.hand_off(within=5)
+    # Without the leaving node its rightful holders are ranked[1:4].
+    assert stats.copies_added == 2
+    assert net.holders(short) == ids(*ranked[:4])
+
+
+async def test_hand_off_leaves_a_fully_replicated_chunk_alone(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, *ranked[:4])
+    leaving, _ = maintainer(net, ranked[0], executor)
+    stats = await leaving.hand_off(within=5)
+    assert stats.examined == 1 and stats.copies_added == 0
+    assert net.holders(chunk_id) == ids(*ranked[:4])
+
+
+async def test_a_pass_is_skipped_while_membership_is_unchanged(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, *ranked[:3])
+    repairer, joined = maintainer(net, ranked[0], executor)
+    first = await repairer.repair_pass(rate=0)
+    assert not first.skipped and first.examined == 1
+    lookups = len(joined.locator.calls)
+    assert lookups > 0
+    second = await repairer.repair_pass(rate=0)
+    assert second.skipped and second.examined == 0
+    assert len(joined.locator.calls) == lookups, "a skipped pass makes no lookup"
+    ranked[5].dead = True
+    third = await repairer.repair_pass(rate=0)
+    assert not third.skipped, "a node stopped answering: a full pass"
+    forced = await repairer.repair_pass(rate=0, force=True)
+    assert not forced.skipped and forced.examined == 1

@@ -1,0 +1,155 @@
+"""Retrieval over the in-memory network: in which order holders are tried.
+
+Hinted holders (they said HAVE) come first, least busy first; then the DHT's
+providers; then the nodes closest to the id. A bad copy, a dead or slow
+holder only moves the fetch on; a holder that lost the chunk has its
+provider record forgotten.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from concurrent.futures import Executor
+
+import pytest
+
+from dht_dfs.core.errors import ChunkNotFoundError
+from dht_dfs.core.ids import ChunkId
+from dht_dfs.transfer.ports import get_verified
+from dht_dfs.transfer.retrieval import NetworkSource
+from tests.support.memnet import FakeNode, MemNet
+
+
+def put_chunk(*holders: FakeNode) -> tuple[ChunkId, bytes]:
+    data = os.urandom(2000)
+    chunk_id = ChunkId.of(data)
+    for node in holders:
+        node.keep(chunk_id, data)
+    return chunk_id, data
+
+
+async def test_hinted_holders_are_asked_first_without_a_lookup(
+    net: MemNet, executor: Executor
+) -> None:
+    nodes = net.add(6)
+    holder, stale = nodes[4], nodes[1]
+    chunk_id, data = put_chunk(holder)
+    net.announce(stale, chunk_id)  # a provider record of a node without the chunk
+    joined = net.join(net.client(), executor)
+    source = NetworkSource(joined.network)
+    await source.prefetch([chunk_id])
+    assert await get_verified(source, chunk_id) == data
+    assert holder.gets == 1
+    assert stale.gets == 0, "the provider record was not needed"
+    assert joined.locator.calls == [], "no DHT lookup for a hinted chunk"
+
+
+async def test_the_least_busy_holder_is_asked_first(net: MemNet, executor: Executor) -> None:
+    first, second = net.add(2)
+    chunk_id, data = put_chunk(first, second)
+    joined = net.join(net.client(), executor)
+    for busy, idle in ((first, second), (second, first)):
+        busy.busy, idle.busy = 5, 0
+        gets_before = busy.gets
+        source = NetworkSource(joined.network)
+        await source.prefetch([chunk_id])
+        for _ in range(3):
+            assert await get_verified(source, chunk_id) == data
+        assert busy.gets == gets_before, "the busy holder was passed over every time"
+
+
+async def test_providers_come_before_the_closest_nodes(net: MemNet, executor: Executor) -> None:
+    net.add(8)
+    joined = net.join(net.client(), executor)
+    source = NetworkSource(joined.network)
+    # A provider too far from the id to be among the 2 * replicas closest.
+    announced, announced_data = put_chunk()
+    far = net.by_distance(announced.dht_key)[7]
+    far.keep(announced, announced_data)
+    net.announce(far, announced)
+    assert await get_verified(source, announced) == announced_data
+    assert far.gets == 1
+    assert joined.locator.calls == ["find_providers"]
+    # No record at all: found on the closest node, where copies belong.
+    unannounced, unannounced_data = put_chunk()
+    nearest = net.by_distance(unannounced.dht_key)[0]
+    nearest.keep(unannounced, unannounced_data)
+    joined.locator.calls.clear()
+    gets_before = nearest.gets  # it may be the far node of the first chunk too
+    assert await get_verified(source, unannounced) == unannounced_data
+    assert joined.locator.calls == ["find_providers", "closest_live_nodes"]
+    assert nearest.gets == gets_before + 1
+
+
+async def test_a_corrupt_copy_moves_on_and_is_never_returned(
+    net: MemNet, executor: Executor
+) -> None:
+    bad, good = net.add(2)
+    chunk_id, data = put_chunk(bad, good)
+    bad.corrupt = True
+    good.busy = 3  # so the corrupt copy is the one tried first
+    net.announce(bad, chunk_id)
+    net.announce(good, chunk_id)
+    joined = net.join(net.client(), executor)
+    assert await get_verified(NetworkSource(joined.network), chunk_id) == data
+    assert bad.gets == 1 and good.gets == 1
+    assert len(joined.dialer.given_back) == 1, "the bad copy's buffer is reused"
+    # With every copy bad there is nothing to return, and the error says why.
+    good.corrupt = True
+    with pytest.raises(ChunkNotFoundError, match="served a corrupt copy"):
+        await get_verified(NetworkSource(joined.network), chunk_id)
+
+
+async def test_a_holder_that_dies_mid_transfer_moves_on(net: MemNet, executor: Executor) -> None:
+    dying, steady = net.add(2)
+    chunk_id, data = put_chunk(dying, steady)
+    dying.die_after = 1  # answers the HAVE, then dies
+    steady.busy = 3
+    joined = net.join(net.client(), executor)
+    source = NetworkSource(joined.network)
+    await source.prefetch([chunk_id])
+    assert dying.requests == 1, "the dying holder was hinted"
+    assert await get_verified(source, chunk_id) == data
+    assert dying.dead
+    assert steady.gets == 1
+
+
+async def test_a_stale_provider_record_is_forgotten(net: MemNet, executor: Executor) -> None:
+    emptied, dead, holder = net.add(3)
+    chunk_id, data = put_chunk(holder)
+    for node in (emptied, dead, holder):
+        net.announce(node, chunk_id)
+    dead.dead = True
+    holder.busy = 3  # try the other two first
+    joined = net.join(net.client(), executor)
+    assert await get_verified(NetworkSource(joined.network), chunk_id) == data
+    key = chunk_id.dht_key
+    # Only a node that answered "not here" is known to be stale; a dead node
+    # may come back with its store.
+    assert joined.locator.forgotten == [(key, emptied.node_id)]
+    assert set(net.records[key]) == {dead.node_id, holder.node_id}
+
+
+async def test_a_slow_holder_times_out_and_the_next_answers(
+    net: MemNet, executor: Executor
+) -> None:
+    slow, fast = net.add(2)
+    chunk_id, data = put_chunk(slow, fast)
+    slow.gate = asyncio.Event()  # never set: the request times out
+    fast.busy = 3
+    net.announce(slow, chunk_id)
+    net.announce(fast, chunk_id)
+    joined = net.join(net.client(), executor, net.config.replace(request_timeout=0.01))
+    assert await get_verified(NetworkSource(joined.network), chunk_id) == data
+    assert slow.requests == 1 and slow.gets == 0
+    assert fast.gets == 1
+
+
+async def test_no_holder_at_all_is_chunk_not_found(net: MemNet, executor: Executor) -> None:
+    net.add(3)
+    chunk_id, _ = put_chunk()
+    joined = net.join(net.client(), executor)
+    with pytest.raises(ChunkNotFoundError, match="is unavailable") as caught:
+        await get_verified(NetworkSource(joined.network), chunk_id)
+    assert caught.value.chunk_hex == chunk_id.hex()
