@@ -232,7 +232,9 @@ async def test_too_few_nodes_is_reported_and_repaired_when_nodes_join(tmp_path: 
         await repair_everywhere(net)
         report = await publisher.network.check(result.reference.root_hash)
         assert report.ok, report.to_json()
-        assert all(len(net.holders(c)) == 3 for c in net.stored_chunks())
+        stored = net.stored_chunks()
+        assert len(stored) == chunks
+        assert all(len(net.holders(c)) == 3 for c in stored)
 
 
 async def test_reading_a_rotten_local_copy_repairs_it(tmp_path: Path) -> None:

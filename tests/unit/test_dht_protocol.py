@@ -25,7 +25,7 @@ from kademlia.storage import ForgetfulStorage
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
-from dht_dfs.core.errors import LocalProtocolError
+from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.core.ids import NodeId
 from dht_dfs.dht.codec import (
     DATAGRAM_BUDGET,
@@ -145,7 +145,7 @@ def test_ping_reply_proves_identity_and_reports_observed_address() -> None:
     assert not proof.client
     assert hooks.senders == [(SENDER.node_id, 5001, PEER)]
     # A different nonce does not verify: the proof is fresh.
-    with pytest.raises(Exception, match="bad signature"):
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
         check_ping_reply(reply, os.urandom(20), ("10.3.0.1", 4000))
 
 
