@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import pytest
 
 from dht_dfs.core.crypto import (
+    PUBLIC_CONVERGENCE_SECRET,
     TAG_SIZE,
     Identity,
+    decrypt_with_key,
     open_chunk,
     seal_chunk,
     verify_signature,
@@ -87,3 +90,31 @@ def test_decrypt_into_a_reused_buffer_matches_and_checks() -> None:
         decrypt_into(b"short", sealed.key, buffer)
     with pytest.raises(ValueError, match="too small"):
         decrypt_into(sealed.data, sealed.key, bytearray(10))
+
+
+def test_a_published_sha256_does_not_give_away_the_chunk_key() -> None:
+    """A one-chunk file's ``sha256sum`` (often published next to it) and its
+    chunk must not be enough to read it under the default secret.
+
+    Format 1 derived the key as BLAKE2b(SHA-256(plaintext)) keyed with the
+    secret; that derivation is rebuilt here as an attacker would.
+    """
+    plaintext = b"the whole of a small secret file\n" * 100
+    sealed = seal_chunk(plaintext, PUBLIC_CONVERGENCE_SECRET)
+    published_digest = hashlib.sha256(plaintext).digest()
+    guesses = [
+        hashlib.blake2b(
+            published_digest,
+            key=PUBLIC_CONVERGENCE_SECRET,
+            digest_size=32,
+            person=person,
+        ).digest()
+        for person in (b"dhtfs/chunk-key", b"dhtfs/ckey/v2")
+    ]
+    guesses.append(published_digest)
+    for guess in guesses:
+        assert guess != sealed.key
+        with pytest.raises(IntegrityError):
+            decrypt_with_key(sealed.data, guess)
+    # Dedup is kept: same plaintext and secret, same chunk.
+    assert seal_chunk(plaintext, PUBLIC_CONVERGENCE_SECRET) == sealed
