@@ -6,6 +6,16 @@ size. With a read key the walk yields each data chunk with its offset and
 key (``walk_leaves``); without one, only the public part is read
 (``walk_public``): enough to check, repair or pin a file.
 
+Both walks check every node against the shape the root's public part
+declares (``TreeShape``: the file's size, chunk size and fanout) as soon as
+it is read and before any child is fetched, so a hostile tree that lists
+more chunks or bytes than its size, or a lopsided or deeper tree, stops at
+once with a ManifestError. The work of ``walk_leaves`` is then bounded by
+the declared size, which a fetch checks against free space first;
+``walk_public`` also skips a manifest subtree it has walked before (a
+repeated subtree holds the same chunks), so its work is bounded by the
+manifest bytes actually stored, not by a size anyone can declare.
+
 Must not import: dht, transport, node, or the network side of transfer.
 """
 
@@ -19,11 +29,11 @@ from dataclasses import dataclass
 from dht_dfs.core.errors import ManifestError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.core.manifest import (
-    MAX_DEPTH,
     Entry,
     ManifestNode,
     NodeKind,
     OpenedNode,
+    check_node_shape,
     decode_node,
     open_node,
 )
@@ -73,41 +83,55 @@ async def _walk(
     executor: Executor,
     *,
     prefetch: bool,
+    skip_repeats: bool = False,
 ) -> AsyncIterator[tuple[Entry, bytes | None, bool]]:
     """Every entry below ``root``, depth first in file order: (entry, key, is manifest).
 
     Without ``keys`` (no read key) only public parts are read and each key
     is None. Manifest nodes are fetched as they are reached and one node is
     held per level, so memory is bounded by the depth. With ``prefetch`` the
-    source hears of each leaf's chunks as the leaf is reached.
+    source hears of each leaf's chunks as the leaf is reached, after the
+    leaf has passed the shape check. With ``skip_repeats`` a manifest node
+    met before is yielded but not descended into again (memory: one id per
+    distinct manifest node, ~1/fanout of the file's chunks).
     """
     loop = asyncio.get_running_loop()
+    shape = root.shape
+    if shape is None:
+        raise ManifestError(f"manifest chunk {root.chunk_id.hex()} is not a root")
     if prefetch and root.kind == NodeKind.LEAF:
         await source.prefetch([entry.chunk_id for entry in root.entries])
-    stack: list[tuple[ManifestNode, tuple[bytes, ...] | None, int]] = [(root, keys, 0)]
+    seen: set[ChunkId] = set()
+    # Frames: node, its keys, next position, its height, its first data chunk.
+    stack: list[tuple[ManifestNode, tuple[bytes, ...] | None, int, int, int]] = [
+        (root, keys, 0, shape.height, 0)
+    ]
     while stack:
-        node, node_keys, position = stack[-1]
+        node, node_keys, position, height, first_leaf = stack[-1]
         if position == len(node.entries):
             stack.pop()
             continue
-        stack[-1] = (node, node_keys, position + 1)
+        stack[-1] = (node, node_keys, position + 1, height, first_leaf)
         entry = node.entries[position]
         key = None if node_keys is None else node_keys[position]
         if node.kind == NodeKind.LEAF:
             yield entry, key, False
             continue
-        if len(stack) >= MAX_DEPTH:
-            raise ManifestError(
-                f"manifest of {root.chunk_id.hex()} is deeper than {MAX_DEPTH} levels"
-            )
+        if skip_repeats and entry.chunk_id in seen:
+            yield entry, key, True
+            continue
         child = await _read_node(source, entry.chunk_id, entry.stored_size, executor)
+        child_first = first_leaf + position * shape.leaves_under(height - 1)
+        check_node_shape(child, shape, height - 1, child_first)
+        if skip_repeats:
+            seen.add(entry.chunk_id)
         yield entry, key, True
         if prefetch and child.kind == NodeKind.LEAF:
             await source.prefetch([leaf.chunk_id for leaf in child.entries])
         child_keys = None
         if key is not None:
             child_keys = (await loop.run_in_executor(executor, open_node, child, key)).keys
-        stack.append((child, child_keys, 0))
+        stack.append((child, child_keys, 0, height - 1, child_first))
 
 
 async def walk_leaves(
@@ -132,11 +156,14 @@ async def walk_public(
     """Every chunk of a file without its key: (id, stored size, is manifest).
 
     Manifest nodes come before their children. Enough to check, repair or
-    pin a file.
+    pin a file. A subtree that repeats one already walked (its chunks were
+    just yielded) is listed by its id alone.
     """
     node = await _read_node(source, root.root, None, executor)
     yield root.root, node.stored_size, True
-    async for entry, _, is_manifest in _walk(source, node, None, executor, prefetch=False):
+    async for entry, _, is_manifest in _walk(
+        source, node, None, executor, prefetch=False, skip_repeats=True
+    ):
         yield entry.chunk_id, entry.stored_size, is_manifest
 
 

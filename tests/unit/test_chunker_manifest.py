@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -61,7 +62,13 @@ def fake_chunk(i: int) -> SealedChunk:
     return SealedChunk(ChunkId.of(data), os.urandom(32), data, len(data) - TAG_SIZE)
 
 
-METADATA = FileMetadata("name.bin", 0, 0o644, 1 << 20, bytes(32))
+FAKE_CHUNK = 40
+"""Plaintext bytes of every ``fake_chunk``."""
+METADATA = FileMetadata("name.bin", 0, 0o644, FAKE_CHUNK, bytes(32))
+
+
+def metadata_for(count: int) -> FileMetadata:
+    return FileMetadata("name.bin", count * FAKE_CHUNK, 0o644, FAKE_CHUNK, bytes(32))
 
 
 def build(count: int, fanout: int) -> tuple[dict[ChunkId, bytes], ReadReference, list[SealedChunk]]:
@@ -71,7 +78,7 @@ def build(count: int, fanout: int) -> tuple[dict[ChunkId, bytes], ReadReference,
     for chunk in data_chunks:
         for node in builder.add(chunk):
             nodes[node.chunk_id] = node.data
-    tail, reference = builder.finish(METADATA)
+    tail, reference = builder.finish(metadata_for(count))
     for node in tail:
         nodes[node.chunk_id] = node.data
     assert tail[-1].chunk_id == reference.root
@@ -105,12 +112,12 @@ def test_manifest_tree_is_deterministic() -> None:
     builder = ManifestBuilder(b"", 3)
     for chunk in first[2]:
         builder.add(chunk)
-    _, again = builder.finish(METADATA)
+    _, again = builder.finish(metadata_for(30))
     assert again == first[1]
 
 
 def test_root_metadata_round_trips() -> None:
-    metadata = FileMetadata("résumé.pdf", 12345, 0o640, 4096, os.urandom(32))
+    metadata = FileMetadata("résumé.pdf", 0, 0o640, 4096, os.urandom(32))
     builder = ManifestBuilder(b"", 4)
     (root,), reference = builder.finish(metadata)
     opened = open_node(decode_node(root.chunk_id, root.data), reference.key)
@@ -213,14 +220,136 @@ async def collect_public(nodes: dict[ChunkId, bytes], root: ChunkId) -> list[Chu
 def test_a_root_listed_inside_a_tree_is_refused_by_both_walks() -> None:
     from dht_dfs.core.manifest import Entry, _seal_node
 
-    inner_nodes, inner, _ = build(2, 4)
+    inner_nodes, inner, _ = build(2, 2)
     inner_root = inner_nodes[inner.root]
-    outer = _seal_node(
-        NodeKind.INTERIOR, [(Entry(inner.root, len(inner_root)), inner.key)], METADATA, b""
-    )
+    # Three chunks under fanout 2: a root of two children, the first a full
+    # leaf of two chunks, which the inner root's shape matches.
+    child = (Entry(inner.root, len(inner_root)), inner.key)
+    outer = _seal_node(NodeKind.INTERIOR, [child, child], metadata_for(3), b"", fanout=2)
     nodes = {**inner_nodes, outer.chunk_id: outer.data}
     outer_reference = ReadReference(outer.chunk_id, outer.key)
     with pytest.raises(ManifestError, match="is a root inside a tree"):
         asyncio.run(collect_leaves(nodes, outer_reference))
     with pytest.raises(ManifestError, match="is a root inside a tree"):
         asyncio.run(collect_public(nodes, outer.chunk_id))
+
+
+# --- manifest bombs: trees that declare more than their size ---------------------
+
+
+class RecordingSource(MemorySource):
+    """A MemorySource that remembers every chunk fetched from it."""
+
+    def __init__(self, chunks: dict[ChunkId, bytes]) -> None:
+        super().__init__(chunks)
+        self.fetched: list[ChunkId] = []
+
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume):  # type: ignore[no-untyped-def]
+        self.fetched.append(chunk_id)
+        return await super().fetch(chunk_id, size_hint, consume)
+
+
+def hostile_tree(
+    size: int, leaves: list[list[SealedChunk]], fanout: int
+) -> tuple[dict[ChunkId, bytes], ReadReference]:
+    """A two-level tree built by hand: a root over one leaf node per list."""
+    from dht_dfs.core.manifest import Entry, _seal_node
+
+    chunks: dict[ChunkId, bytes] = {}
+    children = []
+    for leaf in leaves:
+        node = _seal_node(
+            NodeKind.LEAF, [(Entry(c.chunk_id, len(c.data)), c.key) for c in leaf], None, b""
+        )
+        chunks[node.chunk_id] = node.data
+        chunks.update((c.chunk_id, c.data) for c in leaf)
+        children.append((Entry(node.chunk_id, len(node.data)), node.key))
+    metadata = FileMetadata("bomb.bin", size, 0o644, FAKE_CHUNK, bytes(32))
+    root = _seal_node(NodeKind.INTERIOR, children, metadata, b"", fanout=fanout)
+    chunks[root.chunk_id] = root.data
+    return chunks, ReadReference(root.chunk_id, root.key)
+
+
+@pytest.mark.parametrize(
+    "excess",
+    [seal_chunk(b""), seal_chunk(b"x" * FAKE_CHUNK)],
+    ids=["empty-chunks", "more-bytes-than-declared"],
+)
+async def test_a_leaf_beyond_the_declared_size_is_refused_before_it_is_fetched(
+    tmp_path: Path, excess: SealedChunk
+) -> None:
+    from dht_dfs.core.config import Config
+    from dht_dfs.core.refs import RootHash
+    from dht_dfs.transfer.fetch import fetch_file
+
+    # Five chunks under fanout 4: a full first leaf of 4, then one of 1. The
+    # second leaf lists 4096 chunks instead, empty or full-sized.
+    honest = [seal_chunk(os.urandom(FAKE_CHUNK)) for _ in range(4)]
+    chunks, reference = hostile_tree(5 * FAKE_CHUNK, [honest, [excess] * 4096], 4)
+    source = RecordingSource(chunks)
+    with ThreadPoolExecutor(2) as executor:
+        with pytest.raises(ManifestError, match="lists 4096 entries .* allows exactly 1"):
+            await fetch_file(
+                reference, source, Config(), executor=executor, output=tmp_path / "out"
+            )
+        assert excess.chunk_id not in source.fetched
+        # check and repair, without the key, stop at the same node.
+        walked: list[ChunkId] = []
+        with pytest.raises(ManifestError, match="allows exactly 1"):
+            async for chunk_id, _, _ in walk_public(source, RootHash(reference.root), executor):
+                walked.append(chunk_id)
+    assert excess.chunk_id not in walked
+
+
+def test_a_root_listing_empty_chunks_of_an_empty_file_is_refused() -> None:
+    from dht_dfs.core.manifest import Entry, _seal_node
+
+    empty = seal_chunk(b"")
+    metadata = FileMetadata("bomb.bin", 0, 0o644, FAKE_CHUNK, bytes(32))
+    entries = [(Entry(empty.chunk_id, len(empty.data)), empty.key)] * 1000
+    root = _seal_node(NodeKind.LEAF, entries, metadata, b"", fanout=4096)
+    with pytest.raises(ManifestError, match="lists 1000 entries .* allows exactly 0"):
+        decode_node(root.chunk_id, root.data)
+
+
+@pytest.mark.parametrize(
+    ("sizes", "message"),
+    [
+        ([FAKE_CHUNK, FAKE_CHUNK - 1, 1], "chunk 1 as 39 bytes"),
+        ([FAKE_CHUNK, FAKE_CHUNK, FAKE_CHUNK], "chunk 2 as 40 bytes"),
+        ([FAKE_CHUNK, FAKE_CHUNK, 0], "chunk 2 as 0 bytes"),
+    ],
+)
+def test_chunk_sizes_must_follow_from_the_file_size(sizes: list[int], message: str) -> None:
+    from dht_dfs.core.manifest import Entry, _seal_node
+
+    chunks = [seal_chunk(os.urandom(n)) for n in sizes]
+    metadata = FileMetadata("x", 2 * FAKE_CHUNK + 1, 0o644, FAKE_CHUNK, bytes(32))
+    entries = [(Entry(c.chunk_id, len(c.data)), c.key) for c in chunks]
+    root = _seal_node(NodeKind.LEAF, entries, metadata, b"", fanout=4)
+    with pytest.raises(ManifestError, match=message):
+        decode_node(root.chunk_id, root.data)
+
+
+def test_check_walks_a_repeated_subtree_once() -> None:
+    """Without the key only the public part bounds a walk: 4 levels of one
+    repeated node under fanout 16 declare 65536 one-byte chunks in 4 stored
+    manifest nodes; ``walk_public`` lists each stored node's entries once."""
+    from dht_dfs.core.manifest import Entry, _seal_node
+
+    data = seal_chunk(b"a")
+    chunks = {data.chunk_id: data.data}
+    child = (Entry(data.chunk_id, len(data.data)), data.key)
+    for height in (1, 2, 3):
+        kind = NodeKind.LEAF if height == 1 else NodeKind.INTERIOR
+        node = _seal_node(kind, [child] * 16, None, b"")
+        chunks[node.chunk_id] = node.data
+        child = (Entry(node.chunk_id, len(node.data)), node.key)
+    metadata = FileMetadata("ones", 16**4, 0o644, 1, bytes(32))
+    root = _seal_node(NodeKind.INTERIOR, [child] * 16, metadata, b"", fanout=16)
+    chunks[root.chunk_id] = root.data
+    walked = asyncio.run(collect_public(chunks, root.chunk_id))
+    assert len(walked) == 1 + 4 * 16
+    # With the key, the file really is 65536 bytes: fetch writes them all.
+    leaves = asyncio.run(collect_leaves(chunks, ReadReference(root.chunk_id, root.key)))
+    assert len(leaves) == 16**4
