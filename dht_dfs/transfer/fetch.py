@@ -2,7 +2,8 @@
 
 ``fetch_file`` builds a ``FileFetch`` and runs it. The steps, in order:
 
-1. ``open``: read the root, pick the output path, open ``<output>.dhtfs-part``.
+1. ``open``: read the root, pick the output path, open ``<output>.dhtfs-part``
+   and check that the file fits in the free space.
 2. ``run``: walk the leaves with ``transfer_window`` chunks in flight; for
    each, ``resume_check`` (a part file left by an earlier try may hold it
    already: re-encrypting the region gives its id) or a fetch whose worker
@@ -13,14 +14,26 @@
 
 Decryption happens here, at the edge: a source only moves sealed bytes.
 
+Nothing the publisher chose may harm the fetcher's machine (DESIGN
+property 15): the part file is created exclusively and never through a
+symbolic link (one planted at its name in a shared directory such as /tmp
+would otherwise aim our writes at the link's target), and a resumed part
+must be a regular file of ours; the final rename replaces a link at the
+output, never writes through it, and needs ``overwrite`` for anything
+there; the mode is the published permission bits under the fetcher's
+umask, without setuid, setgid or sticky; a published name that would be
+hidden or read as an option is refused unless the caller names the output.
+
 Must not import: dht, transport, node, or the network side of transfer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
 import os
+import stat
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,7 +41,7 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_dfs.core.config import Config
+from dht_dfs.core.config import Config, format_size
 from dht_dfs.core.crypto import decrypt_into, encrypt_with_key
 from dht_dfs.core.errors import (
     DhtfsError,
@@ -71,13 +84,23 @@ def safe_file_name(name: str, fallback: str) -> str:
 
 
 def resolve_output(metadata: FileMetadata, reference: ReadReference, output: Path | None) -> Path:
+    """The file to write: ``output`` itself, or the published name in it (or here).
+
+    Raises InputError for a published name that would land as a dotfile
+    (``.bashrc`` in a home directory) or read as an option (``-rf``) when
+    the caller did not name the output file.
+    """
+    if output is not None and not output.is_dir():
+        return output
     fallback = f"dhtfs-{reference.root.hex()[:16]}"
     name = safe_file_name(metadata.name, fallback)
-    if output is None:
-        return Path.cwd() / name
-    if output.is_dir():
-        return output / name
-    return output
+    if name.startswith((".", "-")):
+        what = "be hidden" if name.startswith(".") else "read as an option"
+        raise InputError(
+            f"the published name '{name}' would {what}; "
+            "choose the output file with -o NAME (or -o DIR/NAME)"
+        )
+    return (output if output is not None else Path.cwd()) / name
 
 
 async def fetch_file(
@@ -175,6 +198,10 @@ class FileFetch:
             await self.finish()
         finally:
             os.close(self._fd)
+        # Checked again: something may have appeared during the download.
+        # rename() replaces a symbolic link itself, never what it points to.
+        if _anything_at(self.target) and not self._overwrite:
+            raise _exists_error(self.target)
         try:
             os.replace(self._part, self.target)
         except OSError as exc:
@@ -199,20 +226,47 @@ class FileFetch:
         self._metadata = metadata
         self._size = metadata.size
         self.target = resolve_output(metadata, self._reference, self._output)
-        if self.target.exists() and not self._overwrite:
-            raise InputError(
-                f"{self.target} already exists; fetch to another path or overwrite it (--force)"
-            )
+        if _anything_at(self.target) and not self._overwrite:
+            raise _exists_error(self.target)
         if self._on_metadata is not None:
             maybe = self._on_metadata(metadata, self.target)
             if maybe is not None:
                 await maybe
         self._part = self.target.with_name(self.target.name + PART_SUFFIX)
+        self._fd, created = _open_part(self._part)
         try:
-            self._fd = os.open(self._part, os.O_RDWR | os.O_CREAT, 0o600)
-        except OSError as exc:
-            raise OutputError(f"cannot write {self._part}: {exc.strerror}") from None
+            self._check_free_space()
+        except OutputError:
+            os.close(self._fd)
+            self._fd = -1
+            if created:
+                os.unlink(self._part)
+            raise
         return metadata
+
+    def _check_free_space(self) -> None:
+        """Refuse a file that cannot fit, before writing any of it.
+
+        The declared size is the publisher's claim; the shape checks make
+        the tree agree with it, and this makes it agree with the disk. What
+        a resumed part already holds (its allocated blocks) is not needed
+        again.
+        """
+        held = os.fstat(self._fd)
+        already = min(held.st_size, held.st_blocks * 512)
+        needed = max(0, self._size - already)
+        directory = self._part.parent
+        try:
+            space = os.statvfs(directory)
+        except OSError:
+            return  # no figure to compare with; a full disk still fails the write cleanly
+        available = space.f_bavail * space.f_frsize
+        if needed > available:
+            raise OutputError(
+                f"not enough free space in {directory} for {self.target.name}: the file needs "
+                f"{needed} bytes ({format_size(needed)}), {available} bytes "
+                f"({format_size(available)}) are available"
+            )
 
     def _prepare_part(self) -> None:
         self._resuming = os.fstat(self._fd).st_size > 0
@@ -268,7 +322,9 @@ class FileFetch:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, os.fsync, self._fd)
-            os.fchmod(self._fd, metadata.mode & 0o777 or 0o644)
+            # Permission bits only: a publisher sets no setuid, setgid or
+            # sticky bit, nor anything the fetcher's umask forbids.
+            os.fchmod(self._fd, (metadata.mode & 0o777 or 0o644) & ~_current_umask())
         except OSError as exc:
             raise _output_error(self._part, exc) from None
 
@@ -341,6 +397,64 @@ class FileFetch:
         self._window.release()
         if self._progress is not None:
             self._progress(self._done_bytes, self._size)
+
+
+def _anything_at(path: Path) -> bool:
+    """True if a name exists, even as a dangling symbolic link (``exists`` says no)."""
+    return os.path.lexists(path)
+
+
+def _exists_error(target: Path) -> InputError:
+    return InputError(f"{target} already exists; fetch to another path or overwrite it (--force)")
+
+
+def _open_part(part: Path) -> tuple[int, bool]:
+    """Open the part file for writing: (descriptor, whether this call created it).
+
+    A new part is created exclusively (O_EXCL also refuses a symbolic link
+    at the name); an existing one is reopened only without following a
+    link, and only if it is a regular file of ours with one name, since a
+    part left by an earlier try is the only thing worth resuming.
+    """
+    flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+    try:
+        return os.open(part, flags | os.O_CREAT | os.O_EXCL, 0o600), True
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise OutputError(f"cannot write {part}: {exc.strerror}") from None
+    refusal = (
+        f"{part} is in the way and is not a partial fetch of yours (a regular file you own); "
+        "remove it and fetch again"
+    )
+    try:
+        fd = os.open(part, flags | os.O_NONBLOCK)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:  # O_NOFOLLOW met a symbolic link
+            raise OutputError(refusal) from None
+        raise OutputError(f"cannot write {part}: {exc.strerror}") from None
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_uid != os.geteuid() or info.st_nlink != 1:
+        os.close(fd)
+        raise OutputError(refusal)
+    return fd, False
+
+
+def _current_umask() -> int:
+    """The process umask, read without changing it where the system allows."""
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    # os.umask can only be read by setting it. Set the strictest mask
+    # meanwhile, so a file another thread creates in that instant gets
+    # fewer permissions, never more.
+    previous = os.umask(0o077)
+    os.umask(previous)
+    return previous
 
 
 def _output_error(path: Path, exc: OSError) -> OutputError:

@@ -212,3 +212,121 @@ async def test_full_disk_during_restore_is_a_clear_error_and_keeps_the_part(
     resumed = await restore_from_store(result.reference, store, CONFIG, out)
     assert out.read_bytes() == data
     assert resumed.chunks_resumed >= 1
+
+
+# --- the fetcher's machine is safe (DESIGN property 15) ----------------------------
+
+
+async def test_a_file_larger_than_the_free_space_is_refused_before_writing(
+    tmp_path: Path, store: ChunkStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dht_dfs.core.errors import OutputError
+
+    data = os.urandom(5 * CHUNK)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    real_statvfs = os.statvfs
+    seen: list[str] = []
+
+    class NearlyFull:
+        f_bavail = 3
+        f_frsize = 4096
+
+    def statvfs(path: object) -> object:
+        seen.append(str(path))
+        return NearlyFull()
+
+    monkeypatch.setattr(os, "statvfs", statvfs)
+    out = tmp_path / "out.bin"
+    with pytest.raises(
+        OutputError, match=f"needs {len(data)} bytes .*, 12288 bytes .* are available"
+    ):
+        await restore_from_store(result.reference, store, CONFIG, out)
+    assert seen == [str(tmp_path)]
+    assert not out.exists()
+    assert not (tmp_path / ("out.bin" + PART_SUFFIX)).exists()
+    monkeypatch.setattr(os, "statvfs", real_statvfs)
+    await restore_from_store(result.reference, store, CONFIG, out)
+    assert out.read_bytes() == data
+
+
+async def test_a_link_planted_at_the_part_file_is_never_written_through(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    from dht_dfs.core.errors import OutputError
+
+    result = await publish_to_store(
+        write(tmp_path / "in.bin", os.urandom(3 * CHUNK)), store, CONFIG
+    )
+    victim = write(tmp_path / "victim", b"precious")
+    out = tmp_path / "out.bin"
+    part = tmp_path / ("out.bin" + PART_SUFFIX)
+    part.symlink_to(victim)
+    with pytest.raises(OutputError, match="is not a partial fetch of yours"):
+        await restore_from_store(result.reference, store, CONFIG, out)
+    assert victim.read_bytes() == b"precious"
+    assert part.is_symlink() and not out.exists()
+    # A hard link to someone's file is no partial fetch either.
+    part.unlink()
+    os.link(victim, part)
+    with pytest.raises(OutputError, match="is not a partial fetch of yours"):
+        await restore_from_store(result.reference, store, CONFIG, out)
+    assert victim.read_bytes() == b"precious"
+
+
+async def test_a_link_at_the_output_is_refused_and_forced_replaced_not_followed(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    data = os.urandom(2 * CHUNK)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    victim = write(tmp_path / "victim", b"precious")
+    dangling = tmp_path / "dangling.bin"
+    dangling.symlink_to(tmp_path / "nowhere")
+    for out in (tmp_path / "out.bin", dangling):
+        if not out.is_symlink():
+            out.symlink_to(victim)
+        with pytest.raises(InputError, match="already exists"):
+            await restore_from_store(result.reference, store, CONFIG, out)
+        await restore_from_store(result.reference, store, CONFIG, out, overwrite=True)
+        assert not out.is_symlink() and out.read_bytes() == data
+    assert victim.read_bytes() == b"precious"
+    assert not (tmp_path / "nowhere").exists()
+
+
+async def test_published_mode_loses_setuid_and_obeys_the_umask(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    from dht_dfs.core.crypto import seal_chunk
+    from dht_dfs.core.manifest import FileMetadata, ManifestBuilder
+
+    data = os.urandom(100)
+    sealed = seal_chunk(data)
+    store.put(sealed.chunk_id, sealed.data)
+    builder = ManifestBuilder(b"", CONFIG.manifest_fanout)
+    builder.add(sealed)
+    metadata = FileMetadata("run.sh", len(data), 0o4777 | 0o2000 | 0o1000, CHUNK, bytes(32))
+    (root,), reference = builder.finish(metadata)
+    store.put(root.chunk_id, root.data)
+    previous = os.umask(0o022)
+    try:
+        restored = await restore_from_store(reference, store, CONFIG, tmp_path / "run.sh")
+    finally:
+        os.umask(previous)
+    assert restored.metadata.mode == 0o7777
+    assert (tmp_path / "run.sh").stat().st_mode & 0o7777 == 0o755
+
+
+@pytest.mark.parametrize(("name", "what"), [(".bashrc", "be hidden"), ("-rf", "read as an option")])
+async def test_a_hidden_or_option_like_name_needs_an_explicit_output(
+    tmp_path: Path, store: ChunkStore, monkeypatch: pytest.MonkeyPatch, name: str, what: str
+) -> None:
+    source = write(tmp_path / "in.bin", b"alias ls='rm -rf ~'\n")
+    result = await publish_to_store(source, store, CONFIG, name=name)
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.chdir(home)
+    for output in (None, home):
+        with pytest.raises(InputError, match=f"'{name}' would {what}; .* with -o NAME"):
+            await restore_from_store(result.reference, store, CONFIG, output)
+    assert list(home.iterdir()) == []
+    await restore_from_store(result.reference, store, CONFIG, home / "safe.txt")
+    assert (home / "safe.txt").read_bytes() == source.read_bytes()
