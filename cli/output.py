@@ -1,4 +1,11 @@
-"""Everything the CLI shows: results on stdout, progress and errors on stderr."""
+"""Everything the CLI shows: results on stdout, progress and errors on stderr.
+
+Names and paths can come from a manifest, that is from a publisher, who
+may put terminal escape sequences in them ("\\x1b[2J" clears the screen;
+others retitle the window or, on some terminals, inject input). Every text
+shown here goes through ``printable`` first; JSON output escapes control
+characters by itself.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape as escape_markup
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -41,18 +49,43 @@ def setup_logging(verbosity: int, *, default: int = logging.WARNING) -> None:
     logging.getLogger("rpcudp").setLevel(logging.WARNING if verbosity < 2 else logging.DEBUG)
 
 
+def printable(text: str) -> str:
+    """``text`` with every non-printable character shown as a Python-style escape.
+
+    Control characters, bidirectional overrides (which reorder what a name
+    appears to say), lone surrogates from undecodable file names and
+    separators other than the space become ``\\xNN``, ``\\uNNNN`` or
+    ``\\UNNNNNNNN``; everything else, accented letters included, is kept.
+    """
+    if text.isprintable():
+        return text
+    shown = []
+    for char in text:
+        if char.isprintable():
+            shown.append(char)
+            continue
+        code = ord(char)
+        if code < 0x100:
+            shown.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            shown.append(f"\\u{code:04x}")
+        else:
+            shown.append(f"\\U{code:08x}")
+    return "".join(shown)
+
+
 def print_json(document: dict[str, Any]) -> None:
     sys.stdout.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
     sys.stdout.flush()
 
 
 def print_line(text: str) -> None:
-    sys.stdout.write(text + "\n")
+    sys.stdout.write(printable(text) + "\n")
     sys.stdout.flush()
 
 
 def error(message: str) -> None:
-    stderr.print(f"dhtfs: error: {message}", markup=False)
+    stderr.print(f"dhtfs: error: {printable(message)}", markup=False)
 
 
 @contextmanager
@@ -75,15 +108,15 @@ def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[
         disable=not show,
         transient=False,
     )
-    task = progress.add_task(label, total=None)
+    task = progress.add_task(escape_markup(printable(label)), total=None)
 
     def on_event(event: results.Event) -> None:
         if isinstance(event, results.Progress):
             progress.update(task, completed=event.done, total=event.total or None)
         elif isinstance(event, results.FileFound):
-            progress.update(
-                task, description=f"{label} {event.name}".strip(), total=event.size or None
-            )
+            # The progress columns read markup: "[" in a name is text too.
+            description = escape_markup(printable(f"{label} {event.name}".strip()))
+            progress.update(task, description=description, total=event.size or None)
 
     with progress:
         yield on_event

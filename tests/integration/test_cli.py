@@ -291,3 +291,31 @@ def test_too_few_nodes_for_the_replicas_is_a_warning(devnet: Devnet, tmp_path: P
     )
     assert done.stdout.strip().splitlines()[-1].startswith("dhtfs:r1:")
     assert "dhtfs: warning:" in done.stderr and "fewer copies than wanted" in done.stderr
+
+
+def test_published_names_reach_the_terminal_escaped(devnet: Devnet, tmp_path: Path) -> None:
+    """A name is the publisher's choice: escape sequences in it are shown, not run,
+    and a dotfile or option-like name needs an explicit -o."""
+    node = ["--data-dir", str(devnet.node_dir(1))]
+    data = write(tmp_path / "plain.bin", 1000)
+    hostile = "clear\x1b[2J\u202etxt.exe"
+    published = devnet.run("publish", str(tmp_path / "plain.bin"), "--name", hostile, *node)
+    reference = published.stdout.strip().splitlines()[-1]
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+
+    fetched = devnet.run("fetch", reference, "-o", str(downloads), *node)
+    assert (downloads / hostile).read_bytes() == data
+    shown = fetched.stdout.strip().splitlines()[-1]
+    assert shown == f"{downloads}/clear\\x1b[2J\\u202etxt.exe"
+    again = devnet.run("fetch", reference, "-o", str(downloads), *node, check=False)
+    assert_one_line_error(again, 2, "clear\\x1b[2J\\u202etxt.exe already exists")
+    for done in (fetched, again):
+        assert "\x1b" not in done.stdout + done.stderr
+        assert "\u202e" not in done.stdout + done.stderr
+
+    dotfile = devnet.run("publish", str(tmp_path / "plain.bin"), "--name", ".bashrc", *node)
+    dot_reference = dotfile.stdout.strip().splitlines()[-1]
+    refused = devnet.run("fetch", dot_reference, *node, check=False, cwd=downloads)
+    assert_one_line_error(refused, 2, "'.bashrc' would be hidden; choose the output file with -o")
+    assert not (downloads / ".bashrc").exists()
