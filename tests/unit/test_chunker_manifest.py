@@ -288,7 +288,7 @@ async def test_a_leaf_beyond_the_declared_size_is_refused_before_it_is_fetched(
     chunks, reference = hostile_tree(5 * FAKE_CHUNK, [honest, [excess] * 4096], 4)
     source = RecordingSource(chunks)
     with ThreadPoolExecutor(2) as executor:
-        with pytest.raises(ManifestError, match="lists 4096 entries .* allows exactly 1"):
+        with pytest.raises(ManifestError, match=r"lists 4096 entries .* allows exactly 1"):
             await fetch_file(
                 reference, source, Config(), executor=executor, output=tmp_path / "out"
             )
@@ -308,7 +308,7 @@ def test_a_root_listing_empty_chunks_of_an_empty_file_is_refused() -> None:
     metadata = FileMetadata("bomb.bin", 0, 0o644, FAKE_CHUNK, bytes(32))
     entries = [(Entry(empty.chunk_id, len(empty.data)), empty.key)] * 1000
     root = _seal_node(NodeKind.LEAF, entries, metadata, b"", fanout=4096)
-    with pytest.raises(ManifestError, match="lists 1000 entries .* allows exactly 0"):
+    with pytest.raises(ManifestError, match=r"lists 1000 entries .* allows exactly 0"):
         decode_node(root.chunk_id, root.data)
 
 
