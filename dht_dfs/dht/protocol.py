@@ -56,11 +56,15 @@ from dht_dfs.dht.values import (
     MAX_NONCE_SIZE,
     MAX_RECORDS_PER_MESSAGE,
     MIN_NONCE_SIZE,
+    UNSPECIFIED_HOSTS,
     Address,
     Contact,
     FindReply,
     ProviderRecord,
+    canonical_ip,
+    normalize_address,
     parse_find_reply,
+    parse_ping_target,
     ping_proof_message,
 )
 
@@ -169,6 +173,8 @@ class DhtProtocol(CompatProtocol):
         self.client_mode = client_mode
         self.clock = clock
         self.counters = ProtocolCounters()
+        self.own_hosts: set[str] = set()
+        """Hosts besides the bound one that are this node's (its advertised host)."""
         self.closed = asyncio.Event()
         self._pending: dict[bytes, _Pending] = {}
         # Consecutive failures and the time of the last one, for any contact (not
@@ -358,14 +364,21 @@ class DhtProtocol(CompatProtocol):
         return node_id
 
     def _serve_ping(self, address: Address, args: list[Any]) -> object:
-        expect_list(args, "ping arguments", exact=2)
+        expect_list(args, "ping arguments", limit=3)
+        if len(args) < 2:
+            raise remote_error(f"ping arguments must have 2 or 3 items, got {len(args)}")
         nonce = args[1]
         if not isinstance(nonce, bytes) or not MIN_NONCE_SIZE <= len(nonce) <= MAX_NONCE_SIZE:
             raise remote_error(f"nonce must be {MIN_NONCE_SIZE} to {MAX_NONCE_SIZE} bytes")
+        # A challenge names the address it was sent to; we sign it only if it is ours,
+        # so a node relaying challenges cannot pass our proof off as its own address's.
+        target = parse_ping_target(args[2]) if len(args) == 3 else None
+        if target is not None and not self.owns_address(target):
+            raise remote_error(f"ping for {target[0]}:{target[1]}, not this node's address")
         self._sender(address, args[0])
         flags = FLAG_CLIENT if self.client_mode else 0
         signature = self.identity.sign(
-            ping_proof_message(nonce, self.identity.node_id, self.tcp_port, flags)
+            ping_proof_message(nonce, self.identity.node_id, self.tcp_port, flags, target)
         )
         return [
             self.identity.node_id.digest,
@@ -375,6 +388,18 @@ class DhtProtocol(CompatProtocol):
             signature,
             [address[0], address[1]],
         ]
+
+    def owns_address(self, target: Address) -> bool:
+        """True if ``target`` is this node's UDP address as far as it can tell: its
+        bound port, and its bound host, or any host when bound to all of them
+        (``own_hosts`` adds the advertised one, e.g. behind a port-preserving NAT)."""
+        if self.transport is None:
+            return False
+        bound = normalize_address(self.transport.get_extra_info("sockname"))
+        if target[1] != bound[1]:
+            return False
+        host = canonical_ip(bound[0]) or bound[0]
+        return host in UNSPECIFIED_HOSTS or target[0] == host or target[0] in self.own_hosts
 
     def _serve_find_node(self, address: Address, args: list[Any]) -> object:
         expect_list(args, "find_node arguments", exact=2)
@@ -415,9 +440,17 @@ class DhtProtocol(CompatProtocol):
         now = self.clock()
         max_ttl = self.config.provider_ttl + CLOCK_SKEW_ALLOWANCE
         accepted: list[bool] = []
+        rightful: dict[bytes, bool] = {}
         for record in records:
             if self.providers.holds(record):
                 accepted.append(not record.expired(now))
+                continue
+            if record.key not in rightful:
+                rightful[record.key] = self.is_rightful_holder(record.key)
+            if not rightful[record.key]:
+                # DESIGN property 14: a node stores only what it is a rightful holder of.
+                self.drop(address, f"refused provider record {record!r}: key not near this node")
+                accepted.append(False)
                 continue
             problem = record.problem(now, max_ttl=max_ttl)
             if problem is not None:
@@ -426,6 +459,20 @@ class DhtProtocol(CompatProtocol):
                 continue
             accepted.append(self.providers.add(record, now))
         return accepted
+
+    def is_rightful_holder(self, key: bytes) -> bool:
+        """True if this node is among the k closest to ``key`` by its own view, with
+        slack: fewer than ``provider_closeness_slack`` * k known contacts are closer.
+
+        A publisher that looked up the k closest nodes, or a holder pushing records
+        to a newcomer (section 2.5), sees nearly the same neighbourhood as we do;
+        a node far from the key is not where anyone honest would put its records.
+        """
+        rank = max(1, self.config.provider_closeness_slack) * self.config.ksize
+        nearest = self.router.closest(key, rank)
+        if len(nearest) < rank:
+            return True
+        return nearest[-1].contact.distance(key) > self.identity.node_id.distance(key)
 
     def _contacts_near(self, key: bytes, exclude: NodeId, budget: int) -> tuple[bytes, int]:
         """The encoded array of the k contacts closest to ``key`` that fit in

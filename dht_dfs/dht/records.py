@@ -219,8 +219,7 @@ class ProviderStore:
                 del self._providers_by_count[old]
         if new:
             self._providers_by_count.setdefault(new, set()).add(node_id)
-        if new > self._max_count:
-            self._max_count = new
+        self._max_count = max(self._max_count, new)
         # Bounded by the old maximum: counts move by one record at a time.
         while self._max_count and self._max_count not in self._providers_by_count:
             self._max_count -= 1

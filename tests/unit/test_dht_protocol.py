@@ -94,7 +94,12 @@ def make_protocol(**config: Any) -> tuple[DhtProtocol, FakeTransport, RecordingH
     protocol = DhtProtocol(
         identity=Identity.generate(),
         config=settings_,
-        providers=ProviderStore(settings_.max_providers_per_key, settings_.max_provider_records),
+        providers=ProviderStore(
+            settings_.max_providers_per_key,
+            settings_.max_provider_records,
+            max_per_provider=settings_.max_provider_records_per_provider,
+            max_per_host=settings_.max_provider_records_per_host,
+        ),
         hooks=hooks,
         tcp_port=4000,
         clock=lambda: NOW,
@@ -137,8 +142,9 @@ def signed_record(key: bytes = KEY, ttl: float = 3600.0, now: float = NOW) -> Pr
 def test_ping_reply_proves_identity_and_reports_observed_address() -> None:
     protocol, transport, hooks = make_protocol()
     nonce = os.urandom(20)
-    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce]))
-    proof = check_ping_reply(reply, nonce, ("10.3.0.1", 4000))
+    own = ("127.0.0.1", 4000)  # FakeTransport's sockname
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce, list(own)]))
+    proof = check_ping_reply(reply, nonce, own)
     assert proof.contact.node_id == protocol.identity.node_id
     assert proof.contact.tcp_port == 4000
     assert proof.observed == PEER
@@ -146,7 +152,30 @@ def test_ping_reply_proves_identity_and_reports_observed_address() -> None:
     assert hooks.senders == [(SENDER.node_id, 5001, PEER)]
     # A different nonce does not verify: the proof is fresh.
     with pytest.raises(Exception, match="bad signature"):
-        check_ping_reply(reply, os.urandom(20), ("10.3.0.1", 4000))
+        check_ping_reply(reply, os.urandom(20), own)
+
+
+def test_ping_proof_covers_the_address_the_challenge_was_sent_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    protocol, transport, _hooks = make_protocol()
+    nonce = os.urandom(20)
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce, ["127.0.0.1", 4000]]))
+    # Relayed: the proof does not verify for the address the challenger used.
+    with pytest.raises(Exception, match="not for this address"):
+        check_ping_reply(reply, nonce, ("10.3.0.1", 4000))
+    with pytest.raises(Exception, match="not for this address"):
+        check_ping_reply(reply, nonce, ("127.0.0.1", 4001))
+    # A challenge naming another node's address is not signed at all.
+    transport.sent.clear()
+    send(protocol, "ping", [HEADER, nonce, ["10.3.0.1", 4000]])
+    send(protocol, "ping", [HEADER, nonce, ["127.0.0.1", 4001]])
+    assert transport.sent == []
+    assert "not this node's address" in caplog.text
+    # A liveness ping that names no address gets an answer that proves no address.
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce]))
+    with pytest.raises(Exception, match="bad signature"):
+        check_ping_reply(reply, nonce, ("127.0.0.1", 4000))
 
 
 def test_client_mode_sender_is_never_reported() -> None:
@@ -226,7 +255,13 @@ GOOD_REQUESTS: dict[str, list[object]] = {
 
 BAD_ARGUMENTS: list[tuple[str, list[object], str]] = [
     *[(name, [], "arguments must have") for name in GOOD_REQUESTS],
-    *[(name, [*args, None], "arguments must have") for name, args in GOOD_REQUESTS.items()],
+    *[
+        (name, [*args, None], "arguments must have")
+        for name, args in GOOD_REQUESTS.items()
+        if name != "ping"
+    ],
+    ("ping", [HEADER, os.urandom(20), None], "ping target must be a list"),
+    ("ping", [HEADER, os.urandom(20), ["127.0.0.1", 4000], None], "more than 3"),
     *[
         (name, [header, *args[1:]], "sender")
         for name, args in GOOD_REQUESTS.items()
@@ -536,3 +571,53 @@ def test_contact_is_evicted_after_consecutive_failures_only() -> None:
     assert protocol.counters.evictions == 1
     # The owner hears of it, so it can forget the records that node signed.
     assert protocol.hooks.evicted == [node.contact.node_id]
+
+
+# --- hostile peers: records only where this node is a rightful holder ---------------------
+
+
+def test_records_for_keys_far_from_this_node_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    protocol, transport, _hooks = make_protocol()
+    own = protocol.identity.node_id.as_int
+    for _ in range(40):
+        protocol.welcome_if_new(peer())
+    far_key = (own ^ (2**160 - 1)).to_bytes(20, "big")  # every contact is closer
+    near_key = protocol.identity.node_id.digest
+    assert len(protocol.router.closest(far_key, 16)) == 16  # the premise: 2k known
+    batch = [signed_record(far_key).to_wire(), signed_record(near_key).to_wire()]
+    assert only_reply(transport, send(protocol, "add_providers", [HEADER, batch])) == [False, True]
+    assert protocol.providers.keys() == [near_key]
+    assert "key not near this node" in caplog.text
+
+
+def test_a_node_that_knows_few_contacts_accepts_any_key() -> None:
+    protocol, transport, _hooks = make_protocol()
+    for _ in range(5):
+        protocol.welcome_if_new(peer())
+    far_key = (protocol.identity.node_id.as_int ^ (2**160 - 1)).to_bytes(20, "big")
+    reply = only_reply(
+        transport, send(protocol, "add_providers", [HEADER, [signed_record(far_key).to_wire()]])
+    )
+    assert reply == [True]
+
+
+def test_a_flooding_identity_cannot_push_out_an_honest_record() -> None:
+    protocol, transport, _hooks = make_protocol(
+        max_provider_records=40, max_provider_records_per_provider=10
+    )
+    honest = signed_record()
+    assert only_reply(transport, send(protocol, "add_providers", [HEADER, [honest.to_wire()]]))
+    attacker = Identity.generate()
+    for _ in range(5):
+        transport.sent.clear()
+        flood = [
+            ProviderRecord.create(attacker, os.urandom(20), "6.6.6.6", 1, 3600, NOW).to_wire()
+            for _ in range(20)
+        ]
+        send(protocol, "add_providers", [HEADER, flood])
+    assert protocol.providers.held_by(attacker.node_id) == 10
+    assert protocol.providers.get(KEY, NOW) == [honest]
+    transport.sent.clear()
+    newcomers = [signed_record(os.urandom(20)).to_wire() for _ in range(29)]
+    reply = only_reply(transport, send(protocol, "add_providers", [HEADER, newcomers]))
+    assert reply == [True] * 29
