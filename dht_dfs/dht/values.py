@@ -24,6 +24,7 @@ joiners receive records).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -36,6 +37,7 @@ from dht_dfs.dht.codec import (
     DATAGRAM_BUDGET,
     FLAG_CLIENT,
     FRAME_HEADER_SIZE,
+    TOKEN_SIZE,
     expect_bytes,
     expect_int,
     expect_list,
@@ -451,6 +453,20 @@ class FindReply:
     contact_items: list[Any]
     """Contacts in wire form, not yet validated (see parse_find_reply)."""
     records: list[ProviderRecord]
+    token: bytes = b""
+    """The replier's address-validation token for us (empty if none)."""
+    more: bool = False
+    """The replier trimmed the reply to the size our request allowed."""
+
+
+def address_token(secret: bytes, address: Address, epoch: int) -> bytes:
+    """The token proving that ``address`` received a reply in ``epoch``: a keyed
+    BLAKE2b of the address (BEP 5 hashes the IP with a rotating secret)."""
+    digest = hashlib.blake2b(key=secret, digest_size=TOKEN_SIZE, person=b"dhtfs/dht/token")
+    digest.update(address[0].encode("ascii", "replace"))
+    digest.update(address[1].to_bytes(2, "big"))
+    digest.update(epoch.to_bytes(8, "big"))
+    return digest.digest()
 
 
 def parse_find_reply(reply: object, with_providers: bool) -> FindReply:
@@ -460,13 +476,31 @@ def parse_find_reply(reply: object, with_providers: bool) -> FindReply:
     has not met yet, most of a reply being contacts it already knows.
     """
     if not with_providers:
-        items = expect_list(reply, "find_node reply", limit=MAX_CONTACTS_PER_REPLY)
-        return FindReply(items, [])
-    parts = expect_list(reply, "get_providers reply", exact=3)
+        parts = expect_list(reply, "find_node reply", exact=3)
+        items = expect_list(parts[0], "contacts", limit=MAX_CONTACTS_PER_REPLY)
+        return FindReply(items, [], _token(parts[1]), _more(parts[2]))
+    parts = expect_list(reply, "get_providers reply", exact=5)
     records = expect_list(parts[0], "records", limit=MAX_RECORDS_PER_MESSAGE)
     expect_int(parts[1], 0, 1 << 32, "record total")
     contacts = expect_list(parts[2], "contacts", limit=MAX_CONTACTS_PER_REPLY)
-    return FindReply(contacts, [ProviderRecord.from_wire(item) for item in records])
+    return FindReply(
+        contacts,
+        [ProviderRecord.from_wire(item) for item in records],
+        _token(parts[3]),
+        _more(parts[4]),
+    )
+
+
+def _token(value: object) -> bytes:
+    if value == b"":
+        return b""
+    return expect_bytes(value, TOKEN_SIZE, "token")
+
+
+def _more(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise remote_error(f"more must be a boolean, got {type(value).__name__}")
+    return value
 
 
 def parse_address(address: str | tuple[str, int]) -> Address:

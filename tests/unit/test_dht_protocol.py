@@ -191,8 +191,10 @@ def test_find_node_returns_closest_contacts_without_the_requester() -> None:
     for each in peers:
         protocol.welcome_if_new(each)
     requester = peers[0].contact.node_id
-    reply = only_reply(transport, send(protocol, "find_node", [[requester.digest, 5001, 0], KEY]))
-    returned = [Contact.from_wire(item) for item in reply]
+    header = [requester.digest, 5001, 0, protocol.issue_token(PEER)]
+    items, token, more = only_reply(transport, send(protocol, "find_node", [header, KEY]))
+    assert (token, more) == (protocol.issue_token(PEER), False)
+    returned = [Contact.from_wire(item) for item in items]
     present = [p.contact for p in protocol.router.peers() if p.contact.node_id != requester]
     expected = sorted(present, key=lambda c: c.distance(KEY))[:8]
     assert returned == expected
@@ -209,9 +211,10 @@ def test_add_then_get_providers() -> None:
     )
     assert reply == [True, False]
     transport.sent.clear()
-    records, total, contacts = only_reply(
+    records, total, contacts, _token, more = only_reply(
         transport, send(protocol, "get_providers", [HEADER, KEY, 10])
     )
+    assert not more
     assert [ProviderRecord.from_wire(r) for r in records] == [good]
     assert total == 1
     assert contacts == []
@@ -223,8 +226,9 @@ def test_get_providers_reply_is_trimmed_to_the_budget() -> None:
         assert protocol.providers.add(signed_record(), NOW)
     for _ in range(20):
         protocol.welcome_if_new(peer())
-    records, total, contacts = only_reply(
-        transport, send(protocol, "get_providers", [HEADER, KEY, 1000])
+    header = [*HEADER, protocol.issue_token(PEER)]
+    records, total, contacts, _token, _more = only_reply(
+        transport, send(protocol, "get_providers", [header, KEY, 1000])
     )
     assert total == 200
     assert 10 < len(records) < 200
@@ -621,3 +625,61 @@ def test_a_flooding_identity_cannot_push_out_an_honest_record() -> None:
     newcomers = [signed_record(os.urandom(20)).to_wire() for _ in range(29)]
     reply = only_reply(transport, send(protocol, "add_providers", [HEADER, newcomers]))
     assert reply == [True] * 29
+
+
+# --- hostile peers: no amplification toward unproven addresses ----------------------------
+
+
+def test_reply_to_an_unproven_address_is_at_most_3x_the_request() -> None:
+    # The issue's case: an 89-byte get_providers drew 5,360 bytes to a spoofed source.
+    protocol, transport, _hooks = make_protocol(max_providers_per_key=300)
+    for _ in range(60):
+        assert protocol.providers.add(signed_record(), NOW)
+    for _ in range(20):
+        protocol.welcome_if_new(peer())
+    for name, args in (("get_providers", [KEY, 1000]), ("find_node", [KEY])):
+        transport.sent.clear()
+        request = encode_request(os.urandom(20), name, [CLIENT_HEADER, *args])
+        protocol.datagram_received(request, PEER)
+        ((reply, _address),) = transport.sent
+        assert len(reply) <= 3 * len(request), name
+        body = decode_datagram(reply).body
+        token, more = body[-2], body[-1]
+        assert more is True
+        # Echoing the token proves the address receives: the whole reply comes.
+        transport.sent.clear()
+        protocol.datagram_received(
+            encode_request(os.urandom(20), name, [[*CLIENT_HEADER, token], *args]), PEER
+        )
+        ((full, _address),) = transport.sent
+        assert len(full) > 3 * len(request)
+        assert decode_datagram(full).body[-1] is False or name == "get_providers"
+        # A token is bound to the address it was given to.
+        transport.sent.clear()
+        protocol.datagram_received(
+            encode_request(os.urandom(20), name, [[*CLIENT_HEADER, token], *args]),
+            ("10.0.0.10", 5000),
+        )
+        ((other, _address),) = transport.sent
+        assert len(other) <= 3 * len(request) + 40
+
+
+def test_a_padded_request_without_token_gets_a_whole_lookup_reply() -> None:
+    async def scenario() -> None:
+        server, server_transport, _hooks = make_protocol()
+        for _ in range(20):
+            server.welcome_if_new(peer())
+        client, client_transport, _hooks = make_protocol()
+        target = Contact(server.identity.node_id, *PEER, 5000)
+        query = asyncio.ensure_future(client.query(target, KEY, False, 8))
+        await asyncio.sleep(0)
+        ((request, _address),) = client_transport.sent
+        server.datagram_received(request, ("10.0.0.77", 5000))
+        ((reply, _address),) = server_transport.sent
+        assert len(reply) <= 3 * len(request)
+        client.datagram_received(reply, PEER)
+        result = await query
+        assert result is not None and len(result.contact_items) == 8 and not result.more
+        assert client.token_for(PEER) == result.token
+
+    asyncio.run(scenario())
