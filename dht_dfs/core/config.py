@@ -93,6 +93,22 @@ class Config:
     leave_timeout: float = 30.0
     """Seconds a leaving node spends handing off chunks it alone holds."""
 
+    # --- DHT under hostile peers (DESIGN properties 13, 14) ---------------------------------
+    max_provider_records_per_provider: int = 50_000
+    """Records of one provider (node id) a node holds for others at most. A node
+    is a rightful holder of about k/N of each provider's records; the cap keeps
+    one identity from filling ``max_provider_records``."""
+    max_provider_records_per_host: int = 100_000
+    """Records pointing at one provider host a node holds at most, so many
+    identities behind one address cannot fill the store either."""
+    provider_closeness_slack: int = 2
+    """A node accepts a record only if fewer than this many times k contacts of
+    its routing table are closer to the record's key than itself: "among the k
+    closest" by its own view, with slack for views that differ."""
+    dht_challenge_interval: float = 60.0
+    """Seconds between two identity-proof pings to one address, however many
+    node ids requests from it claim (no amplification through our pings)."""
+
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 

@@ -11,13 +11,22 @@ Must not import: asyncio, kademlia, rpcudp, or any other module of ``dht``.
 Wire format. Datagrams keep rpcudp's framing: one kind byte (0x00 request,
 0x01 reply), a 20-byte random message id, then exactly one MessagePack
 value. A request's value is ``[name, args]`` and its first argument is the
-sender header ``[node_id, tcp_port, flags]`` (flags bit 0: client mode)::
+sender header ``[node_id, tcp_port, flags, token, padding]`` (flags bit 0:
+client mode; token: empty or the TOKEN_SIZE bytes the receiver last gave this
+address; padding: bytes, ignored; a 3-item header is one without token)::
 
-    ping(header, nonce)              -> [node_id, public_key, tcp_port, flags,
+    ping(header, nonce, [host, port]) -> [node_id, public_key, tcp_port, flags,
                                          signature, [observed_host, observed_port]]
-    find_node(header, key)           -> [contact, ...]
-    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...]]
+    find_node(header, key)           -> [[contact, ...], token, more]
+    get_providers(header, key, limit) -> [[record, ...], total, [contact, ...],
+                                          token, more]
     add_providers(header, [record, ...]) -> [accepted, ...]
+
+(format v2: v1 had no token, no ping target, and bare find_node replies). A
+request without a valid token is answered with at most AMPLIFICATION_LIMIT
+times its size; ``more`` says the reply was trimmed to that, and ``token``
+lets the requester ask again for all of it. ``[host, port]`` of a ping is
+the address the challenge was sent to (omitted by liveness pings).
 
     contact = [node_id(20), host (IP literal), udp_port, tcp_port]
     record  = [key(20), node_id(20), public_key(32), host, tcp_port,
@@ -53,6 +62,20 @@ KIND_REQUEST: Final = 0x00
 KIND_REPLY: Final = 0x01
 FLAG_CLIENT: Final = 0x01
 """Sender header flag: the sender is a client and never enters a routing table."""
+
+AMPLIFICATION_LIMIT: Final = 3
+"""A reply to an address that has not proven it receives is at most this many
+times the request's size (QUIC's anti-amplification rule, RFC 9000 section 8.1;
+DESIGN property 14)."""
+TOKEN_SIZE: Final = 16
+"""An address-validation token: a keyed hash of the requester's address and a
+time bucket, handed out in replies and echoed in requests (BEP 5's ``token``)."""
+MAX_PADDING: Final = 2048
+"""Padding a request may carry at most (it buys the requester a larger reply
+before it holds a token, as a QUIC client pads its Initial, RFC 9000 section 14.1)."""
+PADDED_REQUEST_SIZE: Final = 600
+"""A find_node / get_providers request sent without a token is padded to this
+size, so that 3x covers a typical full reply (k contacts and a few records)."""
 
 REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
 """The only procedure names this node calls or serves."""

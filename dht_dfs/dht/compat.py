@@ -43,10 +43,10 @@ The fixes, each with a regression test that runs against the library too
 
 Known limits. Ids cost nothing to mint, so this is no defence against a Sybil
 attacker with many keys (it filling a key's record slots, or a region of the
-id space). An identity proof is not bound to the prover's address: a node
-that relays challenges to another can appear in routing tables under that
-node's id at its own address (it still cannot sign records for it). The
-limits are protocol constants rather than Config fields.
+id space). Identity proofs are bound to the address the challenge was sent
+to (``values``), but a node bound to all interfaces checks only the port of
+that address: a relay on another host listening on the same port number
+could still pass its proofs off. The limits are protocol constants rather than Config fields.
 """
 
 from __future__ import annotations

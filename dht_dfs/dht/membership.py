@@ -32,6 +32,7 @@ from dht_dfs.dht.values import (
     Contact,
     IdentityProof,
     NodeCounters,
+    canonical_address,
     check_ping_reply,
 )
 
@@ -72,6 +73,8 @@ class Membership:
         self._owner = owner
         self._verified: OrderedDict[NodeId, IdentityProof] = OrderedDict()
         self._failed_proofs: OrderedDict[tuple[NodeId, Address], float] = OrderedDict()
+        self._challenged: OrderedDict[Address, float] = OrderedDict()
+        """When each address was last sent a challenge on a sender's claim (bounded)."""
         self._verifying: set[NodeId] = set()
         self._verify_slots = asyncio.Semaphore(VERIFY_CONCURRENCY)
         self._checking_heads: set[NodeId] = set()
@@ -136,7 +139,9 @@ class Membership:
         """Ping with a fresh nonce; the proof if the answer is signed by its id's key."""
         protocol = self._owner.protocol
         nonce = os.urandom(NONCE_SIZE)
-        reply = await protocol.call(address, "ping", [protocol.header, nonce])
+        address = canonical_address(address)
+        target = [address[0], address[1]]
+        reply = await protocol.call(address, "ping", [protocol.header, nonce, target])
         if reply is None:
             return None
         try:
@@ -171,9 +176,22 @@ class Membership:
         if len(self._verifying) >= MAX_PENDING_VERIFICATIONS:
             log.debug("too many identity checks in flight; not checking %s", contact)
             return
+        now = time.monotonic()
         failed_at = self._failed_proofs.get((node_id, contact.udp_address))
-        if failed_at is not None and time.monotonic() - failed_at < FAILED_VERIFICATION_MEMORY:
+        if failed_at is not None and now - failed_at < FAILED_VERIFICATION_MEMORY:
             return
+        # At most one challenge per address per interval, whatever ids its requests
+        # claim: a spoofed source with made-up ids must not turn this node into a
+        # pinger of that address (DESIGN property 14; QUIC, RFC 9000 section 8.1,
+        # bounds what an unvalidated address is sent).
+        challenged_at = self._challenged.get(contact.udp_address)
+        interval = self._owner.protocol.config.dht_challenge_interval
+        if challenged_at is not None and now - challenged_at < interval:
+            return
+        self._challenged[contact.udp_address] = now
+        self._challenged.move_to_end(contact.udp_address)
+        while len(self._challenged) > VERIFIED_CACHE_SIZE:
+            self._challenged.popitem(last=False)
         self._verifying.add(node_id)
         self._owner.spawn_transient(self._verify(contact), f"dht-verify-{node_id}")
 
@@ -187,9 +205,38 @@ class Membership:
                     self._failed_proofs.popitem(last=False)
                 log.debug("%s failed its identity check", contact)
                 return
-            self.accept_proof(proof)
+            await self.admit(proof)
         finally:
             self._verifying.discard(contact.node_id)
+
+    async def admit(self, proof: IdentityProof) -> bool:
+        """``accept_proof``, unless the id is proven at another address that still
+        answers; True if accepted.
+
+        A valid proof from a second address (the same key run twice, or a node that
+        moved) does not re-point a verified contact while the old address still
+        proves the id: only a contact that stopped answering is replaced, so a
+        node cannot redirect another's traffic by claiming its id elsewhere.
+        """
+        node_id = proof.contact.node_id
+        held = self._verified.get(node_id)
+        if held is not None and held.contact.udp_address != proof.contact.udp_address:
+            again = await self.limited_challenge(held.contact.udp_address)
+            if again is not None and again.contact.node_id == node_id:
+                self.counters.verification_failures += 1
+                self._failed_proofs[(node_id, proof.contact.udp_address)] = time.monotonic()
+                log.info(
+                    "kept %s: it still answers, so its id's claim from %s:%d is refused",
+                    held.contact,
+                    *proof.contact.udp_address,
+                )
+                return False
+            router = self._owner.protocol.router
+            stale = router.get(node_id)
+            if stale is not None:
+                router.remove_contact(stale)
+        self.accept_proof(proof)
+        return True
 
     async def _check_head(self, contact: Contact) -> None:
         # Section 2.2 of the paper: a full bucket keeps its least-recently seen

@@ -121,7 +121,12 @@ class DhtNode:
         self._server: DhtServer | None = None
         self._protocol: DhtProtocol | None = None
         self._stopping = False
-        self.providers = ProviderStore(config.max_providers_per_key, config.max_provider_records)
+        self.providers = ProviderStore(
+            config.max_providers_per_key,
+            config.max_provider_records,
+            max_per_provider=config.max_provider_records_per_provider,
+            max_per_host=config.max_provider_records_per_host,
+        )
         self.counters = NodeCounters()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._transient: set[asyncio.Task[Any]] = set()
@@ -160,6 +165,8 @@ class DhtNode:
         if tcp_port is None:
             tcp_port = 0 if self.client_mode else self._port
         self.protocol.tcp_port = tcp_port
+        if self._advertise_host:
+            self.protocol.own_hosts.add(self._advertise_host)
         self._saved_contacts = load_contacts(self.state_path)
         self._spawn(self._maintenance_loop(), "dht-maintenance")
         if not self.client_mode:
@@ -349,7 +356,7 @@ class DhtNode:
             )
             answered = [p for p in proofs if p is not None]
             for proof in answered:
-                self._membership.accept_proof(proof)
+                await self._membership.admit(proof)
             if answered or self.known_contacts():
                 await self._join_lookups()
                 # The lookups met nodes whose identity checks are still in flight;

@@ -15,6 +15,7 @@ modules built on it (driver, membership, announce, node) or unrelated to it
 from __future__ import annotations
 
 import asyncio
+import hmac
 import logging
 import os
 import random
@@ -30,12 +31,16 @@ from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
 from dht_dfs.dht.codec import (
+    AMPLIFICATION_LIMIT,
     DATAGRAM_BUDGET,
     FLAG_CLIENT,
     FRAME_HEADER_SIZE,
     KIND_REQUEST,
+    MAX_PADDING,
     MESSAGE_ID_SIZE,
+    PADDED_REQUEST_SIZE,
     REMOTE_PROCEDURES,
+    TOKEN_SIZE,
     Datagram,
     Encoded,
     array_header,
@@ -56,11 +61,16 @@ from dht_dfs.dht.values import (
     MAX_NONCE_SIZE,
     MAX_RECORDS_PER_MESSAGE,
     MIN_NONCE_SIZE,
+    UNSPECIFIED_HOSTS,
     Address,
     Contact,
     FindReply,
     ProviderRecord,
+    address_token,
+    canonical_ip,
+    normalize_address,
     parse_find_reply,
+    parse_ping_target,
     ping_proof_message,
 )
 
@@ -70,6 +80,11 @@ FAILURE_MEMORY_SIZE: Final = 4096
 DEAD_CONTACT_MEMORY: Final = 300.0
 """Seconds a contact that failed repeatedly is skipped by lookups (unless it
 answers or sends us a request meanwhile)."""
+TOKEN_ROTATION: Final = 300.0
+"""Seconds per token bucket; a token is accepted in its bucket and the next, so
+for 5 to 10 minutes (BEP 5: "tokens up to ten minutes old are accepted")."""
+TOKEN_MEMORY_SIZE: Final = 8192
+"""Tokens of other nodes remembered at most (the oldest are forgotten first)."""
 DROP_LOG_BURST: Final = 20
 DROP_LOG_WINDOW: Final = 10.0
 
@@ -169,6 +184,13 @@ class DhtProtocol(CompatProtocol):
         self.client_mode = client_mode
         self.clock = clock
         self.counters = ProtocolCounters()
+        self._token_secret = os.urandom(32)
+        self._tokens: OrderedDict[Address, tuple[bytes, float]] = OrderedDict()
+        """Tokens other nodes gave us, by their address, with when we got them."""
+        self._request_size = 0
+        self._reply_budget = DATAGRAM_BUDGET
+        self.own_hosts: set[str] = set()
+        """Hosts besides the bound one that are this node's (its advertised host)."""
         self.closed = asyncio.Event()
         self._pending: dict[bytes, _Pending] = {}
         # Consecutive failures and the time of the last one, for any contact (not
@@ -239,7 +261,7 @@ class DhtProtocol(CompatProtocol):
         try:
             datagram = decode_datagram(data)
             if datagram.kind == KIND_REQUEST:
-                self._serve(datagram, address)
+                self._serve(datagram, address, len(data))
             else:
                 self._accept_reply(datagram, address)
         except RemoteProtocolError as exc:
@@ -252,7 +274,7 @@ class DhtProtocol(CompatProtocol):
         self.counters.dropped += 1
         self._drop_log.warning("dropped datagram from %s:%d: %s", address[0], address[1], reason)
 
-    def _serve(self, datagram: Datagram, address: Address) -> None:
+    def _serve(self, datagram: Datagram, address: Address, size: int) -> None:
         body = datagram.body
         if not isinstance(body, list) or len(body) != 2:
             raise remote_error("request is not [name, args]")
@@ -264,14 +286,24 @@ class DhtProtocol(CompatProtocol):
             raise remote_error(f"unknown procedure {name[:40]!r}")
         if not isinstance(args, list):
             raise remote_error(f"{name} arguments are not a list")
+        # Handlers run synchronously, one at a time: _sender sets the reply budget
+        # for the request being served from its size and token.
+        self._request_size = size
+        self._reply_budget = min(DATAGRAM_BUDGET, AMPLIFICATION_LIMIT * size)
         try:
             reply = handler(address, args)
         except RemoteProtocolError as exc:
             raise remote_error(f"bad {name} request: {exc}") from None
         packed = encode_reply(datagram.message_id, reply)
-        if len(packed) > DATAGRAM_BUDGET:
+        if len(packed) > self._reply_budget:
             # Handlers trim their replies; reaching this is a bug here, not the peer's.
-            log.error("not sending a %d-byte %s reply to %s:%d", len(packed), name, *address)
+            log.error(
+                "not sending a %d-byte %s reply to %s:%d (budget %d)",
+                len(packed),
+                name,
+                *address,
+                self._reply_budget,
+            )
             return
         self.counters.requests_served += 1
         if self.transport is not None:
@@ -299,7 +331,7 @@ class DhtProtocol(CompatProtocol):
         if self.transport is None or self.transport.is_closing() or self.closed.is_set():
             return None
         message_id = os.urandom(MESSAGE_ID_SIZE)
-        packed = encode_request(message_id, name, args)
+        packed = encode_request(message_id, name, self._with_token(address, name, args))
         if len(packed) > DATAGRAM_BUDGET:
             raise LocalProtocolError(
                 f"{name} request of {len(packed)} bytes exceeds the "
@@ -318,6 +350,49 @@ class DhtProtocol(CompatProtocol):
         finally:
             self._pending.pop(message_id, None)
 
+    def _with_token(self, address: Address, name: str, args: list[object]) -> list[object]:
+        """``args`` with the sender header completed: the token ``address`` gave us,
+        or none and padding (lookups only) so that 3x our size covers the reply."""
+        if not args or not isinstance(args[0], list) or len(args[0]) != 3:
+            return args
+        token = self.token_for(address)
+        header: list[object] = [*args[0], token]
+        if not token and name in {"find_node", "get_providers"}:
+            unpadded = FRAME_HEADER_SIZE + len(pack([name, [[*header, b""], *args[1:]]]))
+            # bin8 or bin16 headers: at most 2 bytes more than the padding itself.
+            header.append(bytes(max(0, min(MAX_PADDING, PADDED_REQUEST_SIZE - unpadded - 2))))
+        return [header, *args[1:]]
+
+    def token_for(self, address: Address) -> bytes:
+        """The token ``address`` gave us lately, or b"" (then it gets a padded request)."""
+        held = self._tokens.get(address)
+        if held is None or time.monotonic() - held[1] >= TOKEN_ROTATION:
+            return b""
+        return held[0]
+
+    def learn_token(self, address: Address, token: bytes) -> None:
+        if not token:
+            return
+        self._tokens[address] = (token, time.monotonic())
+        self._tokens.move_to_end(address)
+        while len(self._tokens) > TOKEN_MEMORY_SIZE:
+            self._tokens.popitem(last=False)
+
+    def issue_token(self, address: Address, epoch: int | None = None) -> bytes:
+        """Our token for ``address`` in this time bucket (BEP 5's rotating secret)."""
+        if epoch is None:
+            epoch = int(time.monotonic() // TOKEN_ROTATION)
+        return address_token(self._token_secret, address, epoch)
+
+    def token_is_valid(self, address: Address, token: bytes) -> bool:
+        """True for our token for ``address`` from this bucket or the previous one."""
+        if len(token) != TOKEN_SIZE:
+            return False
+        epoch = int(time.monotonic() // TOKEN_ROTATION)
+        return any(
+            hmac.compare_digest(token, self.issue_token(address, e)) for e in (epoch, epoch - 1)
+        )
+
     async def call_contact(self, contact: Contact, name: str, args: list[object]) -> Any:
         """``call`` to a known contact, counting its failures toward eviction."""
         reply = await self.call(contact.udp_address, name, args)
@@ -333,6 +408,18 @@ class DhtProtocol(CompatProtocol):
     ) -> FindReply | None:
         """One lookup step: find_node (or get_providers) to ``contact``, parsed;
         None if it did not answer or answered garbage."""
+        address = contact.udp_address
+        had_token = bool(self.token_for(address))
+        reply = await self._query_once(contact, key, with_providers, limit)
+        if reply is not None and reply.more and reply.token and not had_token:
+            # Trimmed to 3x our unvalidated request: ask once more, now with the
+            # token that proves we receive at this address, for the whole reply.
+            reply = await self._query_once(contact, key, with_providers, limit) or reply
+        return reply
+
+    async def _query_once(
+        self, contact: Contact, key: bytes, with_providers: bool, limit: int
+    ) -> FindReply | None:
         if with_providers:
             raw = await self.call_contact(contact, "get_providers", [self.header, key, limit])
         else:
@@ -340,15 +427,26 @@ class DhtProtocol(CompatProtocol):
         if raw is None:
             return None
         try:
-            return parse_find_reply(raw, with_providers)
+            reply = parse_find_reply(raw, with_providers)
         except RemoteProtocolError as exc:
             self.drop(contact.udp_address, f"bad reply: {exc}")
             return None
+        self.learn_token(contact.udp_address, reply.token)
+        return reply
 
     # --- handlers: each validates every argument, then answers synchronously -----------
 
     def _sender(self, address: Address, header: object) -> NodeId:
-        items = expect_list(header, "sender header", exact=3)
+        items = expect_list(header, "sender header", limit=5)
+        if len(items) < 3:
+            raise remote_error(f"sender header must have 3 to 5 items, got {len(items)}")
+        token = items[3] if len(items) > 3 else b""
+        if not isinstance(token, bytes) or len(token) not in {0, TOKEN_SIZE}:
+            raise remote_error(f"sender token must be empty or {TOKEN_SIZE} bytes")
+        if len(items) > 4 and (not isinstance(items[4], bytes) or len(items[4]) > MAX_PADDING):
+            raise remote_error(f"sender padding must be at most {MAX_PADDING} bytes")
+        if token and self.token_is_valid(address, token):
+            self._reply_budget = DATAGRAM_BUDGET  # the address proved it receives
         node_id = NodeId(expect_bytes(items[0], NODE_ID_SIZE, "sender node id"))
         flags = expect_int(items[2], 0, 255, "sender flags")
         client = bool(flags & FLAG_CLIENT)
@@ -358,14 +456,21 @@ class DhtProtocol(CompatProtocol):
         return node_id
 
     def _serve_ping(self, address: Address, args: list[Any]) -> object:
-        expect_list(args, "ping arguments", exact=2)
+        expect_list(args, "ping arguments", limit=3)
+        if len(args) < 2:
+            raise remote_error(f"ping arguments must have 2 or 3 items, got {len(args)}")
         nonce = args[1]
         if not isinstance(nonce, bytes) or not MIN_NONCE_SIZE <= len(nonce) <= MAX_NONCE_SIZE:
             raise remote_error(f"nonce must be {MIN_NONCE_SIZE} to {MAX_NONCE_SIZE} bytes")
+        # A challenge names the address it was sent to; we sign it only if it is ours,
+        # so a node relaying challenges cannot pass our proof off as its own address's.
+        target = parse_ping_target(args[2]) if len(args) == 3 else None
+        if target is not None and not self.owns_address(target):
+            raise remote_error(f"ping for {target[0]}:{target[1]}, not this node's address")
         self._sender(address, args[0])
         flags = FLAG_CLIENT if self.client_mode else 0
         signature = self.identity.sign(
-            ping_proof_message(nonce, self.identity.node_id, self.tcp_port, flags)
+            ping_proof_message(nonce, self.identity.node_id, self.tcp_port, flags, target)
         )
         return [
             self.identity.node_id.digest,
@@ -376,23 +481,40 @@ class DhtProtocol(CompatProtocol):
             [address[0], address[1]],
         ]
 
+    def owns_address(self, target: Address) -> bool:
+        """True if ``target`` is this node's UDP address as far as it can tell: its
+        bound port, and its bound host, or any host when bound to all of them
+        (``own_hosts`` adds the advertised one, e.g. behind a port-preserving NAT)."""
+        if self.transport is None:
+            return False
+        bound = normalize_address(self.transport.get_extra_info("sockname"))
+        if target[1] != bound[1]:
+            return False
+        host = canonical_ip(bound[0]) or bound[0]
+        return host in UNSPECIFIED_HOSTS or target[0] == host or target[0] in self.own_hosts
+
     def _serve_find_node(self, address: Address, args: list[Any]) -> object:
         expect_list(args, "find_node arguments", exact=2)
         key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
         sender = self._sender(address, args[0])
-        contacts, _size = self._contacts_near(key, sender, DATAGRAM_BUDGET - 64)
-        return Encoded(contacts)
+        token = pack(self.issue_token(address))
+        # Frame, the outer array, the token and the flag: the rest is for contacts.
+        room = self._reply_budget - FRAME_HEADER_SIZE - 1 - len(token) - 1
+        contacts, _size, trimmed = self._contacts_near(key, sender, room)
+        return Encoded(array_header(3) + contacts + token + pack(trimmed))
 
     def _serve_get_providers(self, address: Address, args: list[Any]) -> object:
         expect_list(args, "get_providers arguments", exact=3)
         key = expect_bytes(args[1], DHT_KEY_SIZE, "key")
         limit = expect_int(args[2], 0, 1 << 16, "limit")
         sender = self._sender(address, args[0])
-        contacts, contacts_size = self._contacts_near(key, sender, DATAGRAM_BUDGET // 3)
+        budget = self._reply_budget
+        token = pack(self.issue_token(address))
+        contacts, contacts_size, trimmed = self._contacts_near(key, sender, budget // 2)
         records = self.providers.get(key, self.clock())
         total = len(records)
-        # Frame, the outer array, two array headers and the total: under 32 bytes.
-        room = DATAGRAM_BUDGET - FRAME_HEADER_SIZE - contacts_size - 32
+        # Frame, the outer array, two array headers, the total and the flag: under 32.
+        room = budget - FRAME_HEADER_SIZE - contacts_size - len(token) - 32
         if len(records) > limit:
             # Different nodes then return different subsets, so a union over a
             # lookup covers more providers than any one reply can carry.
@@ -402,10 +524,13 @@ class DhtProtocol(CompatProtocol):
         for record in records:
             size = record.wire_size()
             if used + size > room or len(chosen) >= MAX_RECORDS_PER_MESSAGE:
+                trimmed = trimmed or budget < DATAGRAM_BUDGET
                 break
             chosen.append(record.to_wire())
             used += size
-        return Encoded(array_header(3) + pack(chosen) + pack(total) + contacts)
+        return Encoded(
+            array_header(5) + pack(chosen) + pack(total) + contacts + token + pack(trimmed)
+        )
 
     def _serve_add_providers(self, address: Address, args: list[Any]) -> object:
         expect_list(args, "add_providers arguments", exact=2)
@@ -415,9 +540,17 @@ class DhtProtocol(CompatProtocol):
         now = self.clock()
         max_ttl = self.config.provider_ttl + CLOCK_SKEW_ALLOWANCE
         accepted: list[bool] = []
+        rightful: dict[bytes, bool] = {}
         for record in records:
             if self.providers.holds(record):
                 accepted.append(not record.expired(now))
+                continue
+            if record.key not in rightful:
+                rightful[record.key] = self.is_rightful_holder(record.key)
+            if not rightful[record.key]:
+                # DESIGN property 14: a node stores only what it is a rightful holder of.
+                self.drop(address, f"refused provider record {record!r}: key not near this node")
+                accepted.append(False)
                 continue
             problem = record.problem(now, max_ttl=max_ttl)
             if problem is not None:
@@ -427,20 +560,36 @@ class DhtProtocol(CompatProtocol):
             accepted.append(self.providers.add(record, now))
         return accepted
 
-    def _contacts_near(self, key: bytes, exclude: NodeId, budget: int) -> tuple[bytes, int]:
+    def is_rightful_holder(self, key: bytes) -> bool:
+        """True if this node is among the k closest to ``key`` by its own view, with
+        slack: fewer than ``provider_closeness_slack`` * k known contacts are closer.
+
+        A publisher that looked up the k closest nodes, or a holder pushing records
+        to a newcomer (section 2.5), sees nearly the same neighbourhood as we do;
+        a node far from the key is not where anyone honest would put its records.
+        """
+        rank = max(1, self.config.provider_closeness_slack) * self.config.ksize
+        nearest = self.router.closest(key, rank)
+        if len(nearest) < rank:
+            return True
+        return nearest[-1].contact.distance(key) > self.identity.node_id.distance(key)
+
+    def _contacts_near(self, key: bytes, exclude: NodeId, budget: int) -> tuple[bytes, int, bool]:
         """The encoded array of the k contacts closest to ``key`` that fit in
-        ``budget`` bytes, and its length."""
+        ``budget`` bytes, its length, and whether some did not fit."""
         peers = self.router.closest(key, self.config.ksize + 1)
         chosen: list[bytes] = []
         used = 3  # the largest array header needed
+        trimmed = False
         for peer in peers:
             if peer.id == exclude.digest:
                 continue
-            if used + len(peer.packed) > budget or len(chosen) >= min(
-                self.config.ksize, MAX_CONTACTS_PER_REPLY
-            ):
+            if len(chosen) >= min(self.config.ksize, MAX_CONTACTS_PER_REPLY):
+                break
+            if used + len(peer.packed) > budget:
+                trimmed = True
                 break
             chosen.append(peer.packed)
             used += len(peer.packed)
         encoded = array_header(len(chosen)) + b"".join(chosen)
-        return encoded, len(encoded)
+        return encoded, len(encoded), trimmed

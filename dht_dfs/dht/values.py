@@ -11,7 +11,11 @@ module builds on it.
 Must not import: asyncio, kademlia, rpcudp, or any ``dht`` module but ``codec``.
 
 A ping signature covers ``PING_DOMAIN | len(nonce) | nonce | node_id |
-tcp_port(2) | flags(1)``; a record signature covers ``RECORD_DOMAIN | key |
+tcp_port(2) | flags(1) | len(host) | host | udp_port(2)``, where host and
+udp_port are the address the challenge was sent to (the challenger says
+which, the prover signs it only if it is its own; empty for a liveness ping
+that names none), so a proof relayed through another address does not verify
+there; a record signature covers ``RECORD_DOMAIN | key |
 node_id | len(host) | host | tcp_port(2) | expiry(8)``. A record does not
 depend on who sends it, so any node may forward it (that is how late
 joiners receive records).
@@ -20,6 +24,7 @@ joiners receive records).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import socket
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,6 +37,7 @@ from dht_dfs.dht.codec import (
     DATAGRAM_BUDGET,
     FLAG_CLIENT,
     FRAME_HEADER_SIZE,
+    TOKEN_SIZE,
     expect_bytes,
     expect_int,
     expect_list,
@@ -64,7 +70,8 @@ CLOCK_SKEW_ALLOWANCE: Final = 300.0
 """Seconds a record may expire beyond now + provider_ttl (clocks differ)."""
 
 
-PING_DOMAIN: Final = b"dhtfs/dht/ping-proof/v1\x00"
+PING_DOMAIN: Final = b"dhtfs/dht/ping-proof/v2\x00"
+"""v2 adds the address the challenge was sent to (v1 proofs could be relayed)."""
 RECORD_DOMAIN: Final = b"dhtfs/dht/provider-record/v1\x00"
 
 HOST_CHARACTERS: Final = frozenset(
@@ -363,8 +370,13 @@ def split_into_batches(
     return batches
 
 
-def ping_proof_message(nonce: bytes, node_id: NodeId, tcp_port: int, flags: int) -> bytes:
-    """The domain-separated bytes a node signs to answer a challenge ping."""
+def ping_proof_message(
+    nonce: bytes, node_id: NodeId, tcp_port: int, flags: int, target: Address | None
+) -> bytes:
+    """The domain-separated bytes a node signs to answer a challenge ping sent to
+    ``target`` (None: a ping that named no address, which proves no address)."""
+    host = b"" if target is None else target[0].encode("ascii")
+    port = 0 if target is None else target[1]
     return b"".join(
         (
             PING_DOMAIN,
@@ -373,7 +385,24 @@ def ping_proof_message(nonce: bytes, node_id: NodeId, tcp_port: int, flags: int)
             node_id.digest,
             tcp_port.to_bytes(2, "big"),
             bytes([flags]),
+            bytes([len(host)]),
+            host,
+            port.to_bytes(2, "big"),
         )
+    )
+
+
+def canonical_address(address: Address) -> Address:
+    """``address`` with its host in canonical form (as the kernel reports it)."""
+    return (canonical_ip(address[0]) or address[0], address[1])
+
+
+def parse_ping_target(value: object) -> Address:
+    """The [host, port] a challenger says it sent a ping to; raises RemoteProtocolError."""
+    items = expect_list(value, "ping target", exact=2)
+    return (
+        expect_host(items[0], "ping target host", ip_only=True),
+        expect_int(items[1], 1, 65535, "ping target port"),
     )
 
 
@@ -408,10 +437,13 @@ def check_ping_reply(reply: object, nonce: bytes, address: Address) -> IdentityP
             )
     if NodeId.for_public_key(public_key) != node_id:
         raise remote_error("node id is not the hash of its public key")
+    # The proof must cover the very address we sent the challenge to: a node that
+    # relays the challenge to another gets a proof for its own address, not ours.
+    target = canonical_address(address)
     if not verify_signature(
-        public_key, ping_proof_message(nonce, node_id, tcp_port, flags), signature
+        public_key, ping_proof_message(nonce, node_id, tcp_port, flags, target), signature
     ):
-        raise remote_error("bad signature on the ping proof")
+        raise remote_error("bad signature on the ping proof (or not for this address)")
     contact = Contact(node_id, address[0], address[1], tcp_port)
     return IdentityProof(contact, public_key, client, observed)
 
@@ -421,6 +453,20 @@ class FindReply:
     contact_items: list[Any]
     """Contacts in wire form, not yet validated (see parse_find_reply)."""
     records: list[ProviderRecord]
+    token: bytes = b""
+    """The replier's address-validation token for us (empty if none)."""
+    more: bool = False
+    """The replier trimmed the reply to the size our request allowed."""
+
+
+def address_token(secret: bytes, address: Address, epoch: int) -> bytes:
+    """The token proving that ``address`` received a reply in ``epoch``: a keyed
+    BLAKE2b of the address (BEP 5 hashes the IP with a rotating secret)."""
+    digest = hashlib.blake2b(key=secret, digest_size=TOKEN_SIZE, person=b"dhtfs/dht/token")
+    digest.update(address[0].encode("ascii", "replace"))
+    digest.update(address[1].to_bytes(2, "big"))
+    digest.update(epoch.to_bytes(8, "big"))
+    return digest.digest()
 
 
 def parse_find_reply(reply: object, with_providers: bool) -> FindReply:
@@ -430,13 +476,31 @@ def parse_find_reply(reply: object, with_providers: bool) -> FindReply:
     has not met yet, most of a reply being contacts it already knows.
     """
     if not with_providers:
-        items = expect_list(reply, "find_node reply", limit=MAX_CONTACTS_PER_REPLY)
-        return FindReply(items, [])
-    parts = expect_list(reply, "get_providers reply", exact=3)
+        parts = expect_list(reply, "find_node reply", exact=3)
+        items = expect_list(parts[0], "contacts", limit=MAX_CONTACTS_PER_REPLY)
+        return FindReply(items, [], _token(parts[1]), _more(parts[2]))
+    parts = expect_list(reply, "get_providers reply", exact=5)
     records = expect_list(parts[0], "records", limit=MAX_RECORDS_PER_MESSAGE)
     expect_int(parts[1], 0, 1 << 32, "record total")
     contacts = expect_list(parts[2], "contacts", limit=MAX_CONTACTS_PER_REPLY)
-    return FindReply(contacts, [ProviderRecord.from_wire(item) for item in records])
+    return FindReply(
+        contacts,
+        [ProviderRecord.from_wire(item) for item in records],
+        _token(parts[3]),
+        _more(parts[4]),
+    )
+
+
+def _token(value: object) -> bytes:
+    if value == b"":
+        return b""
+    return expect_bytes(value, TOKEN_SIZE, "token")
+
+
+def _more(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise remote_error(f"more must be a boolean, got {type(value).__name__}")
+    return value
 
 
 def parse_address(address: str | tuple[str, int]) -> Address:

@@ -6,18 +6,23 @@ return only authentic records."""
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import logging
 import os
 import random
+import typing
+from typing import Any
 
 import pytest
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
+from dht_dfs.core.ids import NodeId
 from dht_dfs.dht.codec import MAX_DATAGRAM_SIZE, encode_request
+from dht_dfs.dht.node import DhtNode
 from dht_dfs.dht.protocol import DROP_LOG_BURST
-from dht_dfs.dht.values import ProviderRecord
+from dht_dfs.dht.values import Address, ProviderRecord
 from tests.integration.dht_harness import (
     LOCALHOST,
     RawPeer,
@@ -177,3 +182,90 @@ async def test_lookups_drop_forged_records_served_by_a_malicious_node(
                 assert liar.contact in result.closest
         assert reports == []
         assert "bad record in reply" in caplog.text
+
+
+class Relay(asyncio.DatagramProtocol):
+    """A node that relays every datagram from ``victim`` to ``target`` and back:
+    it answers the victim's challenges with the target's own proofs."""
+
+    def __init__(self, victim: Address, target: Address) -> None:
+        self.victim, self.target = victim, target
+        self.transport: asyncio.DatagramTransport | None = None
+        self.relayed = 0
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = typing.cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: Any) -> None:
+        assert self.transport is not None
+        source = (addr[0], addr[1])
+        if source == self.victim:
+            self.relayed += 1
+            self.transport.sendto(data, self.target)
+        elif source == self.target:
+            self.transport.sendto(data, self.victim)
+
+
+async def test_a_relayed_identity_proof_does_not_re_point_a_verified_contact() -> None:
+    async with dht_network(6, CONFIG) as nodes:
+        victim, target = nodes[1], nodes[2]
+        victim_address = (LOCALHOST, victim.port)
+        target_address = (LOCALHOST, target.port)
+        assert victim.protocol.router.get(target.identity.node_id) is not None
+        loop = asyncio.get_running_loop()
+        transport, relay = await loop.create_datagram_endpoint(
+            lambda: Relay(victim_address, target_address), local_addr=(LOCALHOST, 0)
+        )
+        try:
+            relay_address = (LOCALHOST, int(transport.get_extra_info("sockname")[1]))
+            # The relay claims the target's id from its own address; the victim
+            # challenges the relay, which passes the challenge to the real target.
+            claim = [target.identity.node_id.digest, target.port, 0]
+            transport.sendto(
+                encode_request(os.urandom(20), "find_node", [claim, bytes(20)]), victim_address
+            )
+            proof = await victim._membership.limited_challenge(relay_address)
+            await settle(nodes)
+            assert relay.relayed >= 1  # the challenge did go through the relay
+            assert proof is None
+            entry = victim.protocol.router.get(target.identity.node_id)
+            assert entry is not None and entry.contact.udp_address == target_address
+        finally:
+            transport.close()
+
+
+async def test_a_verified_contact_is_replaced_only_once_its_address_stops_answering() -> None:
+    async with dht_network(4, CONFIG) as nodes:
+        victim, original = nodes[1], nodes[2]
+        original_address = (LOCALHOST, original.port)
+        # The same key, run at a second address: its proofs there are valid.
+        twin = DhtNode(original.identity, CONFIG)
+        await twin.start(LOCALHOST, 0)
+        try:
+            await twin.protocol.call(
+                (LOCALHOST, victim.port), "find_node", [twin.protocol.header, bytes(20)]
+            )
+            await settle([*nodes, twin])
+            entry = victim.protocol.router.get(original.identity.node_id)
+            assert entry is not None and entry.contact.udp_address == original_address
+            # Once the first address is silent, the claim from the second one wins.
+            await original.stop()
+            proof = await victim._membership.limited_challenge((LOCALHOST, twin.port))
+            assert proof is not None
+            assert await victim._membership.admit(proof)
+            entry = victim.protocol.router.get(original.identity.node_id)
+            assert entry is not None and entry.contact.udp_address == (LOCALHOST, twin.port)
+        finally:
+            await twin.stop()
+
+
+async def test_requests_under_made_up_ids_draw_one_ping_per_address() -> None:
+    async with dht_network(3, CONFIG) as nodes, RawPeer.open() as raw:
+        node = nodes[1]
+        for _ in range(10):
+            # Not client mode, a fresh id each time: each one is a claim to check.
+            header = raw.header(client=False, node_id=NodeId(os.urandom(20)))
+            await raw.request((LOCALHOST, node.port), "find_node", [header, os.urandom(20)])
+        await node.settled()
+        pings = [d for d, _a in raw.received if d[:1] == b"\x00"]
+        assert len(pings) == 1

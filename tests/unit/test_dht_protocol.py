@@ -94,7 +94,12 @@ def make_protocol(**config: Any) -> tuple[DhtProtocol, FakeTransport, RecordingH
     protocol = DhtProtocol(
         identity=Identity.generate(),
         config=settings_,
-        providers=ProviderStore(settings_.max_providers_per_key, settings_.max_provider_records),
+        providers=ProviderStore(
+            settings_.max_providers_per_key,
+            settings_.max_provider_records,
+            max_per_provider=settings_.max_provider_records_per_provider,
+            max_per_host=settings_.max_provider_records_per_host,
+        ),
         hooks=hooks,
         tcp_port=4000,
         clock=lambda: NOW,
@@ -137,8 +142,9 @@ def signed_record(key: bytes = KEY, ttl: float = 3600.0, now: float = NOW) -> Pr
 def test_ping_reply_proves_identity_and_reports_observed_address() -> None:
     protocol, transport, hooks = make_protocol()
     nonce = os.urandom(20)
-    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce]))
-    proof = check_ping_reply(reply, nonce, ("10.3.0.1", 4000))
+    own = ("127.0.0.1", 4000)  # FakeTransport's sockname
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce, list(own)]))
+    proof = check_ping_reply(reply, nonce, own)
     assert proof.contact.node_id == protocol.identity.node_id
     assert proof.contact.tcp_port == 4000
     assert proof.observed == PEER
@@ -146,7 +152,30 @@ def test_ping_reply_proves_identity_and_reports_observed_address() -> None:
     assert hooks.senders == [(SENDER.node_id, 5001, PEER)]
     # A different nonce does not verify: the proof is fresh.
     with pytest.raises(RemoteProtocolError, match="bad signature"):
-        check_ping_reply(reply, os.urandom(20), ("10.3.0.1", 4000))
+        check_ping_reply(reply, os.urandom(20), own)
+
+
+def test_ping_proof_covers_the_address_the_challenge_was_sent_to(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    protocol, transport, _hooks = make_protocol()
+    nonce = os.urandom(20)
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce, ["127.0.0.1", 4000]]))
+    # Relayed: the proof does not verify for the address the challenger used.
+    with pytest.raises(RemoteProtocolError, match="not for this address"):
+        check_ping_reply(reply, nonce, ("10.3.0.1", 4000))
+    with pytest.raises(RemoteProtocolError, match="not for this address"):
+        check_ping_reply(reply, nonce, ("127.0.0.1", 4001))
+    # A challenge naming another node's address is not signed at all.
+    transport.sent.clear()
+    send(protocol, "ping", [HEADER, nonce, ["10.3.0.1", 4000]])
+    send(protocol, "ping", [HEADER, nonce, ["127.0.0.1", 4001]])
+    assert transport.sent == []
+    assert "not this node's address" in caplog.text
+    # A liveness ping that names no address gets an answer that proves no address.
+    reply = only_reply(transport, send(protocol, "ping", [HEADER, nonce]))
+    with pytest.raises(RemoteProtocolError, match="bad signature"):
+        check_ping_reply(reply, nonce, ("127.0.0.1", 4000))
 
 
 def test_client_mode_sender_is_never_reported() -> None:
@@ -162,8 +191,10 @@ def test_find_node_returns_closest_contacts_without_the_requester() -> None:
     for each in peers:
         protocol.welcome_if_new(each)
     requester = peers[0].contact.node_id
-    reply = only_reply(transport, send(protocol, "find_node", [[requester.digest, 5001, 0], KEY]))
-    returned = [Contact.from_wire(item) for item in reply]
+    header = [requester.digest, 5001, 0, protocol.issue_token(PEER)]
+    items, token, more = only_reply(transport, send(protocol, "find_node", [header, KEY]))
+    assert (token, more) == (protocol.issue_token(PEER), False)
+    returned = [Contact.from_wire(item) for item in items]
     present = [p.contact for p in protocol.router.peers() if p.contact.node_id != requester]
     expected = sorted(present, key=lambda c: c.distance(KEY))[:8]
     assert returned == expected
@@ -180,9 +211,10 @@ def test_add_then_get_providers() -> None:
     )
     assert reply == [True, False]
     transport.sent.clear()
-    records, total, contacts = only_reply(
+    records, total, contacts, _token, more = only_reply(
         transport, send(protocol, "get_providers", [HEADER, KEY, 10])
     )
+    assert not more
     assert [ProviderRecord.from_wire(r) for r in records] == [good]
     assert total == 1
     assert contacts == []
@@ -194,8 +226,9 @@ def test_get_providers_reply_is_trimmed_to_the_budget() -> None:
         assert protocol.providers.add(signed_record(), NOW)
     for _ in range(20):
         protocol.welcome_if_new(peer())
-    records, total, contacts = only_reply(
-        transport, send(protocol, "get_providers", [HEADER, KEY, 1000])
+    header = [*HEADER, protocol.issue_token(PEER)]
+    records, total, contacts, _token, _more = only_reply(
+        transport, send(protocol, "get_providers", [header, KEY, 1000])
     )
     assert total == 200
     assert 10 < len(records) < 200
@@ -226,7 +259,13 @@ GOOD_REQUESTS: dict[str, list[object]] = {
 
 BAD_ARGUMENTS: list[tuple[str, list[object], str]] = [
     *[(name, [], "arguments must have") for name in GOOD_REQUESTS],
-    *[(name, [*args, None], "arguments must have") for name, args in GOOD_REQUESTS.items()],
+    *[
+        (name, [*args, None], "arguments must have")
+        for name, args in GOOD_REQUESTS.items()
+        if name != "ping"
+    ],
+    ("ping", [HEADER, os.urandom(20), None], "ping target must be a list"),
+    ("ping", [HEADER, os.urandom(20), ["127.0.0.1", 4000], None], "more than 3"),
     *[
         (name, [header, *args[1:]], "sender")
         for name, args in GOOD_REQUESTS.items()
@@ -536,3 +575,111 @@ def test_contact_is_evicted_after_consecutive_failures_only() -> None:
     assert protocol.counters.evictions == 1
     # The owner hears of it, so it can forget the records that node signed.
     assert protocol.hooks.evicted == [node.contact.node_id]
+
+
+# --- hostile peers: records only where this node is a rightful holder ---------------------
+
+
+def test_records_for_keys_far_from_this_node_are_refused(caplog: pytest.LogCaptureFixture) -> None:
+    protocol, transport, _hooks = make_protocol()
+    own = protocol.identity.node_id.as_int
+    for _ in range(40):
+        protocol.welcome_if_new(peer())
+    far_key = (own ^ (2**160 - 1)).to_bytes(20, "big")  # every contact is closer
+    near_key = protocol.identity.node_id.digest
+    assert len(protocol.router.closest(far_key, 16)) == 16  # the premise: 2k known
+    batch = [signed_record(far_key).to_wire(), signed_record(near_key).to_wire()]
+    assert only_reply(transport, send(protocol, "add_providers", [HEADER, batch])) == [False, True]
+    assert protocol.providers.keys() == [near_key]
+    assert "key not near this node" in caplog.text
+
+
+def test_a_node_that_knows_few_contacts_accepts_any_key() -> None:
+    protocol, transport, _hooks = make_protocol()
+    for _ in range(5):
+        protocol.welcome_if_new(peer())
+    far_key = (protocol.identity.node_id.as_int ^ (2**160 - 1)).to_bytes(20, "big")
+    reply = only_reply(
+        transport, send(protocol, "add_providers", [HEADER, [signed_record(far_key).to_wire()]])
+    )
+    assert reply == [True]
+
+
+def test_a_flooding_identity_cannot_push_out_an_honest_record() -> None:
+    protocol, transport, _hooks = make_protocol(
+        max_provider_records=40, max_provider_records_per_provider=10
+    )
+    honest = signed_record()
+    assert only_reply(transport, send(protocol, "add_providers", [HEADER, [honest.to_wire()]]))
+    attacker = Identity.generate()
+    for _ in range(5):
+        transport.sent.clear()
+        flood = [
+            ProviderRecord.create(attacker, os.urandom(20), "6.6.6.6", 1, 3600, NOW).to_wire()
+            for _ in range(20)
+        ]
+        send(protocol, "add_providers", [HEADER, flood])
+    assert protocol.providers.held_by(attacker.node_id) == 10
+    assert protocol.providers.get(KEY, NOW) == [honest]
+    transport.sent.clear()
+    newcomers = [signed_record(os.urandom(20)).to_wire() for _ in range(29)]
+    reply = only_reply(transport, send(protocol, "add_providers", [HEADER, newcomers]))
+    assert reply == [True] * 29
+
+
+# --- hostile peers: no amplification toward unproven addresses ----------------------------
+
+
+def test_reply_to_an_unproven_address_is_at_most_3x_the_request() -> None:
+    # The issue's case: an 89-byte get_providers drew 5,360 bytes to a spoofed source.
+    protocol, transport, _hooks = make_protocol(max_providers_per_key=300)
+    for _ in range(60):
+        assert protocol.providers.add(signed_record(), NOW)
+    for _ in range(20):
+        protocol.welcome_if_new(peer())
+    for name, args in (("get_providers", [KEY, 1000]), ("find_node", [KEY])):
+        transport.sent.clear()
+        request = encode_request(os.urandom(20), name, [CLIENT_HEADER, *args])
+        protocol.datagram_received(request, PEER)
+        ((reply, _address),) = transport.sent
+        assert len(reply) <= 3 * len(request), name
+        body = decode_datagram(reply).body
+        token, more = body[-2], body[-1]
+        assert more is True
+        # Echoing the token proves the address receives: the whole reply comes.
+        transport.sent.clear()
+        protocol.datagram_received(
+            encode_request(os.urandom(20), name, [[*CLIENT_HEADER, token], *args]), PEER
+        )
+        ((full, _address),) = transport.sent
+        assert len(full) > 3 * len(request)
+        assert decode_datagram(full).body[-1] is False or name == "get_providers"
+        # A token is bound to the address it was given to.
+        transport.sent.clear()
+        protocol.datagram_received(
+            encode_request(os.urandom(20), name, [[*CLIENT_HEADER, token], *args]),
+            ("10.0.0.10", 5000),
+        )
+        ((other, _address),) = transport.sent
+        assert len(other) <= 3 * len(request) + 40
+
+
+def test_a_padded_request_without_token_gets_a_whole_lookup_reply() -> None:
+    async def scenario() -> None:
+        server, server_transport, _hooks = make_protocol()
+        for _ in range(20):
+            server.welcome_if_new(peer())
+        client, client_transport, _hooks = make_protocol()
+        target = Contact(server.identity.node_id, *PEER, 5000)
+        query = asyncio.ensure_future(client.query(target, KEY, False, 8))
+        await asyncio.sleep(0)
+        ((request, _address),) = client_transport.sent
+        server.datagram_received(request, ("10.0.0.77", 5000))
+        ((reply, _address),) = server_transport.sent
+        assert len(reply) <= 3 * len(request)
+        client.datagram_received(reply, PEER)
+        result = await query
+        assert result is not None and len(result.contact_items) == 8 and not result.more
+        assert client.token_for(PEER) == result.token
+
+    asyncio.run(scenario())

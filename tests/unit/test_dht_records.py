@@ -233,29 +233,66 @@ def test_store_refuses_expired_and_expires_records() -> None:
     assert len(store) == 1
 
 
-def test_store_per_key_cap_evicts_soonest_to_expire() -> None:
+def test_store_per_key_cap_is_not_won_by_a_longer_expiry() -> None:
     store = ProviderStore(max_per_key=3, max_total=100)
     key = bytes(20)
     providers = [Identity.generate() for _ in range(5)]
     for identity, ttl in zip(providers[:3], (300, 100, 200), strict=True):
         assert store.add(record(key, identity=identity, ttl=ttl), NOW)
-    # Lives shorter than everything held: refused.
-    assert not store.add(record(key, identity=providers[3], ttl=50), NOW)
-    # Lives longer than the soonest (ttl 100): replaces it.
-    assert store.add(record(key, identity=providers[4], ttl=400), NOW)
+    # Every holder has one record, as many as the newcomer would: first come, kept,
+    # however long the newcomer lives.
+    assert not store.add(record(key, identity=providers[3], ttl=7 * 24 * 3600), NOW)
+    # A provider holding many records elsewhere gives way to one holding few.
+    for index in range(1, 4):
+        assert store.add(record(bytes([index]) * 20, identity=providers[1], ttl=100), NOW)
+    assert store.add(record(key, identity=providers[4], ttl=50), NOW)
     held = {r.node_id for r in store.get(key, NOW)}
     assert held == {providers[0].node_id, providers[2].node_id, providers[4].node_id}
-    assert len(store) == 3
+    # Expired records give way to anyone.
+    assert store.add(record(key, identity=providers[3], ttl=500, now=NOW + 250), NOW + 250)
+    assert providers[3].node_id in {r.node_id for r in store.get(key, NOW + 250)}
 
 
-def test_store_total_cap_evicts_soonest_across_keys() -> None:
+def test_store_total_cap_evicts_the_heaviest_provider_only() -> None:
     store = ProviderStore(max_per_key=10, max_total=3)
-    for index, ttl in enumerate((300, 100, 200)):
-        store.add(record(bytes([index]) * 20, ttl=ttl), NOW)
-    assert not store.add(record(b"\x09" * 20, ttl=50), NOW)
-    assert store.add(record(b"\x09" * 20, ttl=500), NOW)
-    assert sorted(store.keys()) == sorted([b"\x00" * 20, b"\x02" * 20, b"\x09" * 20])
+    heavy, light, newcomer = (Identity.generate() for _ in range(3))
+    store.add(record(b"\x00" * 20, identity=heavy, ttl=500), NOW)
+    store.add(record(b"\x01" * 20, identity=heavy, ttl=500), NOW)
+    store.add(record(b"\x02" * 20, identity=light, ttl=100), NOW)
+    assert store.add(record(b"\x09" * 20, identity=newcomer, ttl=50), NOW)
+    assert store.held_by(heavy.node_id) == 1
+    assert store.held_by(light.node_id) == 1
+    # Now all hold one: a newcomer (or a second record of anyone) is refused.
+    assert not store.add(record(b"\x0a" * 20, identity=Identity.generate(), ttl=9000), NOW)
+    assert not store.add(record(b"\x0b" * 20, identity=light, ttl=9000), NOW)
     assert len(store) == 3
+
+
+def test_flooding_identity_cannot_push_out_honest_records() -> None:
+    # The attack of the issue: one identity sends long-lived records until the
+    # store is full; the honest record stays and new honest records still enter.
+    store = ProviderStore(max_per_key=32, max_total=50, max_per_provider=20, max_per_host=30)
+    honest = record(b"\x01" * 20, identity=Identity.generate(), ttl=100)
+    assert store.add(honest, NOW)
+    attacker = Identity.generate()
+    flood = [
+        record(os.urandom(20), identity=attacker, ttl=7 * 24 * 3600, host="6.6.6.6")
+        for _ in range(200)
+    ]
+    assert sum(store.add(r, NOW) for r in flood) == 20
+    # Many identities behind one host fare no better.
+    sybils = [
+        record(os.urandom(20), identity=Identity.generate(), ttl=7 * 24 * 3600, host="6.6.6.6")
+        for _ in range(40)
+    ]
+    assert sum(store.add(r, NOW) for r in sybils) == 10
+    assert store.held_for_host("6.6.6.6") == 30
+    assert store.get(honest.key, NOW) == [honest]
+    newcomers = [record(os.urandom(20), identity=Identity.generate(), ttl=60) for _ in range(25)]
+    assert all(store.add(r, NOW) for r in newcomers)
+    assert store.get(honest.key, NOW) == [honest]
+    assert len(store) == 50
+    assert store.held_by(attacker.node_id) < 20  # it gave way to the newcomers
 
 
 def test_store_total_cap_first_drops_expired_records() -> None:
