@@ -93,7 +93,7 @@ class Config:
     leave_timeout: float = 30.0
     """Seconds a leaving node spends handing off chunks it alone holds."""
 
-    # --- DHT under hostile peers (DESIGN properties 13, 14) ---------------------------------
+    # --- DHT under hostile peers: claims checked, every resource bounded -------------------
     max_provider_records_per_provider: int = 50_000
     """Records of one provider (node id) a node holds for others at most. A node
     is a rightful holder of about k/N of each provider's records; the cap keeps

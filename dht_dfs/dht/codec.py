@@ -65,8 +65,7 @@ FLAG_CLIENT: Final = 0x01
 
 AMPLIFICATION_LIMIT: Final = 3
 """A reply to an address that has not proven it receives is at most this many
-times the request's size (QUIC's anti-amplification rule, RFC 9000 section 8.1;
-DESIGN property 14)."""
+times the request's size (QUIC's anti-amplification rule, RFC 9000 section 8.1)."""
 TOKEN_SIZE: Final = 16
 """An address-validation token: a keyed hash of the requester's address and a
 time bucket, handed out in replies and echoed in requests (BEP 5's ``token``)."""

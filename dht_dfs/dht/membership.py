@@ -182,8 +182,8 @@ class Membership:
             return
         # At most one challenge per address per interval, whatever ids its requests
         # claim: a spoofed source with made-up ids must not turn this node into a
-        # pinger of that address (DESIGN property 14; QUIC, RFC 9000 section 8.1,
-        # bounds what an unvalidated address is sent).
+        # pinger of that address (QUIC, RFC 9000 section 8.1, bounds what an
+        # unvalidated address is sent).
         challenged_at = self._challenged.get(contact.udp_address)
         interval = self._owner.protocol.config.dht_challenge_interval
         if challenged_at is not None and now - challenged_at < interval:

@@ -548,7 +548,7 @@ class DhtProtocol(CompatProtocol):
             if record.key not in rightful:
                 rightful[record.key] = self.is_rightful_holder(record.key)
             if not rightful[record.key]:
-                # DESIGN property 14: a node stores only what it is a rightful holder of.
+                # A node keeps records only for keys it is a rightful holder of.
                 self.drop(address, f"refused provider record {record!r}: key not near this node")
                 accepted.append(False)
                 continue

@@ -2,8 +2,8 @@
 
 Pure: no I/O, no clock of its own (``now`` is passed in). Records are
 verified before they get here (by ``protocol`` for records sent to us, by
-``announce`` for our own); this module only keeps them, within the caps of
-DESIGN property 14.
+``announce`` for our own); this module only keeps them, within caps per key,
+per provider, per host and in all (every resource has an owner and a bound).
 
 Must not import: asyncio, kademlia, or any ``dht`` module but ``values``.
 """

@@ -14,15 +14,15 @@
 
 Decryption happens here, at the edge: a source only moves sealed bytes.
 
-Nothing the publisher chose may harm the fetcher's machine (DESIGN
-property 15): the part file is created exclusively and never through a
-symbolic link (one planted at its name in a shared directory such as /tmp
-would otherwise aim our writes at the link's target), and a resumed part
-must be a regular file of ours; the final rename replaces a link at the
-output, never writes through it, and needs ``overwrite`` for anything
-there; the mode is the published permission bits under the fetcher's
-umask, without setuid, setgid or sticky; a published name that would be
-hidden or read as an option is refused unless the caller names the output.
+Nothing the publisher chose may harm the fetcher's machine: the part file is
+created exclusively and never through a symbolic link (one planted at its
+name in a shared directory such as /tmp would otherwise aim our writes at
+the link's target), and a resumed part must be a regular file of ours; the
+final rename replaces a link at the output, never writes through it, and
+needs ``overwrite`` for anything there; the mode is the published permission
+bits under the fetcher's umask, without setuid, setgid or sticky; a
+published name that would be hidden or read as an option is refused unless
+the caller names the output.
 
 Must not import: dht, transport, node, or the network side of transfer.
 """
