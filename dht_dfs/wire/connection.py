@@ -183,7 +183,19 @@ class Connection:
         return NEED_DATA
 
     def close(self) -> None:
+        """Closed for good; buffered input and unread events are dropped now.
+
+        Dropping them here, not when the object is collected, matters: the
+        caller often sits in a reference cycle, and a half-received body
+        can be 16 MiB.
+        """
         self.state = State.CLOSED
+        self._bulk = bytearray()
+        self._bulk_message = None
+        self._bulk_waiting = False
+        self._held = b""
+        self._buffer = bytearray()
+        self._events.clear()
 
     @property
     def awaiting_buffer(self) -> bool:
