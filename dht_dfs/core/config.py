@@ -69,9 +69,39 @@ class Config:
     """Seconds a chunk request may take, bodies included."""
     idle_connection_timeout: float = 300.0
     max_connections: int = 1024
-    """Accepted connections at once; more are closed right away."""
+    """Accepted connections at once (also capped by the fd limit, see below).
+
+    When full, a newcomer takes the slot of the longest-idle accepted
+    connection; it is refused only if none is idle."""
+    max_connections_per_address: int = 16
+    """Accepted connections from one IP address at once, handshakes included."""
+    max_connections_per_identity: int = 4
+    """Authenticated accepted connections of one node id at once."""
+    reserved_connections: int = 64
+    """Accepted slots kept for known-good peers (ones this node dialed itself),
+    at most a quarter of the connection limit.
+
+    Other peers may hold at most ``max_connections - reserved_connections``
+    authenticated connections."""
+    reserved_file_descriptors: int = 256
+    """File descriptors kept free of connections (chunk files, store, DHT, logs):
+    the accepted-connection limit never exceeds RLIMIT_NOFILE minus this."""
     max_concurrent_requests: int = 64
     """Requests served at once per connection; beyond it the socket is paused."""
+    max_write_buffer: int = 4 * MiB
+    """Bytes a connection may have queued for its socket before it waits to
+    send more; a message is queued only below this (so at most this plus one
+    message is ever queued)."""
+    send_stall_timeout: float = 30.0
+    """Seconds a send may make no progress before the connection is closed."""
+    body_timeout: float = 30.0
+    """Seconds a chunk body may take to arrive once its header came."""
+    max_body_memory: int = 128 * MiB
+    """Bytes of incoming chunk bodies buffered at once in the whole node
+    (reserved when a header arrives, released when the body is handled);
+    a connection whose body does not fit stops being read until one does."""
+    max_body_memory_per_address: int = 48 * MiB
+    """The same, for the connections of one IP address together."""
 
     # --- publish / fetch engines ------------------------------------------------------
     transfer_window: int = 16
@@ -123,6 +153,11 @@ class Config:
             raise ConfigError("max storage cannot be negative")
         if self.transfer_window < 1:
             raise ConfigError("transfer window must be at least 1")
+        largest = self.max_chunk_size
+        if self.max_body_memory < largest or self.max_body_memory_per_address < largest:
+            raise ConfigError("body memory budgets must hold at least one chunk of max size")
+        if self.reserved_connections >= self.max_connections:
+            raise ConfigError("reserved connections must be fewer than max connections")
         if len(self.convergence_secret) > 64:
             raise ConfigError("a convergence secret is at most 64 bytes")
         return self

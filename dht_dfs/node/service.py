@@ -17,7 +17,7 @@ from typing import TypeVar
 from dht_dfs.core.errors import IntegrityError, StoreError, StoreFullError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.store.chunks import ChunkStore, PutOutcome
-from dht_dfs.transport.buffers import ChunkBody, FileBody
+from dht_dfs.transport.buffers import ChunkBody, FileBody, LazyFileBody
 from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)
@@ -66,10 +66,14 @@ class ChunkService:
         return status, receipt
 
     async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
-        # Opened here, not in a thread: if the request were cancelled while
-        # a thread opened the file, nobody would close the descriptor. An
-        # open is microseconds, and the sendfile that follows reads the file
-        # on the event loop anyway (as asyncio's own sendfile does).
+        # Not opened here: the transport opens the file when it is this
+        # answer's turn to go out (a peer can queue many GETs and stop
+        # reading), and answers "missing" if it is gone by then. The open is
+        # microseconds, done on the event loop or in the thread that reads
+        # the file, which then owns and closes the descriptor.
+        return LazyFileBody(lambda: self._open(chunk_id))
+
+    def _open(self, chunk_id: ChunkId) -> FileBody | None:
         opened = self.store.open_for_sending(chunk_id)
         if opened is None:
             return None

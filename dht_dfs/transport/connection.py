@@ -9,6 +9,17 @@ wire state machine, and reading pauses until a handler finishes, so the
 limit holds before any handler starts, however many requests one read
 brought.
 
+Bounds (DESIGN property 14): a message is queued for the socket only while
+fewer than ``Config.max_write_buffer`` bytes wait there, so a peer that stops
+reading holds at most that plus one message, and a send with no progress for
+``Config.send_stall_timeout`` closes the connection. A stored chunk is opened
+only once it is its turn to go out (``LazyFileBody``), so queued GETs hold no
+descriptor. Incoming chunk bodies are reserved from the endpoint's
+``BodyBudget`` when their header arrives (reading stops while it has no
+room) and must arrive within ``Config.body_timeout``. All connections read
+through the endpoint's one receive buffer (a read is handled before the
+next begins), so an idle connection costs no buffer memory.
+
 Serving chunks: on connections this node accepted, a stored chunk file goes
 out with ``loop.sendfile`` (zero copy). asyncio pauses reading during a
 sendfile, so two peers doing it to each other on one connection could both
@@ -27,7 +38,7 @@ import io
 import logging
 import os
 import time
-from typing import Protocol
+from typing import NoReturn, Protocol
 
 from dht_dfs import wire
 from dht_dfs.core.config import Config
@@ -41,13 +52,22 @@ from dht_dfs.core.errors import (
     RequestTimeoutError,
 )
 from dht_dfs.core.ids import ChunkId, NodeId
-from dht_dfs.transport.buffers import BufferPool, ChunkBody, FileBody
+from dht_dfs.transport.buffers import (
+    BodyBudget,
+    BufferPool,
+    ChunkBody,
+    FileBody,
+    LazyFileBody,
+    close_body,
+)
 
 log = logging.getLogger(__name__)
 
-_RECEIVE_BUFFER = 256 * 1024
+RECEIVE_BUFFER = 256 * 1024
+"""Bytes of one read into the (shared) receive buffer."""
 _DIRECT_RECEIVE_MIN = 16 * 1024
-_WRITE_HIGH_WATER = 4 * 1024 * 1024
+_SENDFILE_SLICE = 1024 * 1024
+"""Bytes per loop.sendfile call: each must finish within the stall timeout."""
 
 
 class RequestHandler(Protocol):
@@ -73,6 +93,9 @@ class ConnectionOwner(Protocol):
     limits: wire.Limits
     client_mode: bool
     buffers: BufferPool
+    body_budget: BodyBudget
+    receive_buffer: bytearray
+    """One read's buffer, shared by all connections of the owner."""
     handler: RequestHandler | None
 
     def adopt(self, connection: PeerConnection) -> None:
@@ -100,14 +123,22 @@ class PeerConnection(asyncio.BufferedProtocol):
             expected_peer=expected_peer,
             limits=endpoint.limits,
             client_mode=endpoint.client_mode,
-            allocate=endpoint.buffers.take,
+            allocate=self._allocate_body,
         )
         loop = asyncio.get_running_loop()
         self._loop = loop
         self.handshake: asyncio.Future[wire.HandshakeComplete] = loop.create_future()
         self.closed: asyncio.Future[None] = loop.create_future()
         self._transport: asyncio.Transport | None = None
-        self._buffer = bytearray(_RECEIVE_BUFFER)
+        self._budget = endpoint.body_budget
+        self._budget_key = "?"
+        self._wire_reserved = 0
+        """Body bytes reserved for bodies the wire holds (arriving or queued)."""
+        self._bodies_begun = 0
+        self._body_timer: asyncio.TimerHandle | None = None
+        self._body_timer_for = 0
+        self._budget_wake_scheduled = False
+        self._in_sendfile = False
         self._direct = False
         self._pending: dict[int, asyncio.Future[wire.Response]] = {}
         self._next_request_id = 1
@@ -116,6 +147,10 @@ class PeerConnection(asyncio.BufferedProtocol):
         self._can_write.set()
         self._serving: set[asyncio.Task[None]] = set()
         self._reading_paused = False
+        self._limit_paused = False
+        self.queued_peak = 0
+        """Most bytes this connection ever had queued in its transport."""
+        self.peer_host = "?"
         self.peer_label = "?"
         self.last_used = time.monotonic()
         self._handshake_timer: asyncio.TimerHandle | None = None
@@ -125,10 +160,12 @@ class PeerConnection(asyncio.BufferedProtocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self._transport = transport
-        transport.set_write_buffer_limits(high=_WRITE_HIGH_WATER)
+        transport.set_write_buffer_limits(high=self._config.max_write_buffer)
         peer = transport.get_extra_info("peername")
         if isinstance(peer, tuple) and len(peer) >= 2:
+            self.peer_host = str(peer[0])
             self.peer_label = f"{peer[0]}:{peer[1]}"
+        self._budget_key = self.peer_host
         self._handshake_timer = self._loop.call_later(
             self._config.handshake_timeout, self._handshake_timed_out
         )
@@ -142,7 +179,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             self._direct = True
             return direct
         self._direct = False
-        return memoryview(self._buffer)
+        return memoryview(self._endpoint.receive_buffer)
 
     def buffer_updated(self, nbytes: int) -> None:
         self.last_used = time.monotonic()
@@ -150,12 +187,92 @@ class PeerConnection(asyncio.BufferedProtocol):
             if self._direct:
                 self.wire.bulk_received(nbytes)
             else:
-                self.wire.receive_data(memoryview(self._buffer)[:nbytes])
-            self._flush_wire()
-            self._handle_events()
+                self.wire.receive_data(memoryview(self._endpoint.receive_buffer)[:nbytes])
+            self._after_input()
         except RemoteProtocolError as error:
             self._flush_wire()  # e.g. a version-mismatch error frame for the peer
             self.abort(f"protocol error: {error}")
+
+    def _after_input(self) -> None:
+        self._flush_wire()
+        if self.wire.awaiting_buffer:
+            self._budget.wait(self, self._budget_freed)
+        self._handle_events()
+        self._update_reading()
+
+    # --- incoming bodies --------------------------------------------------------------
+
+    @property
+    def body_bytes_reserved(self) -> int:
+        """Bytes reserved for bodies this connection's wire holds."""
+        return self._wire_reserved
+
+    def _allocate_body(self, size: int) -> bytearray | None:
+        if not self._budget.try_reserve(self._budget_key, size):
+            return None
+        self._wire_reserved += size
+        self._bodies_begun += 1
+        return self._endpoint.buffers.take(size)
+
+    def _body_handed_over(self, size: int) -> None:
+        """A body left the wire (as an event): its reservation is now the handler's."""
+        self._wire_reserved = max(0, self._wire_reserved - size)
+
+    def _release_body(self, size: int) -> None:
+        self._budget.release(self._budget_key, size)
+
+    def _budget_freed(self) -> None:
+        if not self._budget_wake_scheduled:
+            self._budget_wake_scheduled = True
+            self._loop.call_soon(self._retry_body)
+
+    def _retry_body(self) -> None:
+        self._budget_wake_scheduled = False
+        if self._transport is None or self._transport.is_closing():
+            return
+        try:
+            if not self.wire.retry_allocate():
+                return
+            self._budget.cancel_wait(self)
+            self._after_input()
+        except RemoteProtocolError as error:
+            self._flush_wire()
+            self.abort(f"protocol error: {error}")
+
+    def _update_body_deadline(self) -> None:
+        """Run the body deadline while a body is arriving and we are reading it."""
+        arriving = (
+            self.wire.receiving_bulk > 0
+            and not self.wire.awaiting_buffer
+            and not self._reading_paused
+            and not self._in_sendfile
+        )
+        timer = self._body_timer
+        if timer is not None and (not arriving or self._body_timer_for != self._bodies_begun):
+            timer.cancel()
+            self._body_timer = timer = None
+        if arriving and timer is None:
+            self._body_timer_for = self._bodies_begun
+            self._body_timer = self._loop.call_later(
+                self._config.body_timeout, self._body_timed_out
+            )
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        self.abort(f"chunk body not received within {self._config.body_timeout:g} s of its header")
+
+    def _update_reading(self) -> None:
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            return
+        paused = self._limit_paused or self.wire.awaiting_buffer
+        if paused != self._reading_paused:
+            self._reading_paused = paused
+            if paused:
+                transport.pause_reading()
+            else:
+                transport.resume_reading()
+        self._update_body_deadline()
 
     def eof_received(self) -> bool:
         self.abort("peer closed the connection", level=logging.DEBUG)
@@ -164,6 +281,13 @@ class PeerConnection(asyncio.BufferedProtocol):
     def connection_lost(self, exc: Exception | None) -> None:
         if self._handshake_timer is not None:
             self._handshake_timer.cancel()
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+        self._budget.cancel_wait(self)
+        # Bodies still in the wire die with it; handlers release their own.
+        held, self._wire_reserved = self._wire_reserved, 0
+        self._release_body(held)
         reason = f"connection to {self.peer_label} lost" + (f": {exc}" if exc else "")
         if not self.handshake.done():
             self.handshake.set_exception(PeerUnavailableError(reason))
@@ -206,6 +330,17 @@ class PeerConnection(asyncio.BufferedProtocol):
     def in_flight(self) -> int:
         return len(self._pending)
 
+    @property
+    def busy(self) -> bool:
+        """Requests pending or being served, or a body arriving."""
+        return bool(self._pending or self._serving or self.wire.receiving_bulk)
+
+    @property
+    def queued(self) -> int:
+        """Bytes waiting in the transport for the socket."""
+        transport = self._transport
+        return 0 if transport is None else transport.get_write_buffer_size()
+
     def abort(self, reason: str, *, level: int = logging.WARNING) -> None:
         """Close this connection now (pending requests fail)."""
         if self._transport is None or self._transport.is_closing():
@@ -228,6 +363,11 @@ class PeerConnection(asyncio.BufferedProtocol):
     # --- events -------------------------------------------------------------------------
 
     def _handle_event(self, event: wire.Event) -> None:
+        if isinstance(event, wire.StoreChunk | wire.ChunkData):
+            self._body_handed_over(len(event.body))
+            if isinstance(event, wire.ChunkData):
+                # An answer goes to whoever asked: bounded by our own requests.
+                self._release_body(len(event.body))
         if isinstance(event, wire.HandshakeComplete):
             if self._handshake_timer is not None:
                 self._handshake_timer.cancel()
@@ -263,14 +403,12 @@ class PeerConnection(asyncio.BufferedProtocol):
         while len(self._serving) < limit:
             event = self.wire.next_event()
             if isinstance(event, wire.NeedData):
-                if self._reading_paused:
-                    self._reading_paused = False
-                    transport.resume_reading()
+                self._limit_paused = False
+                self._update_reading()
                 return
             self._handle_event(event)
-        if not self._reading_paused:
-            self._reading_paused = True
-            transport.pause_reading()
+        self._limit_paused = True
+        self._update_reading()
 
     def _serve(self, request: wire.Request) -> None:
         task = self._loop.create_task(self._answer(request))
@@ -283,7 +421,7 @@ class PeerConnection(asyncio.BufferedProtocol):
             log.error(
                 "serving a request from %s failed", self.peer_label, exc_info=task.exception()
             )
-        if self._reading_paused:
+        if self._limit_paused:
             self._handle_events()
 
     async def _answer(self, request: wire.Request) -> None:
@@ -318,6 +456,8 @@ class PeerConnection(asyncio.BufferedProtocol):
         except (PeerUnavailableError, ConnectionError):
             pass  # the connection went away while we answered
         except Exception as error:
+            if self._transport is None or self._transport.is_closing():
+                return  # e.g. the send stalled and the connection was closed
             log.exception("answering %s from %s failed", type(request).__name__, self.peer_label)
             with contextlib.suppress(PeerUnavailableError, ConnectionError, LocalProtocolError):
                 await self._send(
@@ -327,6 +467,9 @@ class PeerConnection(asyncio.BufferedProtocol):
                         f"internal error: {type(error).__name__}",
                     )
                 )
+        finally:
+            if isinstance(request, wire.StoreChunk):
+                self._release_body(len(request.body))
 
     # --- sending ------------------------------------------------------------------------
 
@@ -343,39 +486,109 @@ class PeerConnection(asyncio.BufferedProtocol):
         # lock with no await in between: frames leave in counter order, and a
         # request cancelled while it waits for the lock consumes nothing.
         async with self._send_lock:
+            transport = await self._writable()
+            self._write(transport, self.wire.send(message), body)
+
+    def _write(
+        self,
+        transport: asyncio.Transport,
+        frame: bytes,
+        body: bytes | bytearray | memoryview | None = None,
+    ) -> None:
+        transport.write(frame)
+        if body is not None:
+            transport.write(body)
+        self.queued_peak = max(self.queued_peak, transport.get_write_buffer_size())
+
+    async def _writable(self) -> asyncio.Transport:
+        """The open transport, once it has fewer than ``max_write_buffer`` bytes queued.
+
+        Called with the send lock held, before anything is read or sealed
+        for the next message. Waiting is fine while the queue shrinks; with
+        no progress for ``send_stall_timeout`` the connection is closed.
+        """
+        transport = self._open_transport()
+        stall = self._config.send_stall_timeout
+        while not self._can_write.is_set():
+            before = transport.get_write_buffer_size()
+            try:
+                async with asyncio.timeout(stall):
+                    await self._can_write.wait()
+            except TimeoutError:
+                if transport.get_write_buffer_size() < before:
+                    continue
+                self._stalled()
             transport = self._open_transport()
-            transport.write(self.wire.send(message))
-            if body is not None:
-                transport.write(body)
-        await self._can_write.wait()
+        return transport
+
+    def _stalled(self) -> NoReturn:
+        stall = self._config.send_stall_timeout
+        self.abort(f"peer took nothing we sent for {stall:g} s", level=logging.INFO)
+        raise PeerUnavailableError(f"{self.peer_label} stopped reading")
 
     async def _send_chunk(self, request_id: int, chunk_id: ChunkId, body: ChunkBody) -> None:
         if isinstance(body, bytes):
             await self._send(wire.ChunkData(request_id, chunk_id, len(body)), body)
             return
+        opened = body if isinstance(body, FileBody) else None
         try:
-            if not self.accepted:
-                data = await asyncio.to_thread(_read_fd, body.fd, body.size)
-                await self._send(wire.ChunkData(request_id, chunk_id, len(data)), data)
-                return
             async with self._send_lock:
-                transport = self._open_transport()
-                transport.write(self.wire.send(wire.ChunkData(request_id, chunk_id, body.size)))
-                try:
-                    sent = self._try_sendfile_now(transport, body)
-                    if sent < body.size:
-                        with io.FileIO(body.fd, "rb", closefd=False) as handle:
-                            await self._loop.sendfile(transport, handle, sent, body.size - sent)
-                except BaseException:
-                    # A frame header went out without all of its body: the
-                    # stream can no longer be parsed, so end the connection.
-                    self.abort("sending a chunk was interrupted", level=logging.INFO)
-                    raise
-                if self._reading_paused and not transport.is_closing():
-                    transport.pause_reading()  # sendfile resumed it; our limit still holds
-            await self._can_write.wait()
+                transport = await self._writable()
+                if not self.accepted:
+                    # Read only now that the socket has room, in a thread
+                    # that owns (and closes) the descriptor from here on.
+                    opened = None
+                    data = await asyncio.to_thread(_read_chunk, body)
+                    transport = self._open_transport()
+                    if data is None:
+                        self._write(
+                            transport, self.wire.send(wire.ChunkMissing(request_id, chunk_id))
+                        )
+                    else:
+                        message = wire.ChunkData(request_id, chunk_id, len(data))
+                        self._write(transport, self.wire.send(message), data)
+                    return
+                if opened is None:
+                    assert isinstance(body, LazyFileBody)
+                    opened = body.open()  # our turn: only now take a descriptor
+                if opened is None:
+                    self._write(transport, self.wire.send(wire.ChunkMissing(request_id, chunk_id)))
+                    return
+                await self._sendfile(transport, request_id, chunk_id, opened)
         finally:
-            os.close(body.fd)
+            if opened is not None:
+                close_body(opened)
+
+    async def _sendfile(
+        self, transport: asyncio.Transport, request_id: int, chunk_id: ChunkId, body: FileBody
+    ) -> None:
+        self._write(transport, self.wire.send(wire.ChunkData(request_id, chunk_id, body.size)))
+        self._in_sendfile = True
+        self._update_body_deadline()  # we are not reading meanwhile: not the peer's fault
+        try:
+            offset = self._try_sendfile_now(transport, body)
+            if offset < body.size:
+                with io.FileIO(body.fd, "rb", closefd=False) as handle:
+                    # In slices, each with the stall deadline: a slice that
+                    # completes is progress, a peer that takes nothing is cut off.
+                    while offset < body.size:
+                        count = min(_SENDFILE_SLICE, body.size - offset)
+                        try:
+                            async with asyncio.timeout(self._config.send_stall_timeout):
+                                await self._loop.sendfile(transport, handle, offset, count)
+                        except TimeoutError:
+                            self._stalled()
+                        offset += count
+        except BaseException:
+            # A frame header went out without all of its body: the
+            # stream can no longer be parsed, so end the connection.
+            self.abort("sending a chunk was interrupted", level=logging.INFO)
+            raise
+        finally:
+            self._in_sendfile = False
+        if self._reading_paused and not transport.is_closing():
+            transport.pause_reading()  # sendfile resumed it; our limits still hold
+        self._update_body_deadline()
 
     @staticmethod
     def _try_sendfile_now(transport: asyncio.Transport, body: FileBody) -> int:
@@ -471,8 +684,15 @@ class PeerConnection(asyncio.BufferedProtocol):
         return held
 
 
-def _read_fd(fd: int, size: int) -> bytes:
-    return os.pread(fd, size, 0)
+def _read_chunk(body: FileBody | LazyFileBody) -> bytes | None:
+    """Open (if lazy), read and close a chunk file: runs in a thread that owns the fd."""
+    opened = body if isinstance(body, FileBody) else body.open()
+    if opened is None:
+        return None
+    try:
+        return os.pread(opened.fd, opened.size, 0)
+    finally:
+        close_body(opened)
 
 
 def _unexpected(label: str, what: str, answer: wire.Response) -> Exception:

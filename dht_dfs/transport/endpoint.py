@@ -9,6 +9,14 @@ exists, whoever opened it. A malformed frame, a failed handshake or a
 handshake that takes too long closes only that connection, with one log
 line.
 
+Connection slots (DESIGN property 14): accepted connections are capped per
+IP address (handshakes included), per node id, and in all (never above the
+descriptor limit minus ``Config.reserved_file_descriptors``). A newcomer
+over a cap takes the slot of the longest-idle connection in its class, and
+is refused only when none is idle. Peers this node dialed itself are known
+good: ``Config.reserved_connections`` slots are held for them, other peers
+may authenticate at most the rest.
+
 Must not import: dht, store, transfer, node.
 """
 
@@ -17,7 +25,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import resource
 import time
+from collections import Counter, OrderedDict
+from collections.abc import Callable
 
 from dht_dfs import wire
 from dht_dfs.core.addresses import PeerAddress
@@ -25,10 +36,19 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import HandshakeError, LocalProtocolError, PeerUnavailableError
 from dht_dfs.core.ids import NodeId
-from dht_dfs.transport.buffers import BufferPool
-from dht_dfs.transport.connection import PeerConnection, RequestHandler
+from dht_dfs.transport.buffers import BodyBudget, BufferPool
+from dht_dfs.transport.connection import RECEIVE_BUFFER, PeerConnection, RequestHandler
 
 log = logging.getLogger(__name__)
+
+_KNOWN_GOOD_KEEP = 4096
+"""Node ids remembered as known good (the most recently dialed)."""
+
+
+def descriptor_limit() -> int:
+    """This process's soft RLIMIT_NOFILE (a large number when unlimited)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
 
 
 class Endpoint:
@@ -48,6 +68,22 @@ class Endpoint:
         self.client_mode = client_mode
         self.limits = wire.Limits(max_bulk=config.max_chunk_size)
         self.buffers = BufferPool()
+        self.body_budget = BodyBudget(config.max_body_memory, config.max_body_memory_per_address)
+        self.receive_buffer = bytearray(RECEIVE_BUFFER)
+        self.connection_limit = max(
+            1, min(config.max_connections, descriptor_limit() - config.reserved_file_descriptors)
+        )
+        """Accepted connections at once: the configured cap within the fd limit."""
+        self.reserved_slots = min(config.reserved_connections, self.connection_limit // 4)
+        """Of those, slots only known-good peers may authenticate in."""
+        self.known_good: OrderedDict[NodeId, None] = OrderedDict()
+        """Peers this node dialed and authenticated (most recent last)."""
+        self.evicted = 0
+        """Idle connections closed to make room for a newcomer."""
+        self.refused = 0
+        """Connections closed at once for want of a slot."""
+        self._accepted: set[PeerConnection] = set()
+        self._accepted_by_host: Counter[str] = Counter()
         self._server: asyncio.Server | None = None
         self._connections: set[PeerConnection] = set()
         self._pool: dict[NodeId, PeerConnection] = {}
@@ -102,13 +138,26 @@ class Endpoint:
     # --- bookkeeping (called by PeerConnection) -------------------------------------------
 
     def adopt(self, connection: PeerConnection) -> None:
-        if connection.accepted and len(self._connections) >= self.config.max_connections:
-            connection.abort("too many connections")
-            return
+        if connection.accepted:
+            host = connection.peer_host
+            crowded = self._accepted_by_host[host] >= self.config.max_connections_per_address
+            if crowded and not self._evict_idle(lambda c: c.peer_host == host):
+                self._refuse(connection, f"too many connections from {host}")
+                return
+            full = len(self._accepted) >= self.connection_limit
+            if full and not (
+                self._evict_idle(lambda c: not self.is_known_good(c.peer_id))
+                or self._evict_idle(lambda c: True)
+            ):
+                self._refuse(connection, "too many connections")
+                return
+            self._accepted.add(connection)
+            self._accepted_by_host[host] += 1
         self._connections.add(connection)
 
     def release(self, connection: PeerConnection) -> None:
         self._connections.discard(connection)
+        self._uncount(connection)
         peer = connection.peer_id
         if peer is not None and self._pool.get(peer) is connection:
             del self._pool[peer]
@@ -116,9 +165,73 @@ class Endpoint:
     def authenticated(self, connection: PeerConnection) -> None:
         peer = connection.peer_id
         assert peer is not None
+        if not connection.accepted:
+            self.known_good[peer] = None  # we chose to dial it
+            self.known_good.move_to_end(peer)
+            while len(self.known_good) > _KNOWN_GOOD_KEEP:
+                self.known_good.popitem(last=False)
+        elif not self._admit_identity(connection, peer):
+            return
         current = self._pool.get(peer)
         if current is None or not current.is_open:
             self._pool[peer] = connection
+
+    def is_known_good(self, peer: NodeId | None) -> bool:
+        return peer is not None and peer in self.known_good
+
+    @property
+    def accepted_count(self) -> int:
+        return len(self._accepted)
+
+    def _admit_identity(self, connection: PeerConnection, peer: NodeId) -> bool:
+        """Per-identity cap and reserved room, once the peer proved who it is."""
+        others = [c for c in self._accepted if c is not connection and c.peer_id is not None]
+        same = [c for c in others if c.peer_id == peer]
+        crowded = len(same) >= self.config.max_connections_per_identity
+        if crowded and not self._evict_idle(lambda c: c.peer_id == peer, exclude=connection):
+            self._refuse(connection, "too many connections with this identity")
+            return False
+        if self.is_known_good(peer):
+            return True
+        room = self.connection_limit - self.reserved_slots
+        strangers = sum(1 for c in others if not self.is_known_good(c.peer_id))
+        if strangers >= room and not self._evict_idle(
+            lambda c: not self.is_known_good(c.peer_id), exclude=connection
+        ):
+            self._refuse(connection, "no slot left for peers not known good")
+            return False
+        return True
+
+    def _evict_idle(
+        self, eligible: Callable[[PeerConnection], bool], exclude: PeerConnection | None = None
+    ) -> bool:
+        """Close the longest-idle authenticated accepted connection ``eligible`` allows."""
+        idle = [
+            c
+            for c in self._accepted
+            if c is not exclude and c.is_open and not c.busy and eligible(c)
+        ]
+        if not idle:
+            return False
+        victim = min(idle, key=lambda c: c.last_used)
+        # Uncounted now: its connection_lost comes a loop iteration later.
+        self._uncount(victim)
+        self.evicted += 1
+        victim.abort("idle, and its slot is needed", level=logging.INFO)
+        return True
+
+    def _refuse(self, connection: PeerConnection, reason: str) -> None:
+        self._uncount(connection)
+        self.refused += 1
+        connection.abort(reason, level=logging.INFO)
+
+    def _uncount(self, connection: PeerConnection) -> None:
+        if connection in self._accepted:
+            self._accepted.discard(connection)
+            host = connection.peer_host
+            self._accepted_by_host[host] -= 1
+            if self._accepted_by_host[host] <= 0:
+                del self._accepted_by_host[host]
 
     def connected_peers(self) -> list[NodeId]:
         return [peer for peer, connection in self._pool.items() if connection.is_open]

@@ -71,6 +71,10 @@ class Connection:
     Feed received bytes to ``receive_data``; take events from ``next_event``
     until it returns ``NEED_DATA``; write whatever ``data_to_send`` returns.
     After a ``RemoteProtocolError`` the connection is closed for good.
+
+    ``allocate(n)`` gives the buffer a chunk body is received into, when its
+    header arrives; it may return None (no room in the caller's budget):
+    see ``awaiting_buffer``.
     """
 
     def __init__(
@@ -82,7 +86,7 @@ class Connection:
         limits: Limits | None = None,
         versions: tuple[int, int] = PROTOCOL_VERSIONS,
         client_mode: bool = False,
-        allocate: Callable[[int], bytearray] = bytearray,
+        allocate: Callable[[int], bytearray | None] = bytearray,
     ) -> None:
         self.role = role
         self._allocate = allocate
@@ -101,6 +105,8 @@ class Connection:
         self._bulk_message: StoreChunk | ChunkData | None = None
         self._bulk = bytearray()
         self._bulk_filled = 0
+        self._bulk_waiting = False
+        self._held = b""
         self._send_key = b""
         self._receive_key = b""
         self._send_counter = 0
@@ -163,6 +169,8 @@ class Connection:
         """
         if self.state is State.CLOSED:
             raise LocalProtocolError("connection is closed")
+        if self._bulk_waiting:
+            raise LocalProtocolError("receive_data while awaiting a body buffer: stop reading")
         try:
             self._consume(memoryview(data))
         except RemoteProtocolError:
@@ -175,7 +183,50 @@ class Connection:
         return NEED_DATA
 
     def close(self) -> None:
+        """Closed for good; buffered input and unread events are dropped now.
+
+        Dropping them here, not when the object is collected, matters: the
+        caller often sits in a reference cycle, and a half-received body
+        can be 16 MiB.
+        """
         self.state = State.CLOSED
+        self._bulk = bytearray()
+        self._bulk_message = None
+        self._bulk_waiting = False
+        self._held = b""
+        self._buffer = bytearray()
+        self._events.clear()
+
+    @property
+    def awaiting_buffer(self) -> bool:
+        """A chunk header came but ``allocate`` had no room for its body yet.
+
+        Received bytes after that header are held (at most what the last
+        ``receive_data`` brought) and nothing more is parsed: the caller
+        stops reading and calls ``retry_allocate`` when room may have freed.
+        """
+        return self._bulk_waiting
+
+    def retry_allocate(self) -> bool:
+        """Ask ``allocate`` again for the waiting body; True once it got one.
+
+        On success the held bytes are consumed (which may queue events, or
+        wait again for the next body). Raises RemoteProtocolError as
+        ``receive_data`` does.
+        """
+        if not self._bulk_waiting:
+            return True
+        if not self._allocate_bulk():
+            return False
+        held, self._held = self._held, b""
+        try:
+            if self._bulk_message is not None and self._bulk_message.length == 0:
+                self._finish_bulk()
+            self._consume(memoryview(held))
+        except RemoteProtocolError:
+            self.state = State.CLOSED
+            raise
+        return not self._bulk_waiting
 
     @property
     def receiving_bulk(self) -> int:
@@ -191,7 +242,7 @@ class Connection:
         may receive into this view and report the count with
         ``bulk_received``, saving a copy of every body byte.
         """
-        if self._phase is _Phase.BULK and self.state is State.OPEN:
+        if self._phase is _Phase.BULK and self.state is State.OPEN and not self._bulk_waiting:
             return memoryview(self._bulk)[self._bulk_filled :]
         return None
 
@@ -205,6 +256,9 @@ class Connection:
 
     def _consume(self, view: memoryview) -> None:
         while view:
+            if self._bulk_waiting:
+                self._held = bytes(view)
+                return
             if self._phase is _Phase.BULK:
                 view = self._consume_bulk(view)
                 continue
@@ -268,17 +322,29 @@ class Connection:
         message, bulk = decode_body(kind, self._frame_request, plain, self.limits)
         if isinstance(message, StoreChunk | ChunkData):
             self._bulk_message = message
-            # Every byte of the buffer is overwritten before the event goes
-            # out, so a recycled (not zeroed) buffer is fine.
-            self._bulk = self._allocate(bulk)
-            if len(self._bulk) != bulk:
-                raise LocalProtocolError("allocate returned a buffer of the wrong size")
             self._bulk_filled = 0
             self._phase = _Phase.BULK
+            if not self._allocate_bulk():
+                self._bulk_waiting = True
+                return
             if bulk == 0:
                 self._finish_bulk()
             return
         self._events.append(message)
+
+    def _allocate_bulk(self) -> bool:
+        message = self._bulk_message
+        assert message is not None
+        # Every byte of the buffer is overwritten before the event goes
+        # out, so a recycled (not zeroed) buffer is fine.
+        buffer = self._allocate(message.length)
+        if buffer is None:
+            return False
+        if len(buffer) != message.length:
+            raise LocalProtocolError("allocate returned a buffer of the wrong size")
+        self._bulk = buffer
+        self._bulk_waiting = False
+        return True
 
     def _consume_bulk(self, view: memoryview) -> memoryview:
         take = min(len(view), self.receiving_bulk)

@@ -15,7 +15,7 @@ from dht_dfs import wire
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.ids import ChunkId, NodeId
-from dht_dfs.transport.buffers import BufferPool, ChunkBody
+from dht_dfs.transport.buffers import BodyBudget, BufferPool, ChunkBody
 from dht_dfs.transport.connection import PeerConnection
 
 LIMIT = 8
@@ -93,6 +93,8 @@ class Owner:
     limits: wire.Limits = field(default_factory=wire.Limits)
     client_mode: bool = False
     buffers: BufferPool = field(default_factory=BufferPool)
+    body_budget: BodyBudget = field(default_factory=lambda: BodyBudget(64 << 20, 32 << 20))
+    receive_buffer: bytearray = field(default_factory=lambda: bytearray(256 * 1024))
 
     def adopt(self, connection: PeerConnection) -> None:
         pass
