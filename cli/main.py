@@ -343,6 +343,15 @@ def _survey(
         raise typer.Exit(exits.EXIT_DEGRADED)
 
 
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Fetch one copy of each chunk and make every other holder prove its copy "
+        "(a fresh challenge): only proven copies count, and repair replaces the rest.",
+    ),
+]
+
 RootArgument = Annotated[
     str,
     typer.Argument(
@@ -359,15 +368,7 @@ def _survey_command(op: str, summary: str) -> None:
         data_dir: DataDir = None,
         bootstrap: Bootstrap = None,
         replicas: Replicas = None,
-        verify: Annotated[
-            bool,
-            typer.Option(
-                "--verify",
-                help="Fetch one copy of each chunk and make every other holder prove its copy "
-                "(a fresh challenge); only proven copies count"
-                + (", and failed ones are replaced." if op == "repair" else "."),
-            ),
-        ] = False,
+        verify: Verify = False,
         json_output: Json = False,
         verbose: Verbose = 0,
     ) -> None:
