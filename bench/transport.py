@@ -88,6 +88,9 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
         async def handle_have(self, peer, chunk_ids):  # type: ignore[no-untyped-def]
             return await service.handle_have(peer, chunk_ids)
 
+        async def handle_prove(self, peer, nonce, chunk_ids):  # type: ignore[no-untyped-def]
+            return await service.handle_prove(peer, nonce, chunk_ids)
+
     identity = Identity.generate()
     endpoint = Endpoint(identity, Config(max_chunk_size=chunk_size + 64 * 1024), Handler())
     port = await endpoint.start("127.0.0.1", 0)

@@ -304,13 +304,14 @@ def _survey(
     data_dir: Path | None,
     bootstrap: list[str] | None,
     replicas: int | None,
+    verify: bool,
     json_output: bool,
     verbose: int,
 ) -> None:
     output.setup_logging(verbose)
     root_hash = checked(parse_root_hash, root)
     config = _config(replicas)
-    request = CheckRequest(root_hash) if op == "check" else RepairRequest(root_hash)
+    request = CheckRequest(root_hash, verify) if op == "check" else RepairRequest(root_hash, verify)
 
     with output.progress_bar(op, enabled=not json_output, unit="chunks") as on_event:
 
@@ -323,11 +324,17 @@ def _survey(
         output.print_json(report.to_json())
     else:
         state = "OK" if report.ok else "DEGRADED"
+        kind = "proven" if report.verified else "claimed (HAVE; --verify proves them)"
         output.print_line(
             f"{state}: {report.healthy}/{report.chunks} chunks have "
-            f">= {report.replicas_wanted} live copies (fewest: {report.min_copies})"
-            + (f"; {report.copies_added} copies added" if op == "repair" else "")
+            f">= {report.replicas_wanted} live copies (fewest: {report.min_copies}); "
+            f"holders {kind}" + (f"; {report.copies_added} copies added" if op == "repair" else "")
         )
+        if report.failed_proofs:
+            output.print_line(
+                f"  {report.failed_proofs} claimed copies failed their proof, "
+                f"on {len(report.failed_holders)} node(s)"
+            )
         for item in report.under_replicated[:20]:
             output.print_line(f"  under-replicated {item.chunk.hex()} ({item.copies} copies)")
         for item in report.lost[:20]:
@@ -335,6 +342,15 @@ def _survey(
     if not report.ok:
         raise typer.Exit(exits.EXIT_DEGRADED)
 
+
+Verify = Annotated[
+    bool,
+    typer.Option(
+        "--verify",
+        help="Fetch one copy of each chunk and make every other holder prove its copy "
+        "(a fresh challenge): only proven copies count, and repair replaces the rest.",
+    ),
+]
 
 RootArgument = Annotated[
     str,
@@ -352,6 +368,7 @@ def _survey_command(op: str, summary: str) -> None:
         data_dir: DataDir = None,
         bootstrap: Bootstrap = None,
         replicas: Replicas = None,
+        verify: Verify = False,
         json_output: Json = False,
         verbose: Verbose = 0,
     ) -> None:
@@ -361,6 +378,7 @@ def _survey_command(op: str, summary: str) -> None:
             data_dir=data_dir,
             bootstrap=bootstrap,
             replicas=replicas,
+            verify=verify,
             json_output=json_output,
             verbose=verbose,
         )

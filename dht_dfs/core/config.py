@@ -110,6 +110,12 @@ class Config:
     """Threads for hashing, encryption and file I/O."""
     verify_file_hash: bool = False
     """Fetch also recomputes the whole file's SHA-256 (every chunk is checked anyway)."""
+    hedge_delay: float = 0.5
+    """Seconds a chunk request may go unanswered before the next holder is asked too
+    (at least; a fetch waits longer on links it has seen to be slower)."""
+    max_holders_per_chunk: int = 16
+    """Holders one fetch tries per chunk from each source (hints, provider records,
+    closest nodes): a flood of fake records costs at most this many attempts."""
 
     # --- maintenance --------------------------------------------------------------------
     repair_interval: float = 60.0
@@ -151,6 +157,8 @@ class Config:
             raise ConfigError(f"replicas cannot exceed k ({self.ksize})")
         if self.max_storage is not None and self.max_storage < 0:
             raise ConfigError("max storage cannot be negative")
+        if self.hedge_delay <= 0 or self.max_holders_per_chunk < 1:
+            raise ConfigError("hedge delay must be positive, holders per chunk at least 1")
         if self.transfer_window < 1:
             raise ConfigError("transfer window must be at least 1")
         largest = self.max_chunk_size

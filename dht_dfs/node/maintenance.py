@@ -11,13 +11,20 @@ Each node runs three kinds of upkeep on the chunks it stores:
   outside the rightful set acts only when no rightful node holds it, which
   is how a chunk moves to a node that joined closer to its id. A copy far
   outside the rightful set (beyond ``2 * replicas``) is dropped once the
-  rightful set is complete. Paced at ``repair_rate`` chunks per second.
+  rightful set is complete, and complete means proven: HAVE answers are
+  claims (a node closer to the id that stores nothing can say yes), so
+  before a drop every rightful holder is challenged (``prove_holders``,
+  checked against this node's own bytes) and all ``replicas`` must pass.
+  One that fails counts as lacking the chunk: the copy stays, and the
+  chunk is copied on to the next closest nodes (never to a node that
+  failed). Paced at ``repair_rate`` chunks per second.
 - Scrub (``scrub_step``): re-hash stored chunks at ``scrub_rate`` bytes per
   second; a corrupt or vanished copy is removed and fetched again from
   another holder.
 - Hand-off (``hand_off``): before a node leaves, every chunk with fewer than
-  ``replicas`` copies elsewhere is copied to the closest nodes lacking it,
-  within ``leave_timeout``.
+  ``replicas`` proven copies elsewhere is copied to the closest nodes
+  lacking it, within ``leave_timeout`` (leaving drops this node's copy, so
+  the same proof rule applies).
 
 Provider records are renewed by the DHT's re-announce loop; records of a
 provider that stops answering are dropped when a fetch or check meets it.
@@ -62,6 +69,8 @@ class RepairStats:
     copies_dropped: int = 0
     under_replicated: int = 0
     """Chunks still short of ``replicas`` copies after the pass."""
+    failed_proofs: int = 0
+    """Rightful holders that said they hold a chunk (HAVE) but could not prove it."""
     errors: int = 0
 
     def merge(self, other: RepairStats) -> None:
@@ -70,6 +79,7 @@ class RepairStats:
         self.copies_added += other.copies_added
         self.copies_dropped += other.copies_dropped
         self.under_replicated += other.under_replicated
+        self.failed_proofs += other.failed_proofs
         self.errors += other.errors
 
 
@@ -143,7 +153,9 @@ class Maintainer:
         if batch:
             await asyncio.sleep(pacer.reserve(len(batch), time.monotonic()))
             stats.merge(await self._repair_batch(batch, leaving=False))
-        clean = not (stats.copies_added or stats.under_replicated or stats.errors)
+        clean = not (
+            stats.copies_added or stats.under_replicated or stats.errors or stats.failed_proofs
+        )
         # Remember the membership only after a pass with nothing left to do.
         self._last_membership = membership if clean else None
         self._clean_passes_skipped = 0
@@ -238,31 +250,54 @@ class Maintainer:
         replicas = self._config.replicas
         candidates = [c for c in closest if c.node_id not in unreachable]
         rightful = candidates[:replicas]
+        disproven: set[NodeId] = set()
 
         def has(contact: Contact) -> bool:
             if contact.node_id == self._me:
                 return not leaving
+            if contact.node_id in disproven:
+                return False
             return holds.get((contact.node_id, chunk_id), False)
 
         holders = [c for c in rightful if has(c)]
+        near = {c.node_id for c in candidates[: _DROP_FACTOR * replicas]}
+        # The rightful holders all have it: a copy this far away is surplus.
+        surplus = not leaving and self._me not in near
+        if len(holders) >= replicas and not (surplus or leaving):
+            return  # this copy stays: nothing is dropped on the HAVE answers
+        data: bytes | None = None
         if len(holders) >= replicas:
-            near = {c.node_id for c in candidates[: _DROP_FACTOR * replicas]}
-            # The rightful holders all have it: a copy this far away is surplus.
-            surplus = not leaving and self._me not in near
-            if surplus and await self._network.run(self._store.delete, chunk_id):
-                stats.copies_dropped += 1
-            return
+            # This copy is about to go (dropped, or this node leaves): only
+            # proofs from the rightful holders say the chunk survives that.
+            data = await self._own_copy(chunk_id, stats)
+            if data is None:
+                return
+            others = [c for c in holders if c.node_id != self._me]
+            disproven = await self._disproven(chunk_id, data, others)
+            if not disproven:
+                if surplus and await self._network.run(self._store.delete, chunk_id):
+                    stats.copies_dropped += 1
+                return
+            stats.failed_proofs += len(disproven)
+            log.warning(
+                "repair: %d rightful holder(s) of chunk %s claimed it but failed the proof; "
+                "keeping this copy",
+                len(disproven),
+                chunk_id.hex(),
+            )
+            holders = [c for c in holders if c.node_id not in disproven]
         if not leaving and holders and holders[0].node_id != self._me:
             return  # a closer holder is responsible for this chunk
-        missing = [c for c in candidates if not has(c) and c.node_id != self._me]
-        try:
-            data = await self._network.run(self._store.get, chunk_id)
-        except ChunkNotFoundError:
-            return  # deleted meanwhile
-        except DhtfsError as error:
-            log.warning("repair: local copy unusable: %s", error)
-            stats.errors += 1
-            return
+        # A node that failed a proof gets no copy: it would claim to keep it again.
+        missing = [
+            c
+            for c in candidates
+            if not has(c) and c.node_id != self._me and c.node_id not in disproven
+        ]
+        if data is None:
+            data = await self._own_copy(chunk_id, stats)
+            if data is None:
+                return
         try:
             added = await self._network.copy_to(
                 chunk_id, data, closest, missing, replicas - len(holders)
@@ -275,6 +310,24 @@ class Maintainer:
         stats.copies_added += len(added)
         if len(holders) + len(added) < replicas:
             stats.under_replicated += 1
+
+    async def _own_copy(self, chunk_id: ChunkId, stats: RepairStats) -> bytes | None:
+        try:
+            return await self._network.run(self._store.get, chunk_id)
+        except ChunkNotFoundError:
+            return None  # deleted meanwhile
+        except DhtfsError as error:
+            log.warning("repair: local copy unusable: %s", error)
+            stats.errors += 1
+            return None
+
+    async def _disproven(
+        self, chunk_id: ChunkId, data: bytes, holders: Sequence[Contact]
+    ) -> set[NodeId]:
+        """The holders that cannot prove they hold the chunk (a fresh nonce each)."""
+        asks = {c.node_id: (address_of(c), [chunk_id]) for c in holders}
+        proven = await self._network.prove_holders(asks, {chunk_id: data})
+        return {c.node_id for c in holders if chunk_id not in proven.get(c.node_id, ())}
 
     # --- scrub ----------------------------------------------------------------------
 

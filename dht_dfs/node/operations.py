@@ -166,16 +166,18 @@ class CheckRequest:
 
     op: ClassVar[str] = "check"
     root: RootHash
+    verify: bool = False
+    """Count only holders that prove their copy (a fresh challenge), not those that say HAVE."""
 
     def check_input(self) -> CheckRequest:
         return self
 
     def to_json(self) -> Document:
-        return {"op": self.op, "root": str(self.root)}
+        return {"op": self.op, "root": str(self.root), "verify": self.verify}
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> CheckRequest:
-        return cls(parse_root_hash(_text(document, "root")))
+        return cls(parse_root_hash(_text(document, "root")), _flag(document, "verify"))
 
     @staticmethod
     def result_from_json(document: Mapping[str, Any]) -> HealthReport:
@@ -188,16 +190,18 @@ class RepairRequest:
 
     op: ClassVar[str] = "repair"
     root: RootHash
+    verify: bool = False
+    """Count only proven holders, and replace those that fail their proof."""
 
     def check_input(self) -> RepairRequest:
         return self
 
     def to_json(self) -> Document:
-        return {"op": self.op, "root": str(self.root)}
+        return {"op": self.op, "root": str(self.root), "verify": self.verify}
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> RepairRequest:
-        return cls(parse_root_hash(_text(document, "root")))
+        return cls(parse_root_hash(_text(document, "root")), _flag(document, "verify"))
 
     @staticmethod
     def result_from_json(document: Mapping[str, Any]) -> HealthReport:
@@ -238,6 +242,14 @@ def _text(document: Mapping[str, Any], key: str) -> str:
     value = document[key]
     if not isinstance(value, str):
         raise TypeError(f"{key} must be a string")
+    return value
+
+
+def _flag(document: Mapping[str, Any], key: str) -> bool:
+    """An optional boolean (absent: false, so older callers keep working)."""
+    value = document.get(key, False)
+    if not isinstance(value, bool):
+        raise TypeError(f"{key} must be true or false")
     return value
 
 
@@ -293,8 +305,10 @@ async def run_operation(
         )
         return FetchSummary.of(fetched)
     if isinstance(request, CheckRequest):
-        return HealthReport.of(await network.check(request.root, progress=progress))
-    return HealthReport.of(await network.repair(request.root, progress=progress))
+        checked = await network.check(request.root, progress=progress, verify=request.verify)
+        return HealthReport.of(checked)
+    repaired = await network.repair(request.root, progress=progress, verify=request.verify)
+    return HealthReport.of(repaired)
 
 
 def _ignore(event: Event) -> None:

@@ -219,6 +219,8 @@ class ChunkCopies:
     """A manifest chunk, not file data."""
     copies: int
     holders: tuple[NodeId, ...]
+    failed_proof: tuple[NodeId, ...] = ()
+    """Nodes that claimed the chunk but failed to prove it (``--verify``)."""
 
     def to_json(self) -> Document:
         return {
@@ -226,6 +228,7 @@ class ChunkCopies:
             "manifest": self.manifest,
             "copies": self.copies,
             "holders": [holder.hex() for holder in self.holders],
+            "failed_proof": [node.hex() for node in self.failed_proof],
         }
 
     @classmethod
@@ -235,6 +238,7 @@ class ChunkCopies:
             manifest=bool(document["manifest"]),
             copies=int(document["copies"]),
             holders=tuple(NodeId.from_hex(str(h)) for h in document["holders"]),
+            failed_proof=tuple(NodeId.from_hex(str(n)) for n in document.get("failed_proof", ())),
         )
 
 
@@ -257,6 +261,11 @@ class HealthReport:
     copies_added: int
     errors: tuple[str, ...]
     seconds: float
+    verified: bool = False
+    """Holders proved their copies (``--verify``); otherwise they claimed them (HAVE)."""
+    failed_proofs: int = 0
+    """Claims of a copy that a proof refuted (``--verify`` only)."""
+    failed_holders: tuple[NodeId, ...] = ()
 
     @classmethod
     def of(cls, report: CheckReport) -> HealthReport:
@@ -267,6 +276,8 @@ class HealthReport:
             "root": str(self.root),
             "ok": self.ok,
             "replicas_wanted": self.replicas_wanted,
+            "verified": self.verified,
+            "holders_are": "proven" if self.verified else "claimed",
             "chunks": self.chunks,
             "bytes": self.bytes,
             "healthy": self.healthy,
@@ -274,6 +285,8 @@ class HealthReport:
             "under_replicated": [item.to_json() for item in self.under_replicated],
             "lost": [item.to_json() for item in self.lost],
             "copies_added": self.copies_added,
+            "failed_proofs": self.failed_proofs,
+            "failed_holders": [n.hex() for n in self.failed_holders],
             "errors": list(self.errors),
             "seconds": self.seconds,
         }
@@ -285,6 +298,7 @@ class HealthReport:
             root=parse_root_hash(str(document["root"])),
             ok=bool(document["ok"]),
             replicas_wanted=int(document["replicas_wanted"]),
+            verified=bool(document.get("verified", False)),
             chunks=int(document["chunks"]),
             bytes=int(document["bytes"]),
             healthy=int(document["healthy"]),
@@ -292,6 +306,10 @@ class HealthReport:
             under_replicated=tuple(ChunkCopies.from_json(i) for i in document["under_replicated"]),
             lost=tuple(ChunkCopies.from_json(i) for i in document["lost"]),
             copies_added=int(document["copies_added"]),
+            failed_proofs=int(document.get("failed_proofs", 0)),
+            failed_holders=tuple(
+                NodeId.from_hex(str(n)) for n in document.get("failed_holders", ())
+            ),
             errors=tuple(str(e) for e in document["errors"]),
             seconds=float(document["seconds"]),
         )

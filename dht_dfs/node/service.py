@@ -14,8 +14,9 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
-from dht_dfs.core.errors import IntegrityError, StoreError, StoreFullError
+from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
 from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.core.proofs import proof_tag
 from dht_dfs.store.chunks import ChunkStore, PutOutcome
 from dht_dfs.transport.buffers import ChunkBody, FileBody, LazyFileBody
 from dht_dfs.wire import StoreStatus
@@ -23,6 +24,15 @@ from dht_dfs.wire import StoreStatus
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+MAX_CONCURRENT_PROOFS = 2
+"""PROVE requests this node works on at once, from all peers together.
+
+A proof costs the prover a read and a BLAKE2b pass per chunk (up to
+``Limits.max_prove_ids`` chunks per request); requests beyond this wait
+(and their senders' request timeouts bound the wait), so proving can take
+at most this many worker threads away from serving and storing.
+"""
 
 
 class ChunkService:
@@ -41,6 +51,7 @@ class ChunkService:
         self._receipt_for = receipt_for
         self._on_stored = on_stored
         self.chunks_served = 0
+        self._proving = asyncio.Semaphore(MAX_CONCURRENT_PROOFS)
 
     async def _run(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -83,3 +94,19 @@ class ChunkService:
 
     async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
         return await self._run(self.store.have_which, list(chunk_ids))
+
+    async def handle_prove(
+        self, peer: NodeId, nonce: bytes, chunk_ids: tuple[ChunkId, ...]
+    ) -> list[bytes | None]:
+        # The wire bounds the ids per request; the semaphore bounds requests.
+        async with self._proving:
+            return [await self._run(self._tag, nonce, chunk_id) for chunk_id in chunk_ids]
+
+    def _tag(self, nonce: bytes, chunk_id: ChunkId) -> bytes | None:
+        # Read without re-verifying: a rotten copy gives a wrong tag, and
+        # the verifier then replaces it, which is what scrub would do.
+        try:
+            data = self.store.get(chunk_id, verify=False)
+        except ChunkNotFoundError:
+            return None
+        return proof_tag(nonce, chunk_id, data)

@@ -132,13 +132,17 @@ class Network:
         except ChunkNotFoundError as error:
             raise root_not_found(error, reference.root) from None
 
-    async def check(self, root: RootHash, progress: ProgressFn | None = None) -> CheckReport:
-        """Count confirmed live copies of every chunk of a file."""
-        return await health.survey(self, root, repair=False, progress=progress)
+    async def check(
+        self, root: RootHash, progress: ProgressFn | None = None, *, verify: bool = False
+    ) -> CheckReport:
+        """Count live copies of every chunk of a file: claimed, or with ``verify`` proven."""
+        return await health.survey(self, root, repair=False, progress=progress, verify=verify)
 
-    async def repair(self, root: RootHash, progress: ProgressFn | None = None) -> CheckReport:
-        """Bring every chunk of a file back to ``replicas`` live copies."""
-        return await health.survey(self, root, repair=True, progress=progress)
+    async def repair(
+        self, root: RootHash, progress: ProgressFn | None = None, *, verify: bool = False
+    ) -> CheckReport:
+        """Bring every chunk of a file back to ``replicas`` live (``verify``: proven) copies."""
+        return await health.survey(self, root, repair=True, progress=progress, verify=verify)
 
     # --- replica accounting (see health and placement) --------------------------------
 
@@ -151,6 +155,14 @@ class Network:
     ) -> dict[NodeId, list[bool] | None]:
         """Ask each peer, once and all at the same time, which of its chunks it holds."""
         return await health.ask_have(self, asks)
+
+    async def prove_holders(
+        self,
+        asks: Mapping[NodeId, tuple[PeerAddress, list[ChunkId]]],
+        copies: Mapping[ChunkId, bytes | bytearray],
+    ) -> dict[NodeId, set[ChunkId]]:
+        """Challenge each peer to prove it holds its chunks; the chunks each one proved."""
+        return await health.prove_holders(self, asks, copies)
 
     async def copy_to(
         self,

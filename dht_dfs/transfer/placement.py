@@ -2,7 +2,14 @@
 
 A chunk goes on the ``replicas`` live nodes closest to its id, stored in
 parallel; a node that is down, full or refuses makes way for the next
-closest, and a chunk no node took raises NotEnoughNodesError. Storers
+closest, and a chunk no node took raises NotEnoughNodesError.
+
+A copy counts as placed on the storer's STORED (or ALREADY_HAD) answer.
+Unlike a HAVE answer that is evidence, not a claim: it comes on the
+authenticated connection that just carried the bytes, after the storer
+hashed them against the id and fsynced them, so the storer had the chunk
+at that moment. Whether it keeps it is what proofs check later
+(``health.prove_holders``, ``check --verify``). Storers
 answer with a signed provider record, which ``NetworkSink`` announces in
 batches to the k closest nodes of each key (``copy_to`` at once, for a
 repair).

@@ -123,7 +123,7 @@ class Locator(Protocol):
 
 
 class PeerLink(Protocol):
-    """An authenticated link to one peer: the chunk protocol's four requests."""
+    """An authenticated link to one peer: the chunk protocol's five requests."""
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""
@@ -136,6 +136,9 @@ class PeerLink(Protocol):
 
     async def store(self, chunk_id: ChunkId, data: bytes) -> StoreResult:
         """Hand the peer a chunk; its answer says stored, full or rejected."""
+
+    async def prove(self, nonce: bytes, chunk_ids: list[ChunkId]) -> list[bytes | None]:
+        """The peer's proof tags (unchecked), one per id; None where it says it lacks one."""
 
 
 class Dialer(Protocol):

@@ -10,6 +10,24 @@ timeout or a corrupt copy only moves the fetch on to the next holder; a
 holder that no longer has the chunk has its provider record forgotten. A
 corrupt local copy is replaced by the good one fetched (read repair).
 
+Records are claims, and anyone can sign many (one per made-up identity),
+all pointing at a listener that never answers. So within a group:
+
+- addresses are de-duplicated (one attempt per host and port at a time);
+  an address that failed (refused, timed out) is not tried again for that
+  chunk and goes last for the rest of this fetch;
+- attempts are hedged: if the current one has not answered after
+  ``hedge_delay`` (or a few times the latency seen so far, if that is
+  longer), the next holder is asked too; the first good copy wins and the
+  others are cancelled. Only the network part races: the bytes of one
+  answer at a time are checked and consumed, so a cancelled attempt never
+  writes;
+- at most ``max_holders_per_chunk`` holders are tried.
+
+A record thus costs the fetch one hedge delay, not a connect or request
+timeout, and a flood of them a bounded number of attempts, after which the
+closest nodes (where copies belong) are still asked.
+
 Must not import: dht (except ``dht.values``), transport, node.
 """
 
@@ -19,6 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
+import time
 from collections.abc import Iterable, Sequence
 from typing import TypeVar
 
@@ -42,6 +61,10 @@ T = TypeVar("T")
 
 _PREFETCH_PEERS = 8
 """Known contacts asked (besides connected peers) which chunks they hold."""
+_HEDGE_LATENCIES = 3.0
+"""The hedge waits at least this many times the average answer time seen."""
+_CONNECTION_FAILURES = (PeerUnavailableError, HandshakeError, OSError)
+"""Failures that say nothing answers at that address (unlike a refusal or a bad copy)."""
 
 
 class NetworkSource:
@@ -51,6 +74,10 @@ class NetworkSource:
         self._network = network
         self._hints: dict[ChunkId, list[PeerAddress]] = {}
         self._failures: dict[NodeId, int] = {}
+        self._dead_addresses: set[tuple[str, int]] = set()
+        """Addresses that failed during this fetch: tried last (once per chunk)."""
+        self._latency: float | None = None
+        """Moving average of a good answer's time, seconds (sets the hedge delay)."""
         self._restore: set[ChunkId] = set()
         """Chunks whose local copy was found corrupt (and removed) by this source."""
 
@@ -89,7 +116,7 @@ class NetworkSource:
             local = await self._local(chunk_id, consume)
             if local is not None:
                 return local[0]
-        tried: set[NodeId] = {network.node_id}
+        tried: set[NodeId | tuple[str, int]] = {network.node_id}
         errors: list[str] = []
         # Not popped: a file may list the same chunk many times (zero blocks).
         hinted = self._hints.get(chunk_id, [])
@@ -142,39 +169,128 @@ class NetworkSource:
         """Fewest failures first, then least busy, random among equals (spreads load)."""
         dialer = self._network.dialer
 
-        def load(address: PeerAddress) -> tuple[int, int, float]:
+        def load(address: PeerAddress) -> tuple[bool, int, int, float]:
             in_flight = dialer.in_flight_to(address.node_id) if address.node_id else 0
             failures = self._failures.get(address.node_id, 0) if address.node_id else 0
-            return failures, in_flight, random.random()
+            dead = (address.host, address.port) in self._dead_addresses
+            return dead, failures, in_flight, random.random()
 
         return sorted(addresses, key=load)
+
+    def _hedge_delay(self) -> float:
+        config = self._network.config
+        seen = 0.0 if self._latency is None else _HEDGE_LATENCIES * self._latency
+        return min(max(config.hedge_delay, seen), config.request_timeout)
 
     async def _try_each(
         self,
         chunk_id: ChunkId,
         addresses: Sequence[PeerAddress],
-        tried: set[NodeId],
+        tried: set[NodeId | tuple[str, int]],
         errors: list[str],
         consume: Consume[T],
     ) -> tuple[T] | None:
+        """Hedged attempts over one group of holders (see the module docstring).
+
+        ``tried`` holds node ids and (host, port) pairs already tried for this
+        chunk, across groups: a holder is asked once per chunk, and an address
+        that failed is not asked again under another record's name.
+        """
+        # Each address first at its best-ordered record; further records at
+        # an address already queued go after every distinct one, so a flood
+        # of records naming one address cannot crowd the others out of the cap.
+        first: list[PeerAddress] = []
+        again: list[PeerAddress] = []
+        places: set[tuple[str, int]] = set()
         for address in self._ordered(addresses):
-            if address.node_id in tried:
+            if address.node_id in tried or self._place(address) in tried:
                 continue
+            place = self._place(address)
+            (again if place in places and address.port else first).append(address)
+            places.add(place)
+        queue = (first + again)[: self._network.config.max_holders_per_chunk]
+        for address in queue:
             if address.node_id is not None:
                 tried.add(address.node_id)
-            found = await self._try_one(chunk_id, address, errors, consume)
-            if found is not None:
-                return found
+        running: dict[asyncio.Task[bytes | bytearray | None], PeerAddress] = {}
+        try:
+            while queue or running:
+                self._start_next(chunk_id, queue, running, tried)
+                if not running:
+                    continue  # what is left of the queue is at addresses that failed
+                delay = self._hedge_delay() if queue else None
+                done, _ = await asyncio.wait(
+                    running, timeout=delay, return_when=asyncio.FIRST_COMPLETED
+                )
+                for task in done:
+                    address = running.pop(task)
+                    found = await self._settle(
+                        chunk_id, address, task=task, tried=tried, errors=errors, consume=consume
+                    )
+                    if found is not None:
+                        return found
+        finally:
+            for task in running:
+                task.cancel()
+            await asyncio.gather(*running, return_exceptions=True)
         return None
 
-    async def _try_one(
-        self, chunk_id: ChunkId, address: PeerAddress, errors: list[str], consume: Consume[T]
+    @staticmethod
+    def _place(address: PeerAddress) -> tuple[str, int]:
+        return (address.host, address.port)
+
+    def _start_next(
+        self,
+        chunk_id: ChunkId,
+        queue: list[PeerAddress],
+        running: dict[asyncio.Task[bytes | bytearray | None], PeerAddress],
+        tried: set[NodeId | tuple[str, int]],
+    ) -> None:
+        """Start the first queued holder whose address is neither busy nor failed."""
+        busy = {self._place(address) for address in running.values()}
+        for index, address in enumerate(queue):
+            place = self._place(address)
+            if place in tried:
+                queue.pop(index)  # failed for this chunk under another record
+                return
+            if place in busy and address.port:
+                continue  # one attempt per address at a time
+            queue.pop(index)
+            running[asyncio.create_task(self._get_body(chunk_id, address))] = address
+            return
+
+    async def _get_body(self, chunk_id: ChunkId, address: PeerAddress) -> bytes | bytearray | None:
+        started = time.monotonic()
+        link = await self._network.dialer.connect(address)
+        body = await link.get(chunk_id)
+        took = time.monotonic() - started
+        self._latency = took if self._latency is None else 0.8 * self._latency + 0.2 * took
+        return body
+
+    async def _settle(
+        self,
+        chunk_id: ChunkId,
+        address: PeerAddress,
+        *,
+        task: asyncio.Task[bytes | bytearray | None],
+        tried: set[NodeId | tuple[str, int]],
+        errors: list[str],
+        consume: Consume[T],
     ) -> tuple[T] | None:
         network = self._network
         try:
-            link = await network.dialer.connect(address)
-            body = await link.get(chunk_id)
-        except (PeerUnavailableError, HandshakeError, PeerRefusedError, OSError) as error:
+            body = task.result()
+        except _CONNECTION_FAILURES as error:
+            if address.port:
+                self._dead_addresses.add(self._place(address))
+                # A failed handshake may be a listener that is some other
+                # node (records can name anyone's address): the record that
+                # names it rightly must still get its turn, one at a time.
+                if not isinstance(error, HandshakeError):
+                    tried.add(self._place(address))
+            self._failed(address, errors, str(error))
+            return None
+        except PeerRefusedError as error:
             self._failed(address, errors, str(error))
             return None
         if body is None:

@@ -84,6 +84,11 @@ class RequestHandler(Protocol):
     async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
         """Which of these chunks this node holds."""
 
+    async def handle_prove(
+        self, peer: NodeId, nonce: bytes, chunk_ids: tuple[ChunkId, ...]
+    ) -> list[bytes | None]:
+        """A proof tag (``core.proofs.proof_tag``) per chunk held, None per chunk not held."""
+
 
 class ConnectionOwner(Protocol):
     """What a connection needs of the pool it belongs to (the endpoint)."""
@@ -450,6 +455,9 @@ class PeerConnection(asyncio.BufferedProtocol):
                     await self._send(wire.ChunkMissing(request.request_id, request.chunk_id))
                 else:
                     await self._send_chunk(request.request_id, request.chunk_id, body)
+            elif isinstance(request, wire.ProveQuery):
+                tags = await handler.handle_prove(peer, request.nonce, request.chunk_ids)
+                await self._send(wire.ProofAnswer(request.request_id, tuple(tags)))
             else:
                 held = await handler.handle_have(peer, request.chunk_ids)
                 await self._send(wire.HaveAnswer(request.request_id, tuple(held)))
@@ -682,6 +690,21 @@ class PeerConnection(asyncio.BufferedProtocol):
                 raise _unexpected(self.peer_label, "HAVE", answer)
             held.extend(answer.held)
         return held
+
+    async def prove(self, nonce: bytes, chunk_ids: list[ChunkId]) -> list[bytes | None]:
+        """The peer's proof tags for the ids (any number; sent in batches, one nonce).
+
+        The tags are unchecked: only whoever has the bytes can check them.
+        """
+        limit = self.wire.limits.max_prove_ids
+        tags: list[bytes | None] = []
+        for start in range(0, len(chunk_ids), limit):
+            batch = tuple(chunk_ids[start : start + limit])
+            answer = await self.request(wire.ProveQuery(self.new_request_id(), nonce, batch))
+            if not isinstance(answer, wire.ProofAnswer) or len(answer.tags) != len(batch):
+                raise _unexpected(self.peer_label, "PROVE", answer)
+            tags.extend(answer.tags)
+        return tags
 
 
 def _read_chunk(body: FileBody | LazyFileBody) -> bytes | None:

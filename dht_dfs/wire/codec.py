@@ -14,6 +14,7 @@ import struct
 
 from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId
+from dht_dfs.core.proofs import PROOF_NONCE_SIZE, PROOF_TAG_SIZE
 from dht_dfs.wire.messages import (
     ChunkData,
     ChunkMissing,
@@ -27,6 +28,8 @@ from dht_dfs.wire.messages import (
     MessageType,
     Ping,
     Pong,
+    ProofAnswer,
+    ProveQuery,
     StoreChunk,
     StoreResult,
     StoreStatus,
@@ -90,6 +93,23 @@ def _pull_text(reader: _Reader, limit: int, what: str) -> bytes:
     return reader.pull(length)
 
 
+def _push_flags(flags: list[bool]) -> bytes:
+    """A u16 count, then one bit per flag, most significant bit first."""
+    bits = bytearray((len(flags) + 7) // 8)
+    for index, flag in enumerate(flags):
+        if flag:
+            bits[index // 8] |= 0x80 >> (index % 8)
+    return _U16.pack(len(flags)) + bytes(bits)
+
+
+def _pull_flags(reader: _Reader, limit: int, what: str) -> tuple[bool, ...]:
+    count = reader.pull_u16()
+    if count > limit:
+        raise RemoteProtocolError(f"{what} of {count} flags exceeds the limit of {limit}")
+    bits = reader.pull((count + 7) // 8)
+    return tuple(bool(bits[i // 8] & (0x80 >> (i % 8))) for i in range(count))
+
+
 def encode_body(message: Message, limits: Limits) -> tuple[MessageType, bytes]:
     match message:
         case Ping(nonce=nonce) | Pong(nonce=nonce):
@@ -121,11 +141,23 @@ def encode_body(message: Message, limits: Limits) -> tuple[MessageType, bytes]:
         case HaveAnswer(held=held):
             if len(held) > limits.max_have_ids:
                 raise LocalProtocolError(f"a HAVE answer holds at most {limits.max_have_ids} flags")
-            bits = bytearray((len(held) + 7) // 8)
-            for index, flag in enumerate(held):
-                if flag:
-                    bits[index // 8] |= 0x80 >> (index % 8)
-            return MessageType.HAVE_RESULT, _U16.pack(len(held)) + bytes(bits)
+            return MessageType.HAVE_RESULT, _push_flags(list(held))
+        case ProveQuery(nonce=nonce, chunk_ids=chunk_ids):
+            if len(nonce) != PROOF_NONCE_SIZE:
+                raise LocalProtocolError(f"a proof nonce is {PROOF_NONCE_SIZE} bytes")
+            if len(chunk_ids) > limits.max_prove_ids:
+                raise LocalProtocolError(f"a PROVE query holds at most {limits.max_prove_ids} ids")
+            return MessageType.PROVE, nonce + _U16.pack(len(chunk_ids)) + b"".join(
+                c.digest for c in chunk_ids
+            )
+        case ProofAnswer(tags=tags):
+            if len(tags) > limits.max_prove_ids:
+                raise LocalProtocolError(f"a PROOF holds at most {limits.max_prove_ids} tags")
+            present = [tag for tag in tags if tag is not None]
+            if any(len(tag) != PROOF_TAG_SIZE for tag in present):
+                raise LocalProtocolError(f"a proof tag is {PROOF_TAG_SIZE} bytes")
+            flags = _push_flags([tag is not None for tag in tags])
+            return MessageType.PROOF, flags + b"".join(present)
         case ErrorReply(code=code, message=text):
             encoded = text.encode("utf-8")[: limits.max_text]
             return MessageType.ERROR, _U16.pack(code) + _push_text(encoded, limits.max_text)
@@ -176,14 +208,19 @@ def decode_body(
         ids = tuple(reader.pull_chunk_id() for _ in range(count))
         message = HaveQuery(request_id, ids)
     elif kind == MessageType.HAVE_RESULT:
+        message = HaveAnswer(request_id, _pull_flags(reader, limits.max_have_ids, "HAVE answer"))
+    elif kind == MessageType.PROVE:
+        nonce = reader.pull(PROOF_NONCE_SIZE)
         count = reader.pull_u16()
-        if count > limits.max_have_ids:
+        if count > limits.max_prove_ids:
             raise RemoteProtocolError(
-                f"HAVE answer of {count} flags exceeds the limit of {limits.max_have_ids}"
+                f"PROVE query of {count} ids exceeds the limit of {limits.max_prove_ids}"
             )
-        bits = reader.pull((count + 7) // 8)
-        held = tuple(bool(bits[i // 8] & (0x80 >> (i % 8))) for i in range(count))
-        message = HaveAnswer(request_id, held)
+        message = ProveQuery(request_id, nonce, tuple(reader.pull_chunk_id() for _ in range(count)))
+    elif kind == MessageType.PROOF:
+        held = _pull_flags(reader, limits.max_prove_ids, "PROOF")
+        tags = tuple(reader.pull(PROOF_TAG_SIZE) if here else None for here in held)
+        message = ProofAnswer(request_id, tags)
     elif kind == MessageType.ERROR:
         raw_code = reader.pull_u16()
         try:

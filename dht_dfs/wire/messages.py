@@ -58,6 +58,9 @@ class Limits:
     """Largest chunk body."""
     max_have_ids: int = 1024
     """Chunk ids in one HAVE query."""
+    max_prove_ids: int = 32
+    """Chunk ids in one PROVE query: the prover reads each whole chunk (at
+    most 32 x 16 MiB, normally 32 x 1 MiB), so this is far below HAVE's."""
     max_text: int = 1024
     """Bytes of an error message or store receipt."""
 
@@ -75,6 +78,8 @@ class MessageType(enum.IntEnum):
     NOT_FOUND = 0x32
     HAVE = 0x40
     HAVE_RESULT = 0x41
+    PROVE = 0x50
+    PROOF = 0x51
     ERROR = 0x7F
 
 
@@ -173,17 +178,34 @@ class HaveAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class ProveQuery:
+    """Prove you hold these chunks: answer with a keyed hash of each (``core.proofs``)."""
+
+    request_id: int
+    nonce: bytes
+    """32 fresh random bytes, the key of every tag in the answer."""
+    chunk_ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ProofAnswer:
+    request_id: int
+    tags: tuple[bytes | None, ...]
+    """One 32-byte tag per id of the query, same order; None for a chunk not held."""
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     request_id: int
     code: ErrorCode
     message: str
 
 
-Request = Ping | StoreChunk | GetChunk | HaveQuery
-Response = Pong | StoreResult | ChunkData | ChunkMissing | HaveAnswer | ErrorReply
+Request = Ping | StoreChunk | GetChunk | HaveQuery | ProveQuery
+Response = Pong | StoreResult | ChunkData | ChunkMissing | HaveAnswer | ProofAnswer | ErrorReply
 Message = Request | Response
 
-REQUEST_TYPES: Final = (Ping, StoreChunk, GetChunk, HaveQuery)
+REQUEST_TYPES: Final = (Ping, StoreChunk, GetChunk, HaveQuery, ProveQuery)
 
 
 @dataclass(frozen=True, slots=True)

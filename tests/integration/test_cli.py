@@ -157,6 +157,20 @@ def test_json_documents(devnet: Devnet, tmp_path: Path) -> None:
     )
     assert report["ok"] is True
     assert report["min_copies"] >= 3
+    assert report["holders_are"] == "claimed"
+    # --verify: one copy fetched, every other holder answers a PROVE over TCP.
+    verified = json.loads(
+        devnet.run(
+            "check",
+            published["root_hash"],
+            "--verify",
+            "--json",
+            "--data-dir",
+            str(devnet.node_dir(4)),
+        ).stdout
+    )
+    assert verified["ok"] is True and verified["holders_are"] == "proven"
+    assert verified["min_copies"] >= 3 and verified["failed_proofs"] == 0
     status = json.loads(
         devnet.run("status", "--json", "--data-dir", str(devnet.node_dir(1))).stdout
     )

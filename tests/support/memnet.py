@@ -14,7 +14,14 @@ directly. Per-node faults:
 - ``gate``: requests wait for this event, up to ``request_timeout`` (then
   RequestTimeoutError, as the real endpoint);
 - ``corrupt``: GET serves the chunk with one byte flipped;
-- ``busy``: requests counted as in flight to it (what ``in_flight_to`` says).
+- ``busy``: requests counted as in flight to it (what ``in_flight_to`` says);
+- ``lie``: HAVE says yes to everything, STORE says STORED and keeps nothing,
+  PROVE answers made-up tags (what a Sybil that stores nothing can do).
+
+``fake_records`` makes provider records of fresh identities that point at
+one node's port: connecting to one waits on that node's ``gate`` (a
+listener that never finishes a handshake) up to ``connect_timeout``, or,
+ungated, fails as a wrong identity would.
 
 No sockets, no threads of its own, no sleeping: a test runs in milliseconds.
 """
@@ -22,6 +29,7 @@ No sockets, no threads of its own, no sleeping: a test runs in milliseconds.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
@@ -33,11 +41,13 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import (
     ChunkNotFoundError,
+    HandshakeError,
     LocalProtocolError,
     PeerUnavailableError,
     RequestTimeoutError,
 )
 from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.core.proofs import PROOF_TAG_SIZE, proof_tag
 from dht_dfs.dht.values import Contact, LookupResult, LookupStats, ProviderRecord
 from dht_dfs.store.chunks import ChunkStore
 from dht_dfs.transfer.network import Network
@@ -62,10 +72,13 @@ class FakeNode:
     corrupt: bool = False
     gate: asyncio.Event | None = None
     busy: int = 0
+    lie: bool = False
     requests: int = 0
     """Requests answered (or refused) so far."""
     gets: int = 0
     stores: int = 0
+    proves: int = 0
+    """Chunk ids this node was asked to prove."""
 
     @property
     def node_id(self) -> NodeId:
@@ -159,10 +172,23 @@ class MemNet:
         key = chunk_id.dht_key
         self.records.setdefault(key, {})[node.node_id] = node.record(key)
 
+    def fake_records(self, node: FakeNode, chunk_id: ChunkId, count: int) -> None:
+        """``count`` provider records of made-up identities, all at ``node``'s port."""
+        key = chunk_id.dht_key
+        for _ in range(count):
+            record = ProviderRecord.create(
+                Identity.generate(), key, "127.0.0.1", node.port, 3600.0, time.time()
+            )
+            self.records.setdefault(key, {})[record.node_id] = record
+
+    def listener_at(self, port: int) -> FakeNode | None:
+        return next((node for node in self.nodes.values() if node.port == port), None)
+
     def join(self, me: FakeNode, executor: Executor, config: Config | None = None) -> Joined:
         """``me``'s Network over this memnet (with its own store, if it has one)."""
         config = config or self.config
-        locator, dialer = MemLocator(self, me), MemDialer(self, me, config.request_timeout)
+        locator = MemLocator(self, me)
+        dialer = MemDialer(self, me, config.request_timeout, config.connect_timeout)
         network = Network(config, locator, dialer, executor, me.store)
         return Joined(network, locator, dialer)
 
@@ -241,10 +267,14 @@ class MemLocator:
 class MemDialer:
     """A ``Dialer`` over the memnet, as seen from ``me``."""
 
-    def __init__(self, net: MemNet, me: FakeNode, request_timeout: float) -> None:
+    def __init__(
+        self, net: MemNet, me: FakeNode, request_timeout: float, connect_timeout: float = 5.0
+    ) -> None:
         self._net = net
         self._me = me
         self.request_timeout = request_timeout
+        self.connect_timeout = connect_timeout
+        self.connects = 0
         self.in_flight: dict[NodeId, int] = {}
         self.connected: set[NodeId] = set()
         self.given_back: list[bytes | bytearray] = []
@@ -252,11 +282,29 @@ class MemDialer:
     async def connect(self, address: PeerAddress) -> MemLink:
         if address.node_id == self._me.node_id:
             raise LocalProtocolError("a node does not connect to itself")
+        self.connects += 1
         node = self._net.nodes.get(address.node_id) if address.node_id else None
+        if node is None:
+            await self._handshake_with_stranger(address)
         if node is None or node.dead:
             raise PeerUnavailableError(f"cannot connect to {address}: connection refused")
         self.connected.add(node.node_id)
         return MemLink(self, node)
+
+    async def _handshake_with_stranger(self, address: PeerAddress) -> None:
+        """A record's identity no node has: what its address's listener does."""
+        listener = self._net.listener_at(address.port)
+        if listener is None or listener.dead:
+            return  # refused, as for a dead node
+        if listener.gate is not None:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    await listener.gate.wait()
+            except TimeoutError:
+                raise HandshakeError(
+                    f"{address}: no handshake within {self.connect_timeout:g} s"
+                ) from None
+        raise HandshakeError(f"{address} is {listener.node_id}, not {address.node_id}")
 
     def in_flight_to(self, node_id: NodeId) -> int:
         node = self._net.nodes.get(node_id)
@@ -309,7 +357,24 @@ class MemLink:
 
     async def have(self, chunk_ids: list[ChunkId]) -> list[bool]:
         await self._enter()
-        return [self._node.has(chunk_id) for chunk_id in chunk_ids]
+        return [self._node.lie or self._node.has(chunk_id) for chunk_id in chunk_ids]
+
+    async def prove(self, nonce: bytes, chunk_ids: list[ChunkId]) -> list[bytes | None]:
+        await self._enter()
+        node = self._node
+        node.proves += len(chunk_ids)
+        tags: list[bytes | None] = []
+        for chunk_id in chunk_ids:
+            data = node.read(chunk_id)
+            if node.lie:
+                tags.append(os.urandom(PROOF_TAG_SIZE))
+            elif data is None:
+                tags.append(None)
+            else:
+                if node.corrupt:
+                    data = data[:-1] + bytes([data[-1] ^ 0xFF])
+                tags.append(proof_tag(nonce, chunk_id, data))
+        return tags
 
     async def get(self, chunk_id: ChunkId) -> bytes | bytearray | None:
         await self._enter()
@@ -331,7 +396,8 @@ class MemLink:
         if node.refuse or not chunk_id.matches(data):
             return StoreResult(0, chunk_id, StoreStatus.REJECTED)
         status = StoreStatus.ALREADY_HAD if node.has(chunk_id) else StoreStatus.STORED
-        node.keep(chunk_id, data)
+        if not node.lie:
+            node.keep(chunk_id, data)
         return StoreResult(0, chunk_id, status, node.record(chunk_id.dht_key).to_bytes())
 
 

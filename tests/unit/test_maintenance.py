@@ -13,6 +13,8 @@ from pathlib import Path
 
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.node.maintenance import Maintainer
+from dht_dfs.transfer.ports import get_verified
+from dht_dfs.transfer.retrieval import NetworkSource
 from tests.support.memnet import FakeNode, Joined, MemNet
 
 
@@ -152,3 +154,77 @@ async def test_a_pass_is_skipped_while_membership_is_unchanged(
     assert not third.skipped, "a node stopped answering: a full pass"
     forced = await repairer.repair_pass(rate=0, force=True)
     assert not forced.skipped and forced.examined == 1
+
+
+def grind_closer(net: MemNet, key: bytes, than: list[FakeNode], count: int) -> list[FakeNode]:
+    """New lying nodes with ids closer to ``key`` than every node of ``than`` (a Sybil grind)."""
+    bound = min(node.node_id.distance(key) for node in than)
+    sybils: list[FakeNode] = []
+    while len(sybils) < count:
+        (node,) = net.add(1)
+        if node.node_id.distance(key) < bound:
+            node.lie = True
+            sybils.append(node)
+        else:
+            del net.nodes[node.node_id]
+    return sybils
+
+
+async def test_sybils_claiming_a_chunk_they_do_not_store_cannot_get_it_dropped(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    honest = net.add(3, stores=tmp_path)
+    data = os.urandom(3000)
+    chunk_id = ChunkId.of(data)
+    give(chunk_id, data, *honest)
+    for node in honest:
+        net.announce(node, chunk_id)
+    # Six identities closer to the chunk than its three holders: they are
+    # now its rightful set, answer HAVE yes and store nothing, which makes
+    # every honest copy look like far surplus (ranks 6 to 8).
+    grind_closer(net, chunk_id.dht_key, honest, 6)
+    assert net.by_distance(chunk_id.dht_key)[6:] == sorted(
+        honest, key=lambda n: n.node_id.distance(chunk_id.dht_key)
+    )
+    for _ in range(2):
+        for node in honest:
+            repairer, _ = maintainer(net, node, executor)
+            stats = await repairer.repair_pass(rate=0, force=True)
+            assert stats.copies_dropped == 0
+            assert stats.failed_proofs == 3, "each rightful liar failed its proof"
+    assert net.holders(chunk_id) == ids(*honest), "every honest copy is still there"
+    client = net.join(net.client(), executor)
+    assert await get_verified(NetworkSource(client.network), chunk_id) == data
+
+
+async def test_a_surplus_copy_is_dropped_only_on_proofs_not_on_have(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(8, stores=tmp_path)
+    far_rank = 7
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, *ranked[:3], ranked[far_rank])
+    ranked[1].corrupt = True  # a rotten copy answers HAVE yes, but its proof fails
+    far, _ = maintainer(net, ranked[far_rank], executor)
+    stats = await far.repair_pass(rate=0)
+    assert stats.copies_dropped == 0 and stats.failed_proofs == 1
+    assert ranked[far_rank].has(chunk_id)
+    assert sum(node.proves for node in ranked[:3]) == 3, "every rightful holder was challenged"
+    ranked[1].corrupt = False
+    stats = await far.repair_pass(rate=0, force=True)
+    assert stats.copies_dropped == 1
+
+
+async def test_hand_off_does_not_trust_have(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, ranked[0])
+    for node in ranked[1:4]:
+        node.lie = True  # all say HAVE yes; none keeps anything
+    leaving, _ = maintainer(net, ranked[0], executor)
+    stats = await leaving.hand_off(within=5)
+    assert stats.failed_proofs == 3
+    assert stats.copies_added == 2, "the two honest nodes left took a copy"
+    assert net.holders(chunk_id) == ids(ranked[0], ranked[4], ranked[5])

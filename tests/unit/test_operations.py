@@ -62,6 +62,8 @@ def through_json(document: dict[str, object]) -> dict[str, object]:
         FetchRequest(REFERENCE, output=Path("/out"), overwrite=True, verify_hash=False),
         CheckRequest(REFERENCE.root_hash),
         RepairRequest(REFERENCE.root_hash),
+        CheckRequest(REFERENCE.root_hash, verify=True),
+        RepairRequest(REFERENCE.root_hash, verify=True),
         StatusRequest(),
     ],
 )
@@ -103,6 +105,9 @@ HEALTH = HealthReport(
     copies_added=2,
     errors=("peer timed out",),
     seconds=2.0,
+    verified=True,
+    failed_proofs=1,
+    failed_holders=(NODE,),
 )
 STATUS = NodeStatus(
     version="0.1.0",
@@ -274,3 +279,11 @@ def test_an_unknown_error_class_becomes_a_plain_error() -> None:
 def test_root_hash_requests_accept_the_read_reference_form() -> None:
     document = {"op": "check", "root": str(REFERENCE)}
     assert request_from_json(document) == CheckRequest(RootHash(REFERENCE.root))
+
+
+def test_verify_is_false_unless_asked_and_must_be_a_boolean() -> None:
+    document = {"op": "repair", "root": str(REFERENCE.root_hash)}
+    assert request_from_json(document) == RepairRequest(REFERENCE.root_hash, verify=False)
+    assert request_from_json({**document, "verify": True}).verify is True  # type: ignore[union-attr]
+    with pytest.raises(ControlError, match="verify must be true or false"):
+        request_from_json({**document, "verify": "yes"})

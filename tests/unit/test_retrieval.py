@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from concurrent.futures import Executor
 
 import pytest
@@ -153,3 +154,39 @@ async def test_no_holder_at_all_is_chunk_not_found(net: MemNet, executor: Execut
     with pytest.raises(ChunkNotFoundError, match="is unavailable") as caught:
         await get_verified(NetworkSource(joined.network), chunk_id)
     assert caught.value.chunk_hex == chunk_id.hex()
+
+
+async def test_a_flood_of_records_at_a_stalled_listener_costs_a_hedge_delay(
+    net: MemNet, executor: Executor
+) -> None:
+    stalled, honest = net.add(2)
+    stalled.gate = asyncio.Event()  # accepts, never finishes a handshake
+    chunks = [put_chunk(honest) for _ in range(3)]
+    for chunk_id, _ in chunks:
+        net.fake_records(stalled, chunk_id, 32)  # 32 made-up identities, one address
+        net.announce(honest, chunk_id)
+    honest.busy = 5  # so it sorts after every fake record
+    config = net.config.replace(hedge_delay=0.05, connect_timeout=2.0, request_timeout=2.0)
+    joined = net.join(net.client(), executor, config)
+    source = NetworkSource(joined.network)
+    started = time.monotonic()
+    for chunk_id, data in chunks:
+        assert await get_verified(source, chunk_id) == data
+    took = time.monotonic() - started
+    # Unhedged, one at a time: 32 connect timeouts per chunk (over three minutes).
+    assert took < 3 * 5 * config.hedge_delay, f"{took:.2f} s"
+    assert joined.dialer.connects <= 3 * 2, "one attempt per address per chunk"
+    assert honest.gets == 3
+
+
+async def test_records_tried_per_chunk_are_capped(net: MemNet, executor: Executor) -> None:
+    chunk_id, _ = put_chunk()
+    for node in net.add(40):  # 40 live nodes announce it and have nothing
+        net.announce(node, chunk_id)
+    joined = net.join(net.client(), executor)
+    with pytest.raises(ChunkNotFoundError):
+        await get_verified(NetworkSource(joined.network), chunk_id)
+    asked = sum(node.gets for node in net.nodes.values())
+    # The provider records, capped; then the closest nodes not yet asked.
+    assert asked <= net.config.max_holders_per_chunk + 2 * net.config.replicas
+    assert all(node.gets <= 1 for node in net.nodes.values()), "each holder once per chunk"

@@ -69,6 +69,13 @@ MESSAGES: list[tuple[wire.Message, bytes]] = [
     (wire.HaveQuery(11, ()), b""),
     (wire.HaveAnswer(12, (True, False, True, True, False, False, False, False, True)), b""),
     (wire.ErrorReply(13, wire.ErrorCode.BUSY, "slow down ✓"), b""),
+    (wire.ProveQuery(14, b"n" * 32, (CHUNK, ChunkId(bytes(32)))), b""),
+    (wire.ProveQuery(15, b"\x00" * 32, ()), b""),
+    (
+        wire.ProofAnswer(16, (b"t" * 32, None, None, b"u" * 32, None, None, None, None, b"v" * 32)),
+        b"",
+    ),
+    (wire.ProofAnswer(17, ()), b""),
     (wire.Pong(wire.MAX_REQUEST_ID, b"\x00" * 8), b""),
 ]
 
@@ -222,6 +229,12 @@ def test_sending_before_handshake_is_a_local_error() -> None:
         server.send(wire.Ping(1, b"short"))
     with pytest.raises(LocalProtocolError, match="at most 1024 ids"):
         server.send(wire.HaveQuery(1, (CHUNK,) * 1025))
+    with pytest.raises(LocalProtocolError, match="at most 32 ids"):
+        server.send(wire.ProveQuery(1, b"n" * 32, (CHUNK,) * 33))
+    with pytest.raises(LocalProtocolError, match="nonce is 32 bytes"):
+        server.send(wire.ProveQuery(1, b"short", (CHUNK,)))
+    with pytest.raises(LocalProtocolError, match="tag is 32 bytes"):
+        server.send(wire.ProofAnswer(1, (b"short",)))
 
 
 def header(kind: int, length: int, *, magic: bytes = b"DF", version: int = 1) -> bytes:
@@ -269,6 +282,12 @@ MALFORMED_SEALED = [
     (0x40, struct.pack(">H", 2) + CHUNK.digest, "HAVE body truncated"),
     (0x41, struct.pack(">H", 9) + b"\x00", "HAVE_RESULT body truncated"),
     (0x7F, struct.pack(">HH", 1, 5000), "error message of 5000 bytes exceeds"),
+    (0x50, b"n" * 31, "PROVE body truncated"),
+    (0x50, b"n" * 32 + struct.pack(">H", 33), "PROVE query of 33 ids exceeds the limit of 32"),
+    (0x50, b"n" * 32 + struct.pack(">H", 1) + CHUNK.digest + b"x", "PROVE body has 1 trailing"),
+    (0x51, struct.pack(">H", 40) + b"\xff" * 5, "PROOF of 40 flags exceeds the limit of 32"),
+    (0x51, struct.pack(">H", 2) + b"\xc0" + b"t" * 32, "PROOF body truncated"),
+    (0x51, struct.pack(">H", 1) + b"\x00" + b"t" * 32, "PROOF body has 32 trailing bytes"),
     (0x01, b"", "unexpected HELLO after the handshake"),
 ]
 
