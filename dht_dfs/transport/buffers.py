@@ -131,3 +131,14 @@ class BufferPool:
         # Keep only one size class: chunk sizes rarely vary within a transfer.
         if len(self._free) > 1:
             self._free = {len(buffer): free}
+
+
+def read_chunk(body: FileBody | LazyFileBody) -> bytes | None:
+    """Open (if lazy), read and close a chunk file: runs in a thread that owns the fd."""
+    opened = body if isinstance(body, FileBody) else body.open()
+    if opened is None:
+        return None
+    try:
+        return os.pread(opened.fd, opened.size, 0)
+    finally:
+        close_body(opened)

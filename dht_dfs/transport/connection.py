@@ -46,7 +46,6 @@ from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import (
     HandshakeError,
     LocalProtocolError,
-    PeerRefusedError,
     PeerUnavailableError,
     RemoteProtocolError,
     RequestTimeoutError,
@@ -59,7 +58,9 @@ from dht_dfs.transport.buffers import (
     FileBody,
     LazyFileBody,
     close_body,
+    read_chunk,
 )
+from dht_dfs.transport.calls import ChunkCalls
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ class ConnectionOwner(Protocol):
         """The handshake proved the peer's id; the connection may be pooled."""
 
 
-class PeerConnection(asyncio.BufferedProtocol):
+class PeerConnection(ChunkCalls, asyncio.BufferedProtocol):
     """One authenticated TCP connection to a peer."""
 
     def __init__(
@@ -546,7 +547,7 @@ class PeerConnection(asyncio.BufferedProtocol):
                     # Read only now that the socket has room, in a thread
                     # that owns (and closes) the descriptor from here on.
                     opened = None
-                    data = await asyncio.to_thread(_read_chunk, body)
+                    data = await asyncio.to_thread(read_chunk, body)
                     transport = self._open_transport()
                     if data is None:
                         self._write(
@@ -619,10 +620,6 @@ class PeerConnection(asyncio.BufferedProtocol):
         except OSError:
             return 0  # let loop.sendfile meet (and report) the same error
 
-    async def request(self, message: wire.Request, *, within: float | None = None) -> wire.Response:
-        """Send a request and wait for its answer (``within`` seconds at most)."""
-        return await self._request(message, None, within)
-
     async def _request(
         self,
         message: wire.Request,
@@ -644,81 +641,3 @@ class PeerConnection(asyncio.BufferedProtocol):
             ) from None
         finally:
             self._pending.pop(request_id, None)
-
-    def new_request_id(self) -> int:
-        request_id = self._next_request_id
-        self._next_request_id = request_id + 1 if request_id < wire.MAX_REQUEST_ID else 1
-        return request_id
-
-    # --- typed client calls ---------------------------------------------------------------
-
-    async def ping(self) -> float:
-        """Round-trip time in seconds."""
-        nonce = os.urandom(8)
-        started = time.perf_counter()
-        answer = await self.request(wire.Ping(self.new_request_id(), nonce))
-        if not isinstance(answer, wire.Pong) or answer.nonce != nonce:
-            raise PeerRefusedError(f"{self.peer_label} answered a ping with {answer!r}")
-        return time.perf_counter() - started
-
-    async def store(
-        self, chunk_id: ChunkId, data: bytes | bytearray | memoryview
-    ) -> wire.StoreResult:
-        message = wire.StoreChunk(self.new_request_id(), chunk_id, len(data))
-        answer = await self._request(message, data)
-        if isinstance(answer, wire.StoreResult) and answer.chunk_id == chunk_id:
-            return answer
-        raise _unexpected(self.peer_label, "STORE", answer)
-
-    async def get(self, chunk_id: ChunkId) -> bytes | bytearray | None:
-        """The peer's copy of a chunk (unverified), or None if it lacks it."""
-        answer = await self.request(wire.GetChunk(self.new_request_id(), chunk_id))
-        if isinstance(answer, wire.ChunkData) and answer.chunk_id == chunk_id:
-            return answer.body
-        if isinstance(answer, wire.ChunkMissing) and answer.chunk_id == chunk_id:
-            return None
-        raise _unexpected(self.peer_label, "GET", answer)
-
-    async def have(self, chunk_ids: list[ChunkId]) -> list[bool]:
-        """Which of the ids the peer holds (any number; sent in batches)."""
-        limit = self.wire.limits.max_have_ids
-        held: list[bool] = []
-        for start in range(0, len(chunk_ids), limit):
-            batch = tuple(chunk_ids[start : start + limit])
-            answer = await self.request(wire.HaveQuery(self.new_request_id(), batch))
-            if not isinstance(answer, wire.HaveAnswer) or len(answer.held) != len(batch):
-                raise _unexpected(self.peer_label, "HAVE", answer)
-            held.extend(answer.held)
-        return held
-
-    async def prove(self, nonce: bytes, chunk_ids: list[ChunkId]) -> list[bytes | None]:
-        """The peer's proof tags for the ids (any number; sent in batches, one nonce).
-
-        The tags are unchecked: only whoever has the bytes can check them.
-        """
-        limit = self.wire.limits.max_prove_ids
-        tags: list[bytes | None] = []
-        for start in range(0, len(chunk_ids), limit):
-            batch = tuple(chunk_ids[start : start + limit])
-            answer = await self.request(wire.ProveQuery(self.new_request_id(), nonce, batch))
-            if not isinstance(answer, wire.ProofAnswer) or len(answer.tags) != len(batch):
-                raise _unexpected(self.peer_label, "PROVE", answer)
-            tags.extend(answer.tags)
-        return tags
-
-
-def _read_chunk(body: FileBody | LazyFileBody) -> bytes | None:
-    """Open (if lazy), read and close a chunk file: runs in a thread that owns the fd."""
-    opened = body if isinstance(body, FileBody) else body.open()
-    if opened is None:
-        return None
-    try:
-        return os.pread(opened.fd, opened.size, 0)
-    finally:
-        close_body(opened)
-
-
-def _unexpected(label: str, what: str, answer: wire.Response) -> Exception:
-    if isinstance(answer, wire.ErrorReply):
-        return PeerRefusedError(f"{label} refused {what}: {answer.message}", int(answer.code))
-    return PeerRefusedError(f"{label} answered {what} with {type(answer).__name__}")
