@@ -19,7 +19,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 from dht_dfs.core.crypto import secret_from_file_content
 from dht_dfs.core.errors import ControlError, InputError
@@ -161,22 +161,22 @@ class FetchRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class CheckRequest:
-    """Count live copies of every chunk of a file (the root hash is enough)."""
+class _SurveyRequest:
+    """What check and repair share: a file's root hash, and whether to demand proofs."""
 
-    op: ClassVar[str] = "check"
+    op: ClassVar[str]
     root: RootHash
     verify: bool = False
     """Count only holders that prove their copy (a fresh challenge), not those that say HAVE."""
 
-    def check_input(self) -> CheckRequest:
+    def check_input(self) -> Self:
         return self
 
     def to_json(self) -> Document:
         return {"op": self.op, "root": str(self.root), "verify": self.verify}
 
     @classmethod
-    def from_json(cls, document: Mapping[str, Any]) -> CheckRequest:
+    def from_json(cls, document: Mapping[str, Any]) -> Self:
         return cls(parse_root_hash(_text(document, "root")), _flag(document, "verify"))
 
     @staticmethod
@@ -185,27 +185,20 @@ class CheckRequest:
 
 
 @dataclass(frozen=True, slots=True)
-class RepairRequest:
-    """Copy every chunk of a file until it has enough live copies."""
+class CheckRequest(_SurveyRequest):
+    """Count live copies of every chunk of a file (the root hash is enough)."""
+
+    op: ClassVar[str] = "check"
+
+
+@dataclass(frozen=True, slots=True)
+class RepairRequest(_SurveyRequest):
+    """Copy every chunk of a file until it has enough live copies.
+
+    With ``verify``, holders that fail their proof are replaced too.
+    """
 
     op: ClassVar[str] = "repair"
-    root: RootHash
-    verify: bool = False
-    """Count only proven holders, and replace those that fail their proof."""
-
-    def check_input(self) -> RepairRequest:
-        return self
-
-    def to_json(self) -> Document:
-        return {"op": self.op, "root": str(self.root), "verify": self.verify}
-
-    @classmethod
-    def from_json(cls, document: Mapping[str, Any]) -> RepairRequest:
-        return cls(parse_root_hash(_text(document, "root")), _flag(document, "verify"))
-
-    @staticmethod
-    def result_from_json(document: Mapping[str, Any]) -> HealthReport:
-        return HealthReport.from_json(document)
 
 
 @dataclass(frozen=True, slots=True)

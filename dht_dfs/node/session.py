@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Protocol, overload
+from typing import overload
 
 from dht_dfs.core.config import Config, default_data_dir
 from dht_dfs.core.crypto import Identity
@@ -48,8 +48,12 @@ from dht_dfs.transfer.network import Network
 from dht_dfs.transport.endpoint import Endpoint
 
 
-class Session(Protocol):
-    """Runs requests somewhere: the local node, or this process as a client."""
+class Session:
+    """Runs requests somewhere: the local node, or this process as a client.
+
+    ``run`` is typed per request (a PublishRequest gives a PublishSummary...);
+    each kind of session implements ``_run``.
+    """
 
     @overload
     async def run(
@@ -63,54 +67,34 @@ class Session(Protocol):
     ) -> HealthReport: ...
     @overload
     async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
-    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result: ...
+    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
+        return await self._run(request.check_input(), on_event)
+
+    async def _run(self, request: Request, on_event: OnEvent | None) -> Result:
+        raise NotImplementedError
 
 
-class LocalNodeSession:
+class LocalNodeSession(Session):
     """The node running with a data dir on this machine, through its control socket."""
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
         self.socket_path = data_dir / control.CONTROL_SOCKET
 
-    @overload
-    async def run(
-        self, request: PublishRequest, on_event: OnEvent | None = None
-    ) -> PublishSummary: ...
-    @overload
-    async def run(self, request: FetchRequest, on_event: OnEvent | None = None) -> FetchSummary: ...
-    @overload
-    async def run(
-        self, request: CheckRequest | RepairRequest, on_event: OnEvent | None = None
-    ) -> HealthReport: ...
-    @overload
-    async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
-    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
-        return await control.call(self.socket_path, request.check_input(), on_event)
+    async def _run(self, request: Request, on_event: OnEvent | None) -> Result:
+        return await control.call(self.socket_path, request, on_event)
 
 
-class ClientSession:
+class ClientSession(Session):
     """This process, joined to the network as a client for the session's length."""
 
     def __init__(self, network: Network) -> None:
         self.network = network
 
-    @overload
-    async def run(
-        self, request: PublishRequest, on_event: OnEvent | None = None
-    ) -> PublishSummary: ...
-    @overload
-    async def run(self, request: FetchRequest, on_event: OnEvent | None = None) -> FetchSummary: ...
-    @overload
-    async def run(
-        self, request: CheckRequest | RepairRequest, on_event: OnEvent | None = None
-    ) -> HealthReport: ...
-    @overload
-    async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
-    async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
+    async def _run(self, request: Request, on_event: OnEvent | None) -> Result:
         if isinstance(request, StatusRequest):
             raise ConfigError("status shows a running node: give its --data-dir, not --bootstrap")
-        return await run_operation(self.network, request.check_input(), on_event)
+        return await run_operation(self.network, request, on_event)
 
 
 @contextlib.asynccontextmanager
