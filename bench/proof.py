@@ -1,6 +1,6 @@
 """Cost of one proof of possession: tagging a chunk (prover and verifier each pay it).
 
-    .venv/bin/python bench/proof.py [--size 1048576] [--rounds 200]
+    python -m bench.proof [--size 1048576] [--rounds 200]
 
 Prints the median time to tag one chunk (BLAKE2b-256 keyed by a fresh
 nonce over id || bytes) and the rate, against SHA-256 of the same bytes.
