@@ -76,8 +76,8 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
     key = os.urandom(32)
 
     class Handler:
-        async def handle_store(self, peer, chunk_id, body):  # type: ignore[no-untyped-def]
-            return await ChunkService(upload_store).handle_store(peer, chunk_id, body)
+        async def handle_store(self, peer, chunk_id, body, *, host):  # type: ignore[no-untyped-def]
+            return await ChunkService(upload_store).handle_store(peer, chunk_id, body, host=host)
 
         async def handle_get(self, peer, chunk_id):  # type: ignore[no-untyped-def]
             if not encrypt_bulk:

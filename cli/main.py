@@ -146,6 +146,13 @@ def join(
     max_storage: Annotated[
         str | None, typer.Option("--max-storage", help="Quota for stored chunks, e.g. 20G.")
     ] = None,
+    max_guest_storage: Annotated[
+        str | None,
+        typer.Option(
+            "--max-guest-storage",
+            help="Bytes kept for chunks this node is not a rightful holder of, e.g. 1G [1G].",
+        ),
+    ] = None,
     advertise_host: Annotated[
         str | None, typer.Option(help="Address other nodes should use to reach this one.")
     ] = None,
@@ -163,6 +170,8 @@ def join(
     if max_storage is not None:
         quota = checked(parse_size, max_storage)
     changes: dict[str, Any] = {"max_storage": quota}
+    if max_guest_storage is not None:
+        changes["max_guest_bytes"] = checked(parse_size, max_guest_storage)
     if repair_interval is not None:
         changes["repair_interval"] = repair_interval
     config = _config(replicas, **changes)

@@ -40,6 +40,30 @@ class Config:
     """Quota in bytes for stored chunks; None means only the disk limits it."""
     fsync: bool = True
     """fsync each chunk before it becomes visible (crash safety)."""
+    min_free_disk: int = 1 * GiB
+    """Bytes of the store's file system kept free, quota or not (capped by
+    ``min_free_disk_fraction``): a node without ``max_storage`` answers FULL
+    before its disk is full, not after the disk broke everything else on it."""
+    min_free_disk_fraction: float = 0.05
+    """The free-disk floor is at most this fraction of the file system's size,
+    so a small disk is not refused outright by a floor meant for a big one."""
+
+    # --- storage admission: what a node keeps for others --------------------------------
+    store_closeness_slack: int = 2
+    """A node takes a chunk as a rightful holder only if fewer than this many times
+    ``replicas`` of its known contacts are closer to the chunk's key than itself
+    (or it knows fewer contacts than that): "among the ``replicas`` closest" by
+    its own view, with slack for a publisher's slightly different view and for
+    copies placed past full or dead nodes."""
+    guest_bytes_per_peer: int = 64 * MiB
+    """Bytes of chunks this node is not a rightful holder of (guests) that one
+    peer may have it keep, counted per identity and per IP address alike."""
+    max_guest_bytes: int = 1 * GiB
+    """Bytes of guest chunks the node keeps from all peers together. Guests are
+    never copied on by repair, and are evicted first when a rightful chunk
+    needs their room."""
+    guest_ttl: float = 24 * 3600.0
+    """Seconds a guest chunk is kept at most (unless it becomes rightful)."""
 
     # --- DHT (UDP) ----------------------------------------------------------------------
     ksize: int = 20
@@ -157,6 +181,12 @@ class Config:
             raise ConfigError(f"replicas cannot exceed k ({self.ksize})")
         if self.max_storage is not None and self.max_storage < 0:
             raise ConfigError("max storage cannot be negative")
+        if self.min_free_disk < 0 or not 0 <= self.min_free_disk_fraction < 1:
+            raise ConfigError("the free-disk floor must be >= 0 and its fraction in [0, 1)")
+        if self.store_closeness_slack < 1:
+            raise ConfigError("store closeness slack must be at least 1")
+        if self.guest_bytes_per_peer < 0 or self.max_guest_bytes < 0 or self.guest_ttl < 0:
+            raise ConfigError("guest budgets and guest TTL cannot be negative")
         if self.hedge_delay <= 0 or self.max_holders_per_chunk < 1:
             raise ConfigError("hedge delay must be positive, holders per chunk at least 1")
         if self.transfer_window < 1:

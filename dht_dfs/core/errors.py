@@ -68,6 +68,10 @@ class StoreFullError(StoreError):
     """Keeping this chunk would exceed the store's quota (or the disk is full)."""
 
 
+class GuestRefusedError(StoreError):
+    """A chunk this node is not a rightful holder of exceeds a guest budget."""
+
+
 class OutputError(DhtfsError):
     """A fetched file cannot be written (disk full, permissions, I/O error).
 

@@ -287,6 +287,15 @@ class DhtNode:
         contacts.sort(key=lambda c: c.distance(own))
         return contacts
 
+    def is_rightful_for(self, key: bytes, rank: int) -> bool:
+        """Whether fewer than ``rank`` known contacts are closer to ``key`` than this
+        node (or it knows fewer than ``rank``): its own view of being a holder.
+
+        False before the node started: a node that knows nothing takes nothing."""
+        if self._protocol is None:
+            return False
+        return self._protocol.is_among_closest(key, rank)
+
     # ProtocolHooks: forwarded to the part that owns each concern.
 
     def sender_seen(self, node_id: NodeId, tcp_port: int, address: Address) -> None:

@@ -568,7 +568,13 @@ class DhtProtocol(CompatProtocol):
         to a newcomer (section 2.5), sees nearly the same neighbourhood as we do;
         a node far from the key is not where anyone honest would put its records.
         """
-        rank = max(1, self.config.provider_closeness_slack) * self.config.ksize
+        return self.is_among_closest(
+            key, max(1, self.config.provider_closeness_slack) * self.config.ksize
+        )
+
+    def is_among_closest(self, key: bytes, rank: int) -> bool:
+        """True if fewer than ``rank`` contacts of the routing table are closer to
+        ``key`` than this node (so also when it knows fewer than ``rank`` at all)."""
         nearest = self.router.closest(key, rank)
         if len(nearest) < rank:
             return True

@@ -18,6 +18,14 @@ Each node runs three kinds of upkeep on the chunks it stores:
   One that fails counts as lacking the chunk: the copy stays, and the
   chunk is copied on to the next closest nodes (never to a node that
   failed). Paced at ``repair_rate`` chunks per second.
+- Guests (chunks kept for a peer without this node being a rightful
+  holder, see ``node.service``) are never copied anywhere: repair, the
+  hand-over to closer newcomers and the hand-off all skip them, so parking
+  bytes on a far node does not make repair spread them. A pass promotes a
+  guest to rightful once its lookup puts this node within
+  ``store_closeness_slack * replicas`` of the chunk (membership changed),
+  and from then on treats it as any other; it drops guests older than
+  ``guest_ttl`` (or over a budget that shrank).
 - Scrub (``scrub_step``): re-hash stored chunks at ``scrub_rate`` bytes per
   second; a corrupt or vanished copy is removed and fetched again from
   another holder.
@@ -72,6 +80,12 @@ class RepairStats:
     failed_proofs: int = 0
     """Rightful holders that said they hold a chunk (HAVE) but could not prove it."""
     errors: int = 0
+    guests_kept: int = 0
+    """Guest chunks examined and left alone (not copied anywhere)."""
+    guests_promoted: int = 0
+    """Guest chunks this node became a rightful holder of, now repaired as such."""
+    guests_dropped: int = 0
+    """Guest chunks dropped: older than ``guest_ttl`` or over a guest budget."""
 
     def merge(self, other: RepairStats) -> None:
         self.skipped = self.skipped and other.skipped
@@ -81,6 +95,9 @@ class RepairStats:
         self.under_replicated += other.under_replicated
         self.failed_proofs += other.failed_proofs
         self.errors += other.errors
+        self.guests_kept += other.guests_kept
+        self.guests_promoted += other.guests_promoted
+        self.guests_dropped += other.guests_dropped
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,6 +150,9 @@ class Maintainer:
         the pass is skipped (``force`` or every ``_FULL_PASS_EVERY``-th pass
         runs anyway, for losses a ping cannot see, like a wiped disk).
         """
+        # Guests expire whether or not the rest of the pass runs.
+        cutoff = time.time() - self._config.guest_ttl
+        dropped = await self._network.run(lambda: self._store.drop_guests(added_before=cutoff))
         membership = await self.live_membership()
         if (
             not force
@@ -140,8 +160,8 @@ class Maintainer:
             and self._clean_passes_skipped < _FULL_PASS_EVERY - 1
         ):
             self._clean_passes_skipped += 1
-            return RepairStats(skipped=True)
-        stats = RepairStats()
+            return RepairStats(skipped=True, guests_dropped=dropped)
+        stats = RepairStats(guests_dropped=dropped)
         pacer = Pacer(self._config.repair_rate if rate is None else rate)
         batch: list[ChunkId] = []
         for chunk_id in await self._stored_ids():
@@ -174,6 +194,9 @@ class Maintainer:
         stats = RepairStats()
         limit = self._config.leave_timeout if within is None else within
         ids = await self._stored_ids()
+        # Guests leave with this node: it never had a reason to keep them.
+        guests = await self._network.run(self._store.guests_among, ids)
+        ids = [chunk_id for chunk_id in ids if chunk_id not in guests]
         try:
             async with asyncio.timeout(limit):
                 for start in range(0, len(ids), _BATCH):
@@ -208,11 +231,13 @@ class Maintainer:
         async with asyncio.TaskGroup() as group:
             tasks = {chunk_id: group.create_task(closest_of(chunk_id)) for chunk_id in ids}
         closest = {chunk_id: task.result() for chunk_id, task in tasks.items()}
+        if not leaving:
+            ids = await self._without_guests(ids, closest, stats)
 
         # Ask each rightful holder, once, which of the batch's chunks it has.
         asked: dict[NodeId, tuple[PeerAddress, list[ChunkId]]] = {}
-        for chunk_id, contacts in closest.items():
-            for contact in contacts[:replicas]:
+        for chunk_id in ids:
+            for contact in closest[chunk_id][:replicas]:
                 if contact.node_id != self._me:
                     entry = asked.setdefault(contact.node_id, (address_of(contact), []))
                     entry[1].append(chunk_id)
@@ -236,6 +261,29 @@ class Maintainer:
             for chunk_id in ids:
                 group.create_task(settle(chunk_id))
         return stats
+
+    async def _without_guests(
+        self, ids: Sequence[ChunkId], closest: dict[ChunkId, list[Contact]], stats: RepairStats
+    ) -> list[ChunkId]:
+        """The batch less the guests; a guest this node is now near enough to is
+        promoted (the same rank the chunk service admits as rightful) and kept."""
+        guests = await self._network.run(self._store.guests_among, list(ids))
+        if not guests:
+            return list(ids)
+        rank = self._config.store_closeness_slack * self._config.replicas
+        kept: list[ChunkId] = []
+        for chunk_id in ids:
+            if chunk_id in guests:
+                near = [c.node_id for c in closest[chunk_id][:rank]]
+                if self._me not in near or not await self._network.run(
+                    self._store.promote, chunk_id
+                ):
+                    stats.guests_kept += 1
+                    continue
+                stats.guests_promoted += 1
+                log.info("repair: chunk %s was a guest here; now this node is rightful", chunk_id)
+            kept.append(chunk_id)
+        return kept
 
     async def _settle(
         self,

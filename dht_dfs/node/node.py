@@ -125,12 +125,19 @@ class Node:
         self.identity = load_or_create_identity(self.data_dir)
         self._executor = ThreadPoolExecutor(config.workers, thread_name_prefix="dhtfs-node")
         self.store = ChunkStore(
-            self.data_dir / "store", quota=config.max_storage, fsync=config.fsync
+            self.data_dir / "store",
+            quota=config.max_storage,
+            fsync=config.fsync,
+            guest_bytes_per_peer=config.guest_bytes_per_peer,
+            max_guest_bytes=config.max_guest_bytes,
+            min_free_disk=config.min_free_disk,
+            min_free_disk_fraction=config.min_free_disk_fraction,
         ).open()
         self.service = ChunkService(
             self.store,
             self._executor,
             receipt_for=self._receipt_for,
+            rightful=self._is_rightful,
         )
         self.endpoint, self.dht = await self._bind(self.identity)
         self.network = Network(config, self.dht, self.endpoint, self._executor, self.store)
@@ -297,6 +304,14 @@ class Node:
         """The DHT keys this node announces: one per chunk it stores."""
         assert self.store is not None
         return (chunk_id.dht_key for chunk_id in self.store.ids())
+
+    def _is_rightful(self, chunk_id: ChunkId) -> bool:
+        # The DHT starts after the endpoint that serves STOREs: until then
+        # (milliseconds) a chunk can only be a guest.
+        if self.dht is None:
+            return False
+        rank = self.config.store_closeness_slack * self.config.replicas
+        return self.dht.is_rightful_for(chunk_id.dht_key, rank)
 
     def _receipt_for(self, chunk_id: ChunkId) -> bytes:
         assert self.dht is not None

@@ -4,6 +4,13 @@ Implements ``transport.RequestHandler`` over a ``ChunkStore``: a stored
 chunk is verified (in a thread) before it is kept, so a bad body never
 reaches the disk; a full store answers FULL so the sender places the chunk
 elsewhere; stored chunks are served as open files for ``sendfile``.
+
+Admission: a node keeps a chunk as its own only if it is a rightful holder
+by its own view of the DHT (the ``rightful`` callable). Anything else is a
+*guest*, kept within the store's per-peer and node-wide guest budgets and
+never copied on by repair; beyond them the answer is REFUSED. Without that,
+any identity could park bytes on any node and have repair multiply them
+onto the chunk's rightful holders.
 """
 
 from __future__ import annotations
@@ -14,10 +21,17 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
-from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
+from dht_dfs.core.errors import (
+    ChunkNotFoundError,
+    GuestRefusedError,
+    IntegrityError,
+    StoreError,
+    StoreFullError,
+)
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.proofs import proof_tag
 from dht_dfs.store.chunks import ChunkStore, PutOutcome
+from dht_dfs.store.guests import Guest
 from dht_dfs.transport.buffers import ChunkBody, FileBody, LazyFileBody
 from dht_dfs.wire import StoreStatus
 
@@ -45,8 +59,14 @@ class ChunkService:
         *,
         receipt_for: Callable[[ChunkId], bytes] | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
+        rightful: Callable[[ChunkId], bool] | None = None,
     ) -> None:
+        """``rightful``: whether this node is a rightful holder of a chunk by its
+        own view; None takes every chunk as rightful (a store with no DHT)."""
         self.store = store
+        self._rightful = rightful
+        self.chunks_refused = 0
+        """STOREs answered REFUSED: not rightful here and no guest room."""
         self._executor = executor
         self._receipt_for = receipt_for
         self._on_stored = on_stored
@@ -57,13 +77,20 @@ class ChunkService:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
     ) -> tuple[StoreStatus, bytes]:
+        guest = None
+        if self._rightful is not None and not self._rightful(chunk_id):
+            guest = Guest(peer, host)
         try:
-            outcome = await self._run(self.store.put, chunk_id, body)
+            outcome = await self._run(self._put, chunk_id, body, guest)
         except IntegrityError:
             log.warning("peer %s sent chunk %s with wrong bytes; refused", peer, chunk_id)
             return StoreStatus.REJECTED, b""
+        except GuestRefusedError as error:
+            self.chunks_refused += 1
+            log.info("refusing chunk %s from %s at %s: %s", chunk_id, peer, host, error)
+            return StoreStatus.REFUSED, b""
         except StoreFullError as error:
             log.info("refusing chunk %s from %s: %s", chunk_id, peer, error)
             return StoreStatus.FULL, b""
@@ -75,6 +102,9 @@ class ChunkService:
         receipt = self._receipt_for(chunk_id) if self._receipt_for is not None else b""
         status = StoreStatus.STORED if outcome is PutOutcome.STORED else StoreStatus.ALREADY_HAD
         return status, receipt
+
+    def _put(self, chunk_id: ChunkId, body: bytes | bytearray, guest: Guest | None) -> PutOutcome:
+        return self.store.put(chunk_id, body, guest=guest)
 
     async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
         # Not opened here: the transport opens the file when it is this

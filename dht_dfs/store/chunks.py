@@ -5,13 +5,20 @@ Layout under the store directory::
     chunks/ab/abcdef…(64 hex)   one file per chunk, holding exactly its
                                 stored bytes; fan-out by the first byte
     tmp/                        chunks being written; emptied at open
-    meta.sqlite                 index: size, when added, when last verified;
-                                pinned roots
+    meta.sqlite                 index: size, when added, when last verified,
+                                and for a guest chunk who had it kept
+                                (identity, address); pinned roots
 
 The chunk files are the truth; the SQLite index is rebuilt from them where
 they disagree (at open). A chunk is hashed before it is kept, written under
 a temporary name, fsynced, renamed into place, and its directory fsynced,
 so a node killed at any instant holds only whole, verified chunks.
+
+Guest chunks (guests.py: kept for a peer without this node being a
+rightful holder) are bounded per peer identity, per peer address and in
+all; they are the first to go when a rightful chunk needs room, and the
+index remembers them across restarts (stores from before guests existed
+hold no guests).
 
 Blocking by nature (file I/O, SQLite): async callers run these methods in a
 thread. Methods are thread-safe.
@@ -30,8 +37,16 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreError, StoreFullError
-from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId
+from dht_dfs.core.config import Config
+from dht_dfs.core.errors import (
+    ChunkNotFoundError,
+    GuestRefusedError,
+    IntegrityError,
+    StoreError,
+    StoreFullError,
+)
+from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId, NodeId
+from dht_dfs.store.guests import Guest, GuestBudget
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +55,25 @@ CREATE TABLE IF NOT EXISTS chunks (
     id BLOB PRIMARY KEY,
     size INTEGER NOT NULL,
     added REAL NOT NULL,
-    verified REAL NOT NULL
+    verified REAL NOT NULL,
+    guest_of BLOB,
+    guest_host TEXT
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_verified ON chunks (verified);
 """
+
+_MIGRATIONS = (
+    # Stores from before guests: every chunk in them was taken as rightful,
+    # which is what NULL says.
+    ("guest_of", "ALTER TABLE chunks ADD COLUMN guest_of BLOB"),
+    ("guest_host", "ALTER TABLE chunks ADD COLUMN guest_host TEXT"),
+)
+
+_GUEST_INDEX = (
+    "CREATE INDEX IF NOT EXISTS guests_by_added ON chunks (added) WHERE guest_of IS NOT NULL"
+)
+
+_DEFAULTS = Config()
 
 _HEX = frozenset("0123456789abcdef")
 
@@ -59,6 +89,10 @@ class StoreStats:
     bytes_used: int
     quota: int | None
     """None when only the disk limits the store."""
+    guests: int = 0
+    """Of ``chunks``, those kept as guests."""
+    guest_bytes: int = 0
+    """Bytes charged to guests (each counts at least ``guests.GUEST_MIN_CHARGE``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,14 +103,30 @@ class ScrubReport:
     """Chunks whose file no longer matched their id; they have been removed."""
     missing: tuple[ChunkId, ...]
     """Chunks in the index whose file had gone; their index rows were dropped."""
+    dropped_guests: tuple[ChunkId, ...] = ()
+    """Guest chunks found corrupt or gone: removed, and not worth fetching again."""
 
 
 class ChunkStore:
     """Content-addressed chunk files with an SQLite index."""
 
-    def __init__(self, root: Path, *, quota: int | None = None, fsync: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        quota: int | None = None,
+        fsync: bool = True,
+        guest_bytes_per_peer: int = _DEFAULTS.guest_bytes_per_peer,
+        max_guest_bytes: int = _DEFAULTS.max_guest_bytes,
+        min_free_disk: int = _DEFAULTS.min_free_disk,
+        min_free_disk_fraction: float = _DEFAULTS.min_free_disk_fraction,
+    ) -> None:
         self.root = Path(root)
         self.quota = quota
+        self._min_free_disk = min_free_disk
+        self._min_free_disk_fraction = min_free_disk_fraction
+        self._free_floor = 0
+        self._guests = GuestBudget(guest_bytes_per_peer, max_guest_bytes)
         self._fsync = fsync
         self._chunks_dir = self.root / "chunks"
         self._tmp_dir = self.root / "tmp"
@@ -105,8 +155,19 @@ class ChunkStore:
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=NORMAL")
         db.executescript(_SCHEMA)
+        columns = {row[1] for row in db.execute("PRAGMA table_info(chunks)")}
+        for column, statement in _MIGRATIONS:
+            if column not in columns:
+                db.execute(statement)
+        db.execute(_GUEST_INDEX)
         self._db = db
+        disk = os.statvfs(self.root)
+        self._free_floor = min(
+            self._min_free_disk,
+            int(self._min_free_disk_fraction * disk.f_blocks * disk.f_frsize),
+        )
         self._reconcile()
+        self._load_guest_usage()
         return self
 
     def close(self) -> None:
@@ -145,9 +206,11 @@ class ChunkStore:
             self.db.execute("BEGIN")
             self.db.executemany("DELETE FROM chunks WHERE id = ?", [(key,) for key in gone])
             # Files the index did not know (a crash between rename and insert)
-            # get verified = 0, so the scrub looks at them first.
+            # get verified = 0, so the scrub looks at them first. A row whose
+            # size is wrong keeps whether it is a guest.
             self.db.executemany(
-                "INSERT OR REPLACE INTO chunks (id, size, added, verified) VALUES (?, ?, ?, 0)",
+                "INSERT INTO chunks (id, size, added, verified) VALUES (?, ?, ?, 0) "
+                "ON CONFLICT (id) DO UPDATE SET size = excluded.size, verified = 0",
                 [(key, size, time.time()) for key, size in new],
             )
             self.db.execute("COMMIT")
@@ -155,6 +218,15 @@ class ChunkStore:
             self._used = sum(on_disk.values())
         if gone or new:
             log.info("store: index reconciled (%d dropped, %d added)", len(gone), len(new))
+
+    def _load_guest_usage(self) -> None:
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT guest_of, guest_host, size FROM chunks WHERE guest_of IS NOT NULL"
+            ).fetchall()
+            self._guests = GuestBudget(self._guests.per_peer, self._guests.total_limit)
+            for peer, host, size in rows:
+                self._guests.add(Guest(NodeId(peer), host or ""), size, count=1)
 
     # --- paths ------------------------------------------------------------------------
 
@@ -193,7 +265,34 @@ class ChunkStore:
 
     def stats(self) -> StoreStats:
         with self._lock:
-            return StoreStats(self._count, self._used, self.quota)
+            return StoreStats(
+                self._count, self._used, self.quota, self._guests.count, self._guests.total
+            )
+
+    def is_guest(self, chunk_id: ChunkId) -> bool:
+        with self._lock:
+            row = self.db.execute(
+                "SELECT guest_of FROM chunks WHERE id = ?", (chunk_id.digest,)
+            ).fetchone()
+        return row is not None and row[0] is not None
+
+    def guests_among(self, chunk_ids: list[ChunkId]) -> set[ChunkId]:
+        """Those of ``chunk_ids`` this store keeps as guests (one index query)."""
+        if not chunk_ids or not self._guests.count:
+            return set()
+        guests: set[bytes] = set()
+        with self._lock:
+            for start in range(0, len(chunk_ids), 500):
+                batch = [c.digest for c in chunk_ids[start : start + 500]]
+                marks = ",".join("?" * len(batch))
+                guests.update(
+                    row[0]
+                    for row in self.db.execute(
+                        f"SELECT id FROM chunks WHERE guest_of IS NOT NULL AND id IN ({marks})",
+                        batch,
+                    )
+                )
+        return {c for c in chunk_ids if c.digest in guests}
 
     def ids(self, batch: int = 1000) -> Iterator[ChunkId]:
         """Every chunk id, in id order, read in batches (the store may change meanwhile)."""
@@ -218,8 +317,20 @@ class ChunkStore:
 
     # --- writing ----------------------------------------------------------------------
 
-    def put(self, chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> PutOutcome:
-        """Keep a chunk. Verifies it first; a bad chunk never reaches disk."""
+    def put(
+        self,
+        chunk_id: ChunkId,
+        data: bytes | bytearray | memoryview,
+        *,
+        guest: Guest | None = None,
+    ) -> PutOutcome:
+        """Keep a chunk. Verifies it first; a bad chunk never reaches disk.
+
+        ``guest``: kept for that peer although this node is not a rightful
+        holder; raises GuestRefusedError beyond the guest budgets. Without
+        it, a chunk held as a guest is promoted, and guests are evicted
+        (oldest first) when the quota or the free-disk floor leaves no room.
+        """
         if not chunk_id.matches(data):
             raise IntegrityError(
                 f"refusing chunk {chunk_id.hex()}: its bytes do not hash to its id",
@@ -228,16 +339,24 @@ class ChunkStore:
         size = len(data)
         with self._lock:
             exists = self.db.execute(
-                "SELECT 1 FROM chunks WHERE id = ?", (chunk_id.digest,)
+                "SELECT guest_of FROM chunks WHERE id = ?", (chunk_id.digest,)
             ).fetchone()
             if exists:
+                if guest is None and exists[0] is not None:
+                    self._promote_locked(chunk_id)
                 return PutOutcome.ALREADY_HAD
-            if self.quota is not None and self._used + self._reserved + size > self.quota:
-                raise StoreFullError(
-                    f"store full: {self._used + self._reserved} of {self.quota} bytes used, "
-                    f"chunk {chunk_id} needs {size}"
-                )
+            refusal = None if guest is None else self._guests.refusal(guest, chunk_id, size)
+            if refusal is not None:
+                raise GuestRefusedError(refusal)
+            shortfall = self._shortfall_locked(size)
+            if shortfall and guest is None:
+                self._evict_guests_locked(shortfall)
+                shortfall = self._shortfall_locked(size)
+            if shortfall:
+                raise StoreFullError(self._full_message(chunk_id, size))
             self._reserved += size
+            if guest is not None:
+                self._guests.add(guest, size)
             self._tmp_counter += 1
             tmp = self._tmp_dir / f"{chunk_id.hex()}.{os.getpid()}.{self._tmp_counter}"
         try:
@@ -245,18 +364,130 @@ class ChunkStore:
         except BaseException:
             with self._lock:
                 self._reserved -= size
+                if guest is not None:
+                    self._guests.refund(guest, size)
             tmp.unlink(missing_ok=True)
             raise
         with self._lock:
             self._reserved -= size
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO chunks (id, size, added, verified) VALUES (?, ?, ?, ?)",
-                (chunk_id.digest, size, time.time(), time.time()),
+                "INSERT OR IGNORE INTO chunks (id, size, added, verified, guest_of, guest_host) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    chunk_id.digest,
+                    size,
+                    time.time(),
+                    time.time(),
+                    None if guest is None else guest.peer.digest,
+                    None if guest is None else guest.host,
+                ),
             )
             if cursor.rowcount:
                 self._used += size
                 self._count += 1
+                if guest is not None:
+                    self._guests.count += 1
+            elif guest is not None:
+                self._guests.refund(guest, size)  # a concurrent put of the chunk won
         return PutOutcome.STORED
+
+    def _shortfall_locked(self, size: int) -> int:
+        """Bytes missing for ``size`` more under the quota and the free-disk floor."""
+        needed = self._used + self._reserved + size
+        shortfall = needed - self.quota if self.quota is not None else 0
+        if self._free_floor:
+            disk = os.statvfs(self.root)
+            free = disk.f_bavail * disk.f_frsize
+            shortfall = max(shortfall, self._free_floor + self._reserved + size - free)
+        return max(0, shortfall)
+
+    def _full_message(self, chunk_id: ChunkId, size: int) -> str:
+        if self.quota is not None and self._used + self._reserved + size > self.quota:
+            return (
+                f"store full: {self._used + self._reserved} of {self.quota} bytes used, "
+                f"chunk {chunk_id} needs {size}"
+            )
+        return (
+            f"store full: the disk under {self.root} is down to its floor of "
+            f"{self._free_floor} free bytes, chunk {chunk_id} needs {size}"
+        )
+
+    def _evict_guests_locked(self, wanted: int) -> int:
+        """Drop the oldest guests until ``wanted`` bytes are freed; returns bytes freed."""
+        freed = 0
+        while freed < wanted and self._guests.count:
+            rows = self.db.execute(
+                "SELECT id FROM chunks WHERE guest_of IS NOT NULL ORDER BY added LIMIT 64"
+            ).fetchall()
+            if not rows:
+                break
+            for (raw,) in rows:
+                freed += self._remove_locked(ChunkId(raw)) or 0
+                if freed >= wanted:
+                    break
+        if freed:
+            log.info("store: evicted %d bytes of guest chunks for rightful ones", freed)
+        return freed
+
+    def _remove_locked(self, chunk_id: ChunkId) -> int | None:
+        """Drop a chunk's row and file and its accounting; its size, or None if absent."""
+        row = self.db.execute(
+            "SELECT size, guest_of, guest_host FROM chunks WHERE id = ?", (chunk_id.digest,)
+        ).fetchone()
+        if row is None:
+            return None
+        size, peer, host = int(row[0]), row[1], row[2]
+        self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.digest,))
+        self._used -= size
+        self._count -= 1
+        if peer is not None:
+            self._guests.refund(Guest(NodeId(peer), host or ""), size, count=1)
+        self.path_of(chunk_id).unlink(missing_ok=True)
+        return size
+
+    def _promote_locked(self, chunk_id: ChunkId) -> bool:
+        row = self.db.execute(
+            "SELECT size, guest_of, guest_host FROM chunks WHERE id = ?", (chunk_id.digest,)
+        ).fetchone()
+        if row is None or row[1] is None:
+            return False
+        self.db.execute(
+            "UPDATE chunks SET guest_of = NULL, guest_host = NULL WHERE id = ?",
+            (chunk_id.digest,),
+        )
+        self._guests.refund(Guest(NodeId(row[1]), row[2] or ""), int(row[0]), count=1)
+        return True
+
+    def promote(self, chunk_id: ChunkId) -> bool:
+        """This node became a rightful holder of a guest chunk; True if it was one."""
+        with self._lock:
+            return self._promote_locked(chunk_id)
+
+    def drop_guests(self, *, added_before: float) -> int:
+        """Drop guests older than ``added_before``, and the oldest of any peer,
+        address or total over its budget (budgets may have shrunk since they
+        came). Returns how many were dropped."""
+        dropped = 0
+        with self._lock:
+            expired = self.db.execute(
+                "SELECT id FROM chunks WHERE guest_of IS NOT NULL AND added < ?",
+                (added_before,),
+            ).fetchall()
+            for (raw,) in expired:
+                self._remove_locked(ChunkId(raw))
+                dropped += 1
+            if self._guests.over():
+                rows = self.db.execute(
+                    "SELECT id, guest_of, guest_host FROM chunks "
+                    "WHERE guest_of IS NOT NULL ORDER BY added"
+                ).fetchall()
+                for raw, peer, host in rows:
+                    if self._guests.over(Guest(NodeId(peer), host or "")):
+                        self._remove_locked(ChunkId(raw))
+                        dropped += 1
+        if dropped:
+            log.info("store: dropped %d guest chunk(s), expired or over budget", dropped)
+        return dropped
 
     def _write_durably(self, tmp: Path, final: Path, data: bytes | bytearray | memoryview) -> None:
         try:
@@ -286,16 +517,7 @@ class ChunkStore:
     def delete(self, chunk_id: ChunkId) -> bool:
         """Remove a chunk; False if it was not here."""
         with self._lock:
-            row = self.db.execute(
-                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
-            ).fetchone()
-            if row is None:
-                return False
-            self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.digest,))
-            self._used -= int(row[0])
-            self._count -= 1
-        self.path_of(chunk_id).unlink(missing_ok=True)
-        return True
+            return self._remove_locked(chunk_id) is not None
 
     # --- reading ----------------------------------------------------------------------
 
@@ -332,13 +554,7 @@ class ChunkStore:
 
     def _forget(self, chunk_id: ChunkId) -> None:
         with self._lock:
-            row = self.db.execute(
-                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
-            ).fetchone()
-            if row is not None:
-                self.db.execute("DELETE FROM chunks WHERE id = ?", (chunk_id.digest,))
-                self._used -= int(row[0])
-                self._count -= 1
+            self._remove_locked(chunk_id)
 
     # --- scrub ------------------------------------------------------------------------
 
@@ -346,19 +562,23 @@ class ChunkStore:
         """Re-hash the least recently verified chunks, up to ``max_bytes``.
 
         Corrupt copies are removed (the caller fetches them again from
-        another holder); index rows whose file vanished are dropped.
+        another holder); index rows whose file vanished are dropped. A
+        corrupt or vanished guest is reported apart: nobody asked this node
+        to keep it, so it is not fetched again.
         ``older_than``: only chunks last verified before this time.
         """
         limit_time = time.time() if older_than is None else older_than
         with self._lock:
             rows = self.db.execute(
-                "SELECT id, size FROM chunks WHERE verified < ? ORDER BY verified LIMIT 10000",
+                "SELECT id, size, guest_of IS NOT NULL FROM chunks WHERE verified < ? "
+                "ORDER BY verified LIMIT 10000",
                 (limit_time,),
             ).fetchall()
         checked = bytes_checked = 0
         corrupt: list[ChunkId] = []
         missing: list[ChunkId] = []
-        for raw, size in rows:
+        guests: list[ChunkId] = []
+        for raw, size, guest in rows:
             if checked and bytes_checked + size > max_bytes:
                 break
             chunk_id = ChunkId(raw)
@@ -366,7 +586,7 @@ class ChunkStore:
                 data = self.path_of(chunk_id).read_bytes()
             except FileNotFoundError:
                 self._forget(chunk_id)
-                missing.append(chunk_id)
+                (guests if guest else missing).append(chunk_id)
                 continue
             checked += 1
             bytes_checked += len(data)
@@ -378,5 +598,5 @@ class ChunkStore:
             else:
                 log.warning("scrub: chunk %s is corrupt on disk; removing it", chunk_id.hex())
                 self.delete(chunk_id)
-                corrupt.append(chunk_id)
-        return ScrubReport(checked, bytes_checked, tuple(corrupt), tuple(missing))
+                (guests if guest else corrupt).append(chunk_id)
+        return ScrubReport(checked, bytes_checked, tuple(corrupt), tuple(missing), tuple(guests))

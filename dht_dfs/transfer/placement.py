@@ -1,8 +1,9 @@
 """Putting chunks on the network: ``Placer``, ``NetworkSink``, ``copy_to``.
 
 A chunk goes on the ``replicas`` live nodes closest to its id, stored in
-parallel; a node that is down, full or refuses makes way for the next
-closest, and a chunk no node took raises NotEnoughNodesError.
+parallel; a node that is down, full or refuses (bad bytes, or REFUSED: not
+a rightful holder by its own view and no guest room) makes way for the
+next closest, and a chunk no node took raises NotEnoughNodesError.
 
 A copy counts as placed on the storer's STORED (or ALREADY_HAD) answer.
 Unlike a HAVE answer that is evidence, not a claim: it comes on the
@@ -114,6 +115,11 @@ class Placer:
             raise PeerRefusedError(f"node {contact.node_id} is full")
         if result.status is StoreStatus.REJECTED:
             raise PeerRefusedError(f"node {contact.node_id} rejected the chunk bytes")
+        if result.status is StoreStatus.REFUSED:
+            raise PeerRefusedError(
+                f"node {contact.node_id} is not a rightful holder by its view "
+                "and has no room for guests"
+            )
         return _parse_receipt(result.receipt, key, contact.node_id)
 
 

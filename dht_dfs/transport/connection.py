@@ -75,9 +75,12 @@ class RequestHandler(Protocol):
     """What a node does with requests that arrive on any connection."""
 
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
     ) -> tuple[wire.StoreStatus, bytes]:
-        """Keep a chunk (verify it first); return the status and a receipt."""
+        """Keep a chunk (verify it first); return the status and a receipt.
+
+        ``host``: the IP address the connection comes from, for budgets that
+        many identities on one address share."""
 
     async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
         """The chunk's bytes or file, or None if this node lacks it."""
@@ -446,7 +449,9 @@ class PeerConnection(ChunkCalls, asyncio.BufferedProtocol):
                     )
                 )
             elif isinstance(request, wire.StoreChunk):
-                status, receipt = await handler.handle_store(peer, request.chunk_id, request.body)
+                status, receipt = await handler.handle_store(
+                    peer, request.chunk_id, request.body, host=self.peer_host
+                )
                 await self._send(
                     wire.StoreResult(request.request_id, request.chunk_id, status, receipt)
                 )

@@ -93,6 +93,9 @@ class StoreStatus(enum.IntEnum):
     """The node's quota or disk is full; place the chunk elsewhere."""
     REJECTED = 3
     """The body did not hash to the chunk id."""
+    REFUSED = 4
+    """Not a rightful holder of this chunk (by the node's own view) and no room
+    left for guests from this peer or at all; place the chunk elsewhere."""
 
 
 class ErrorCode(enum.IntEnum):

@@ -18,6 +18,12 @@ directly. Per-node faults:
 - ``lie``: HAVE says yes to everything, STORE says STORED and keeps nothing,
   PROVE answers made-up tags (what a Sybil that stores nothing can do).
 
+STORE follows the real admission rule (``node.service``): a node keeps a
+chunk as rightful only if fewer than ``store_closeness_slack * replicas``
+other nodes (its view: all of them, dead ones too) are closer to the chunk;
+otherwise as a guest, within its store's guest budgets (a real store) or
+``guest_budget`` bytes (a dict node; None: no limit), else REFUSED.
+
 ``fake_records`` makes provider records of fresh identities that point at
 one node's port: connecting to one waits on that node's ``gate`` (a
 listener that never finishes a handshake) up to ``connect_timeout``, or,
@@ -41,6 +47,7 @@ from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import (
     ChunkNotFoundError,
+    GuestRefusedError,
     HandshakeError,
     LocalProtocolError,
     PeerUnavailableError,
@@ -50,6 +57,7 @@ from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.proofs import PROOF_TAG_SIZE, proof_tag
 from dht_dfs.dht.values import Contact, LookupResult, LookupStats, ProviderRecord
 from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.store.guests import Guest
 from dht_dfs.transfer.network import Network
 from dht_dfs.wire import StoreResult, StoreStatus
 
@@ -73,6 +81,10 @@ class FakeNode:
     gate: asyncio.Event | None = None
     busy: int = 0
     lie: bool = False
+    guest_budget: int | None = None
+    """Bytes of guest chunks a dict node keeps (None: no limit); a store has its own."""
+    guests: set[ChunkId] = field(default_factory=set)
+    """The chunks a dict node keeps as guests."""
     requests: int = 0
     """Requests answered (or refused) so far."""
     gets: int = 0
@@ -103,17 +115,29 @@ class FakeNode:
         except ChunkNotFoundError:
             return None
 
-    def keep(self, chunk_id: ChunkId, data: bytes) -> None:
+    def keep(self, chunk_id: ChunkId, data: bytes, *, guest: Guest | None = None) -> None:
+        """Keep a chunk (as a guest of ``guest``; GuestRefusedError beyond the budget)."""
         if self.store is not None:
-            self.store.put(chunk_id, data)
-        else:
-            self.chunks[chunk_id] = bytes(data)
+            self.store.put(chunk_id, data, guest=guest)
+            return
+        if guest is not None and chunk_id not in self.chunks:
+            used = sum(len(self.chunks[c]) for c in self.guests)
+            if self.guest_budget is not None and used + len(data) > self.guest_budget:
+                raise GuestRefusedError(f"{self.node_id}: no room for guests")
+            self.guests.add(chunk_id)
+        elif guest is None:
+            self.guests.discard(chunk_id)
+        self.chunks[chunk_id] = bytes(data)
+
+    def is_guest(self, chunk_id: ChunkId) -> bool:
+        return self.store.is_guest(chunk_id) if self.store is not None else chunk_id in self.guests
 
     def drop(self, chunk_id: ChunkId) -> None:
         if self.store is not None:
             self.store.delete(chunk_id)
         else:
             self.chunks.pop(chunk_id, None)
+            self.guests.discard(chunk_id)
 
     def record(self, key: bytes) -> ProviderRecord:
         return ProviderRecord.create(
@@ -163,6 +187,18 @@ class MemNet:
         """All nodes (or the live ones), closest to ``key`` first."""
         nodes = self.live() if live_only else list(self.nodes.values())
         return sorted(nodes, key=lambda node: node.node_id.distance(key))
+
+    def is_rightful(self, node: FakeNode, chunk_id: ChunkId) -> bool:
+        """The admission rule, by ``node``'s view (every other node, dead or not)."""
+        key = chunk_id.dht_key
+        rank = self.config.store_closeness_slack * self.config.replicas
+        own = node.node_id.distance(key)
+        closer = sum(
+            1
+            for other in self.nodes.values()
+            if other is not node and other.node_id.distance(key) < own
+        )
+        return closer < rank
 
     def holders(self, chunk_id: ChunkId) -> set[NodeId]:
         return {node.node_id for node in self.nodes.values() if node.has(chunk_id)}
@@ -270,8 +306,8 @@ class MemDialer:
     def __init__(
         self, net: MemNet, me: FakeNode, request_timeout: float, connect_timeout: float = 5.0
     ) -> None:
-        self._net = net
-        self._me = me
+        self.net = net
+        self.me = me
         self.request_timeout = request_timeout
         self.connect_timeout = connect_timeout
         self.connects = 0
@@ -280,10 +316,10 @@ class MemDialer:
         self.given_back: list[bytes | bytearray] = []
 
     async def connect(self, address: PeerAddress) -> MemLink:
-        if address.node_id == self._me.node_id:
+        if address.node_id == self.me.node_id:
             raise LocalProtocolError("a node does not connect to itself")
         self.connects += 1
-        node = self._net.nodes.get(address.node_id) if address.node_id else None
+        node = self.net.nodes.get(address.node_id) if address.node_id else None
         if node is None:
             await self._handshake_with_stranger(address)
         if node is None or node.dead:
@@ -293,7 +329,7 @@ class MemDialer:
 
     async def _handshake_with_stranger(self, address: PeerAddress) -> None:
         """A record's identity no node has: what its address's listener does."""
-        listener = self._net.listener_at(address.port)
+        listener = self.net.listener_at(address.port)
         if listener is None or listener.dead:
             return  # refused, as for a dead node
         if listener.gate is not None:
@@ -307,14 +343,14 @@ class MemDialer:
         raise HandshakeError(f"{address} is {listener.node_id}, not {address.node_id}")
 
     def in_flight_to(self, node_id: NodeId) -> int:
-        node = self._net.nodes.get(node_id)
+        node = self.net.nodes.get(node_id)
         return self.in_flight.get(node_id, 0) + (node.busy if node is not None else 0)
 
     def serving_peers(self) -> list[NodeId]:
         return [
             node_id
             for node_id in self.connected
-            if node_id in self._net.nodes and not self._net.nodes[node_id].dead
+            if node_id in self.net.nodes and not self.net.nodes[node_id].dead
         ]
 
     def give_back(self, buffer: bytes | bytearray) -> None:
@@ -397,7 +433,12 @@ class MemLink:
             return StoreResult(0, chunk_id, StoreStatus.REJECTED)
         status = StoreStatus.ALREADY_HAD if node.has(chunk_id) else StoreStatus.STORED
         if not node.lie:
-            node.keep(chunk_id, data)
+            rightful = self._dialer.net.is_rightful(node, chunk_id)
+            guest = None if rightful else Guest(self._dialer.me.node_id, "127.0.0.1")
+            try:
+                node.keep(chunk_id, data, guest=guest)
+            except GuestRefusedError:
+                return StoreResult(0, chunk_id, StoreStatus.REFUSED)
         return StoreResult(0, chunk_id, status, node.record(chunk_id.dht_key).to_bytes())
 
 

@@ -75,7 +75,7 @@ class GatedHandler:
         return None
 
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
     ) -> tuple[wire.StoreStatus, bytes]:
         raise AssertionError("not used")
 

@@ -13,8 +13,10 @@ from pathlib import Path
 
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.node.maintenance import Maintainer
+from dht_dfs.store.guests import Guest
 from dht_dfs.transfer.ports import get_verified
 from dht_dfs.transfer.retrieval import NetworkSource
+from dht_dfs.wire import StoreStatus
 from tests.support.memnet import FakeNode, Joined, MemNet
 
 
@@ -228,3 +230,65 @@ async def test_hand_off_does_not_trust_have(
     assert stats.failed_proofs == 3
     assert stats.copies_added == 2, "the two honest nodes left took a copy"
     assert net.holders(chunk_id) == ids(ranked[0], ranked[4], ranked[5])
+
+
+# --- guests: chunks a node keeps without being a rightful holder --------------------------
+
+
+async def test_repair_never_copies_a_guest_outward(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(10, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    attacker = net.client()
+    link = await net.join(attacker, executor).dialer.connect(ranked[-1].address)
+    assert (await link.store(chunk_id, data)).status is StoreStatus.STORED
+    assert ranked[-1].is_guest(chunk_id), "the farthest node is no rightful holder"
+    far, _ = maintainer(net, ranked[-1], executor)
+    stats = await far.repair_pass(rate=0, force=True)
+    assert stats.guests_kept == 1 and stats.copies_added == 0
+    assert net.holders(chunk_id) == ids(ranked[-1]), "no copy went to the rightful nodes"
+    stats = await far.hand_off(within=5)
+    assert stats.examined == 0 and stats.copies_added == 0, "nor is a guest handed off"
+
+
+async def test_a_guest_that_becomes_rightful_is_promoted_and_replicated(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(10, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    guest_host = ranked[7]
+    guest_host.keep(chunk_id, data, guest=Guest(net.client().node_id, "10.0.0.9"))
+    repairer, _ = maintainer(net, guest_host, executor)
+    assert (await repairer.repair_pass(rate=0, force=True)).guests_kept == 1
+    for node in ranked[:6]:
+        node.dead = True  # guest_host is now among the closest live nodes
+    stats = await repairer.repair_pass(rate=0, force=True)
+    assert stats.guests_promoted == 1 and stats.copies_added == 2
+    assert not guest_host.is_guest(chunk_id)
+    assert net.holders(chunk_id) == ids(*ranked[6:9])
+
+
+async def test_a_closer_newcomer_accepts_the_hand_over_as_rightful(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(10, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    give(chunk_id, data, *ranked[1:4])
+    # ranked[0] "joins": it holds nothing; the closest holder hands it a copy.
+    stats = await maintainer(net, ranked[1], executor)[0].repair_pass(rate=0)
+    assert stats.copies_added == 1
+    assert ranked[0].has(chunk_id) and not ranked[0].is_guest(chunk_id)
+
+
+async def test_guests_expire_after_their_ttl(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(10, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk_ranked(net)
+    ranked[-1].keep(chunk_id, data, guest=Guest(net.client().node_id, "10.0.0.9"))
+    joined = net.join(ranked[-1], executor, net.config.replace(guest_ttl=0.0))
+    assert ranked[-1].store is not None
+    expiring = Maintainer(joined.network, ranked[-1].store, joined.network.config)
+    stats = await expiring.repair_pass(rate=0)
+    assert stats.guests_dropped == 1 and not ranked[-1].has(chunk_id)

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import os
+import sqlite3
 import stat
 import threading
+import time
 from pathlib import Path
 
 import pytest
 
 from dht_dfs.core.crypto import seal_chunk
-from dht_dfs.core.errors import ChunkNotFoundError, IntegrityError, StoreFullError
-from dht_dfs.core.ids import ChunkId
+from dht_dfs.core.errors import (
+    ChunkNotFoundError,
+    GuestRefusedError,
+    IntegrityError,
+    StoreFullError,
+)
+from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.store.chunks import ChunkStore, PutOutcome
+from dht_dfs.store.guests import Guest
 
 
 def chunk(n: int = 1000) -> tuple[ChunkId, bytes]:
@@ -123,3 +131,105 @@ def test_concurrent_puts_of_the_same_chunk_count_once(tmp_path: Path) -> None:
         assert PutOutcome.STORED in outcomes
         assert store.stats().chunks == 1
         assert store.stats().bytes_used == len(data)
+
+
+# --- guests: chunks kept for a peer without being a rightful holder ---------------------
+
+ALICE, BOB, CAROL = (NodeId(bytes([n]) * 20) for n in (1, 2, 3))
+
+
+def test_guests_are_bounded_per_identity_per_address_and_in_all(tmp_path: Path) -> None:
+    # Each guest counts at least GUEST_MIN_CHARGE (4096) bytes.
+    with ChunkStore(tmp_path, guest_bytes_per_peer=8192, max_guest_bytes=12288) as store:
+        for _ in range(2):
+            store.put(*chunk(), guest=Guest(ALICE, "10.0.0.1"))
+        with pytest.raises(GuestRefusedError, match=f"peer {ALICE}"):
+            store.put(*chunk(), guest=Guest(ALICE, "10.0.0.2"))
+        with pytest.raises(GuestRefusedError, match=r"address 10\.0\.0\.1"):
+            store.put(*chunk(), guest=Guest(BOB, "10.0.0.1"))
+        store.put(*chunk(), guest=Guest(BOB, "10.0.0.2"))
+        with pytest.raises(GuestRefusedError, match="guest chunks fill their 12288 bytes"):
+            store.put(*chunk(), guest=Guest(CAROL, "10.0.0.3"))
+        # A chunk this node is rightful for does not touch the guest budget.
+        rightful = chunk()
+        assert store.put(*rightful) is PutOutcome.STORED
+        stats = store.stats()
+        assert (stats.chunks, stats.guests, stats.guest_bytes) == (4, 3, 12288)
+        assert not store.is_guest(rightful[0])
+
+
+def test_guest_state_survives_a_reopen(tmp_path: Path) -> None:
+    guest, rightful = chunk(), chunk()
+    with ChunkStore(tmp_path, guest_bytes_per_peer=8192) as store:
+        store.put(*guest, guest=Guest(ALICE, "10.0.0.1"))
+        store.put(*rightful)
+    with ChunkStore(tmp_path, guest_bytes_per_peer=8192) as store:
+        assert store.is_guest(guest[0]) and not store.is_guest(rightful[0])
+        assert store.guests_among([guest[0], rightful[0]]) == {guest[0]}
+        assert store.stats().guests == 1
+        # The budget is charged from the index: one more fits, not two.
+        store.put(*chunk(), guest=Guest(ALICE, "10.0.0.1"))
+        with pytest.raises(GuestRefusedError):
+            store.put(*chunk(), guest=Guest(ALICE, "10.0.0.1"))
+
+
+def test_a_store_from_before_guests_is_migrated_with_every_chunk_rightful(
+    tmp_path: Path,
+) -> None:
+    old_id, old_data = chunk()
+    path = tmp_path / "chunks" / old_id.hex()[:2] / old_id.hex()
+    path.parent.mkdir(parents=True)
+    path.write_bytes(old_data)
+    db = sqlite3.connect(tmp_path / "meta.sqlite")
+    db.executescript(
+        "CREATE TABLE chunks (id BLOB PRIMARY KEY, size INTEGER NOT NULL, "
+        "added REAL NOT NULL, verified REAL NOT NULL) WITHOUT ROWID;"
+    )
+    db.execute("INSERT INTO chunks VALUES (?, ?, 0, 0)", (old_id.digest, len(old_data)))
+    db.commit()
+    db.close()
+    with ChunkStore(tmp_path) as store:
+        assert store.has(old_id) and not store.is_guest(old_id)
+        new = chunk()
+        store.put(*new, guest=Guest(ALICE, "10.0.0.1"))
+        assert store.is_guest(new[0])
+
+
+def test_promotion_expiry_and_eviction_for_rightful_chunks(tmp_path: Path) -> None:
+    with ChunkStore(tmp_path, quota=2500) as store:
+        first, second = chunk(), chunk()
+        store.put(*first, guest=Guest(ALICE, "10.0.0.1"))
+        store.put(*second, guest=Guest(BOB, "10.0.0.2"))
+        # A rightful STORE of a guest promotes it.
+        assert store.put(*first) is PutOutcome.ALREADY_HAD
+        assert not store.is_guest(first[0])
+        assert store.stats().guests == 1
+        # The quota is full: a rightful chunk evicts the guest...
+        rightful = chunk()
+        store.put(*rightful)
+        assert not store.has(second[0]) and store.has(rightful[0])
+        # ...but a guest never evicts anything.
+        with pytest.raises(StoreFullError):
+            store.put(*chunk(), guest=Guest(BOB, "10.0.0.2"))
+        store.delete(rightful[0])
+        third = chunk()
+        store.put(*third, guest=Guest(BOB, "10.0.0.2"))
+        assert store.promote(third[0]) and not store.promote(third[0])
+        fourth = chunk()
+        store.delete(third[0])
+        store.put(*fourth, guest=Guest(BOB, "10.0.0.2"))
+        assert store.drop_guests(added_before=0) == 0
+        assert store.drop_guests(added_before=time.time() + 1) == 1
+        assert not store.has(fourth[0]) and store.has(first[0])
+        assert store.stats().guest_bytes == 0
+
+
+def test_without_a_quota_the_disk_keeps_a_free_floor(tmp_path: Path) -> None:
+    # A floor as big as the disk: nothing fits, and the error says why.
+    with (
+        ChunkStore(tmp_path, min_free_disk=2**62, min_free_disk_fraction=0.999) as store,
+        pytest.raises(StoreFullError, match="down to its floor"),
+    ):
+        store.put(*chunk())
+    with ChunkStore(tmp_path, min_free_disk=1024, min_free_disk_fraction=0.999) as store:
+        store.put(*chunk())

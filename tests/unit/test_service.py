@@ -1,0 +1,40 @@
+"""The chunk service's admission rule: rightful chunks, guests within budget, REFUSED."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from dht_dfs.core.ids import ChunkId, NodeId
+from dht_dfs.node.service import ChunkService
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.wire import StoreStatus
+
+
+async def test_a_stranger_fills_only_its_guest_budget_and_rightful_stores_still_go_in(
+    tmp_path: Path,
+) -> None:
+    # Two chunks of a stranger's fit (each counts at least 4096 bytes).
+    with ChunkStore(tmp_path, guest_bytes_per_peer=8192) as store:
+        far: set[ChunkId] = set()
+        service = ChunkService(store, rightful=lambda chunk_id: chunk_id not in far)
+        stranger, other = NodeId(b"\x01" * 20), NodeId(b"\x02" * 20)
+        answers = []
+        for _ in range(3):
+            data = os.urandom(3000)
+            far.add(ChunkId.of(data))
+            answers.append(
+                (await service.handle_store(stranger, ChunkId.of(data), data, host="10.0.0.9"))[0]
+            )
+        assert answers == [StoreStatus.STORED, StoreStatus.STORED, StoreStatus.REFUSED]
+        # Another identity on the same address shares that address's budget.
+        data = os.urandom(3000)
+        far.add(ChunkId.of(data))
+        status, _ = await service.handle_store(other, ChunkId.of(data), data, host="10.0.0.9")
+        assert status is StoreStatus.REFUSED
+        # The honest STORE of a chunk this node is rightful for is accepted.
+        data = os.urandom(3000)
+        status, _ = await service.handle_store(stranger, ChunkId.of(data), data, host="10.0.0.9")
+        assert status is StoreStatus.STORED and not store.is_guest(ChunkId.of(data))
+        assert service.chunks_refused == 2
+        assert store.stats().guests == 2
