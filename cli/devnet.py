@@ -136,15 +136,15 @@ async def run_devnet(
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stop.set)
     last = net.nodes[-1]
-    output.print_line(
-        f"devnet: {count} node(s) on 127.0.0.1:{base_port}-{base_port + count - 1}, "
-        f"data in {root}\n"
-        f"  publish: dhtfs publish FILE --data-dir {net.nodes[0].data_dir}\n"
-        f"  fetch:   dhtfs fetch REFERENCE --data-dir {last.data_dir}\n"
-        f"  client:  dhtfs fetch REFERENCE --bootstrap {net.nodes[0].address}\n"
-        f"  status:  dhtfs status --data-dir {net.nodes[0].data_dir}\n"
-        "Ctrl-C stops the network."
-    )
+    for line in (
+        f"devnet: {count} node(s) on 127.0.0.1:{base_port}-{base_port + count - 1}, data in {root}",
+        f"  publish: dhtfs publish FILE --data-dir {net.nodes[0].data_dir}",
+        f"  fetch:   dhtfs fetch REFERENCE --data-dir {last.data_dir}",
+        f"  client:  dhtfs fetch REFERENCE --bootstrap {net.nodes[0].address}",
+        f"  status:  dhtfs status --data-dir {net.nodes[0].data_dir}",
+        "Ctrl-C stops the network.",
+    ):
+        output.print_line(line)
     # A node that dies (killed to watch the network repair itself, say) is
     # reported; the others keep running until Ctrl-C or until none is left.
     by_process = {node.process: node for node in net.nodes}

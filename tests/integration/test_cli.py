@@ -76,6 +76,14 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
     try:
         banner = read_banner(process, 90)
         assert banner[0].startswith(f"devnet: {NODES} node(s) on 127.0.0.1:{base}")
+        # The commands to try, one per line, as a person reads them.
+        assert [line.split(":")[0].strip() for line in banner[1:]] == [
+            "publish",
+            "fetch",
+            "client",
+            "status",
+            "Ctrl-C stops the network.",
+        ]
         yield Devnet(process, directory, base, env)
     finally:
         stop([process], signal.SIGINT)
