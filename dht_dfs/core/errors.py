@@ -57,6 +57,14 @@ class ManifestError(DhtfsError):
     """A manifest chunk is well-hashed but its layout is invalid."""
 
 
+class DirectoryError(ManifestError):
+    """A directory node is well-hashed but its layout or an entry is invalid.
+
+    A kind of ManifestError: directory and manifest nodes are both the
+    metadata of a tree, and whoever handles a broken one handles both.
+    """
+
+
 # --- storage -------------------------------------------------------------------
 
 
