@@ -131,6 +131,10 @@ class Config:
     transfer_window: int = 16
     """Chunks in flight in one publish or fetch."""
     workers: int = max(2, os.cpu_count() or 2)
+    tree_files_in_flight: int = 4
+    """Files of a directory tree published at once (each with its own transfer window)."""
+    inline_limit: int = 4096
+    """Files up to this many bytes are inlined into their directory node (at most 64 KiB)."""
     """Threads for hashing, encryption and file I/O."""
     verify_file_hash: bool = False
     """Fetch also recomputes the whole file's SHA-256 (every chunk is checked anyway)."""
@@ -191,6 +195,10 @@ class Config:
             raise ConfigError("hedge delay must be positive, holders per chunk at least 1")
         if self.transfer_window < 1:
             raise ConfigError("transfer window must be at least 1")
+        if self.tree_files_in_flight < 1:
+            raise ConfigError("tree files in flight must be at least 1")
+        if not 0 <= self.inline_limit <= 64 * 1024:
+            raise ConfigError("inline limit must be between 0 and 64 KiB")
         largest = self.max_chunk_size
         if self.max_body_memory < largest or self.max_body_memory_per_address < largest:
             raise ConfigError("body memory budgets must hold at least one chunk of max size")

@@ -30,6 +30,10 @@ class InputError(DhtfsError):
     """
 
 
+class SourceChangedError(InputError):
+    """A file to publish could not be read to its end, or changed while it was read."""
+
+
 class InvalidReferenceError(DhtfsError):
     """A root reference token (read or verify form) does not parse."""
 

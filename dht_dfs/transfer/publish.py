@@ -22,7 +22,7 @@ from pathlib import Path
 from dht_dfs.core.chunker import ChunkSpan, chunk_count, chunk_spans
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import SealedChunk, seal_chunk
-from dht_dfs.core.errors import DhtfsError, InputError
+from dht_dfs.core.errors import DhtfsError, InputError, SourceChangedError
 from dht_dfs.core.manifest import FileMetadata, ManifestBuilder
 from dht_dfs.core.refs import ReadReference, RootHash
 from dht_dfs.transfer.pipeline import InOrderHasher, ProgressFn, first_error, ordered_map
@@ -40,6 +40,12 @@ class PublishResult:
     """Chunk copies placed (a network publish); 0 for a local store."""
     under_replicated: int = 0
     """Chunks that got fewer than ``replicas`` copies (too few live nodes)."""
+    files: int = 1
+    """Regular files published (a tree: inlined ones included)."""
+    directories: int = 0
+    symlinks: int = 0
+    skipped: int = 0
+    """Tree entries left out (special files, unreadable or changing files)."""
 
     @property
     def root_hash(self) -> RootHash:
@@ -84,9 +90,9 @@ async def publish_file(
             try:
                 plain = os.pread(fd, span.length, span.offset)
             except OSError as exc:
-                raise DhtfsError(f"cannot read {path}: {exc.strerror or exc}") from None
+                raise SourceChangedError(f"cannot read {path}: {exc.strerror or exc}") from None
             if len(plain) != span.length:
-                raise DhtfsError(f"{path} shrank while it was being published")
+                raise SourceChangedError(f"{path} shrank while it was being published")
             return plain, seal_chunk(plain, secret)
 
         builder = ManifestBuilder(secret, config.manifest_fanout)
@@ -124,7 +130,9 @@ async def publish_file(
                         progress(done_bytes, size)
                 after = os.fstat(fd)
                 if after.st_size != size or after.st_mtime_ns != info.st_mtime_ns:
-                    raise DhtfsError(f"{path} changed while it was being published; try again")
+                    raise SourceChangedError(
+                        f"{path} changed while it was being published; try again"
+                    )
                 metadata = FileMetadata(
                     name=name if name is not None else path.name,
                     size=size,
