@@ -18,20 +18,24 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import os
+import stat
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
 
 from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
+from dht_dfs.core.direntry import DirEntry
 from dht_dfs.core.errors import ChunkNotFoundError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.manifest import FileMetadata
 from dht_dfs.core.refs import ReadReference, RootHash
 from dht_dfs.dht.values import Contact
 from dht_dfs.store.chunks import ChunkStore
-from dht_dfs.transfer import health, placement
+from dht_dfs.transfer import browse, health, placement
+from dht_dfs.transfer.browse import Resolved
 from dht_dfs.transfer.fetch import FetchResult, fetch_file
 from dht_dfs.transfer.health import CheckReport, ChunkHealth
 from dht_dfs.transfer.pipeline import ProgressFn
@@ -39,10 +43,19 @@ from dht_dfs.transfer.placement import NetworkSink
 from dht_dfs.transfer.ports import Dialer, Locator, PeerLink
 from dht_dfs.transfer.publish import PublishResult, publish_file
 from dht_dfs.transfer.retrieval import NetworkSource, root_not_found
+from dht_dfs.transfer.tree import publish_tree
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
+
+
+def _is_directory(path: Path) -> bool:
+    """A directory itself, not a link to one (publish never follows a link into a tree)."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except OSError:
+        return False  # the file engine reports what is wrong with it
 
 
 class Network:
@@ -85,15 +98,22 @@ class Network:
         name: str | None = None,
         progress: ProgressFn | None = None,
         convergence_secret: bytes | None = None,
+        strict: bool = False,
     ) -> PublishResult:
-        """Publish a file; a private ``convergence_secret`` overrides the config's."""
+        """Publish a file or a directory tree; a private ``convergence_secret`` overrides
+        the config's. ``strict``: a tree entry that cannot be published fails it."""
         config = self.config
         if convergence_secret is not None:
             config = config.replace(convergence_secret=convergence_secret).validate()
         sink = NetworkSink(self)
-        result = await publish_file(
-            path, sink, config, executor=self.executor, name=name, progress=progress
-        )
+        if await self.run(_is_directory, path):
+            result = await publish_tree(
+                path, sink, config, executor=self.executor, strict=strict, progress=progress
+            )
+        else:
+            result = await publish_file(
+                path, sink, config, executor=self.executor, name=name, progress=progress
+            )
         if sink.under_replicated:
             log.warning(
                 "%d chunk(s) of %s have fewer than %d copies; repair will add them "
@@ -131,6 +151,21 @@ class Network:
             )
         except ChunkNotFoundError as error:
             raise root_not_found(error, reference.root) from None
+
+    async def resolve(self, reference: ReadReference, path: Sequence[str]) -> Resolved:
+        """The entry ``REF/PATH`` names, from directory nodes alone."""
+        try:
+            return await browse.resolve(NetworkSource(self), reference, path, self.executor)
+        except ChunkNotFoundError as error:
+            raise root_not_found(error, reference.root) from None
+
+    def list_directory(self, entry: DirEntry) -> AsyncIterator[DirEntry]:
+        """A directory's entries in name order (no file chunk is fetched)."""
+        return browse.list_directory(NetworkSource(self), entry, self.executor)
+
+    def stream_file(self, entry: DirEntry) -> AsyncIterator[bytes]:
+        """A file's bytes in order, each chunk verified, a window ahead at most."""
+        return browse.stream_file(NetworkSource(self), entry, self.config, self.executor)
 
     async def check(
         self, root: RootHash, progress: ProgressFn | None = None, *, verify: bool = False

@@ -26,7 +26,9 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
-from dht_dfs.core.errors import ManifestError
+from dht_dfs.core.dirnode import MAGIC as DIR_MAGIC
+from dht_dfs.core.dirnode import decode_dir_node, decode_root
+from dht_dfs.core.errors import DirectoryError, ManifestError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.core.manifest import (
     Entry,
@@ -153,18 +155,51 @@ async def walk_leaves(
 async def walk_public(
     source: ChunkSource, root: RootHash, executor: Executor
 ) -> AsyncIterator[tuple[ChunkId, int, bool]]:
-    """Every chunk of a file without its key: (id, stored size, is manifest).
+    """Every chunk of a file or directory tree without its key: (id, stored size, is node).
 
-    Manifest nodes come before their children. Enough to check, repair or
-    pin a file. A subtree that repeats one already walked (its chunks were
-    just yielded) is listed by its id alone.
+    Dispatches on the root's magic. Manifest and directory nodes come
+    before their children, and a subtree met before (its chunks were just
+    yielded) is listed by its id alone or, for a whole file or directory
+    seen twice, not again. Enough to check, repair or pin a file or tree.
+    Memory: the ids of the nodes walked, and one node's children per level.
     """
-    node = await _read_node(source, root.root, None, executor)
-    yield root.root, node.stored_size, True
-    async for entry, _, is_manifest in _walk(
-        source, node, None, executor, prefetch=False, skip_repeats=True
-    ):
-        yield entry.chunk_id, entry.stored_size, is_manifest
+    loop = asyncio.get_running_loop()
+    seen: set[ChunkId] = set()
+    # Frames: a chunk id, its stored size (None: unknown), and what it must
+    # be: a root (of a file or directory) or a directory node of that height.
+    pending: list[tuple[ChunkId, int | None, int | None]] = [(root.root, None, None)]
+    while pending:
+        chunk_id, size, height = pending.pop()
+        if chunk_id in seen:
+            continue
+        seen.add(chunk_id)
+        data = bytes(await get_verified(source, chunk_id, size))
+        if size is not None and len(data) != size:
+            raise ManifestError(
+                f"chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
+            )
+        if height is None and not data.startswith(DIR_MAGIC):
+            node = await loop.run_in_executor(executor, decode_root, chunk_id, data)
+            assert isinstance(node, ManifestNode)
+            yield chunk_id, node.stored_size, True
+            async for entry, _, is_manifest in _walk(
+                source, node, None, executor, prefetch=False, skip_repeats=True
+            ):
+                yield entry.chunk_id, entry.stored_size, is_manifest
+            continue
+        directory = await loop.run_in_executor(executor, decode_dir_node, chunk_id, data)
+        if directory.is_root != (height is None):
+            where = "is a root inside a directory tree" if height is not None else "is no root"
+            raise DirectoryError(f"directory node {chunk_id.hex()} {where}")
+        if height is not None and directory.height != height:
+            raise DirectoryError(
+                f"directory node {chunk_id.hex()} has height {directory.height}, "
+                f"its parent says {height}"
+            )
+        yield chunk_id, directory.stored_size, True
+        below = None if directory.is_leaf else directory.height - 1
+        for child in reversed(directory.children):
+            pending.append((child.chunk_id, child.stored_size or None, below))
 
 
 __all__ = ["LeafChunk", "open_root", "walk_leaves", "walk_public"]
