@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -21,8 +22,9 @@ import typer
 
 from dht_dfs import __version__
 from dht_dfs.core.config import DEFAULT_PORT, Config, default_data_dir, format_size, parse_size
+from dht_dfs.core.direntry import EntryKind
 from dht_dfs.core.errors import DhtfsError, InputError
-from dht_dfs.core.refs import parse_read_reference, parse_root_hash
+from dht_dfs.core.refs import ReadReference, parse_read_reference, parse_root_hash
 from dht_dfs.node.node import Node
 from dht_dfs.node.operations import (
     CheckRequest,
@@ -33,7 +35,8 @@ from dht_dfs.node.operations import (
     load_convergence_secret,
 )
 from dht_dfs.node.results import FetchSummary, HealthReport, NodeStatus, PublishSummary
-from dht_dfs.node.session import open_session
+from dht_dfs.node.session import open_network, open_session
+from dht_dfs.transfer.browse import split_path
 
 from . import devnet as devnet_module
 from . import exits, output
@@ -206,9 +209,20 @@ def join(
 @app.command()
 def publish(
     file: Annotated[
-        Path, typer.Argument(help="The file to publish.", metavar="FILE", show_default=False)
+        Path,
+        typer.Argument(
+            help="The file or directory to publish.", metavar="FILE|DIR", show_default=False
+        ),
     ],
     name: Annotated[str | None, typer.Option(help="Name to record instead of the file's.")] = None,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            "--strict",
+            help="A directory: fail on an entry that cannot be published (special, "
+            "unreadable or changing file) instead of skipping it with a warning.",
+        ),
+    ] = False,
     secret_file: Annotated[
         Path | None,
         typer.Option(
@@ -223,11 +237,13 @@ def publish(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Store a file on the network; prints its read reference (last line of stdout)."""
+    """Store a file or directory tree; prints its read reference (last line of stdout)."""
     output.setup_logging(verbose)
     config = _config(replicas)
     secret = None if secret_file is None else checked(load_convergence_secret, secret_file)
-    request = checked(PublishRequest(file, name=name, convergence_secret=secret).check_input)
+    request = checked(
+        PublishRequest(file, name=name, convergence_secret=secret, strict=strict).check_input
+    )
 
     with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
 
@@ -239,11 +255,20 @@ def publish(
     if json_output:
         output.print_json(result.to_json())
         return
+    tree = (
+        f"{result.files} files, {result.directories} directories, {result.symlinks} symlinks"
+        + (f", {result.skipped} skipped (see warnings)" if result.skipped else "")
+        + "; "
+        if result.is_tree
+        else ""
+    )
     output.stderr.print(
         f"published {format_size(result.size)} in {result.seconds:.2f} s "
-        f"({result.data_chunks} chunks); root hash {result.root_hash}",
+        f"({tree}{result.data_chunks} chunks); root hash {result.root_hash}",
         markup=False,
     )
+    for note in result.skipped_notes:
+        output.stderr.print(f"dhtfs: warning: skipped {output.printable(note)}", markup=False)
     if result.under_replicated:
         output.stderr.print(
             f"dhtfs: warning: {result.under_replicated} chunk(s) have fewer copies than "
@@ -304,6 +329,97 @@ def fetch(
         markup=False,
     )
     output.print_line(str(result.path))
+
+
+TreePath = Annotated[
+    str,
+    typer.Argument(
+        help="Read reference, optionally followed by /PATH inside a directory.",
+        metavar="REF[/PATH]",
+        show_default=False,
+    ),
+]
+
+
+def _resolve_target(target: str) -> tuple[ReadReference, tuple[str, ...]]:
+    text, steps = checked(split_path, target)
+    return checked(parse_read_reference, text), steps
+
+
+@app.command(name="ls")
+def list_command(
+    target: TreePath,
+    long: Annotated[bool, typer.Option("-l", help="Kind, mode, size and mtime too.")] = False,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """List a directory of a tree (or show a file's own entry); fetches no file chunk.
+
+    A missing path is bad input (exit 2), as a missing file to publish is.
+    """
+    output.setup_logging(verbose)
+    config = _config()
+    reference, steps = _resolve_target(target)
+
+    async def go() -> None:
+        async with open_network(data_dir, bootstrap or [], config) as network:
+            entry = (await network.resolve(reference, steps)).entry
+            if entry.kind is not EntryKind.DIRECTORY:
+                if json_output:
+                    output.print_json({"path": "/".join(steps), "entries": [
+                        output.entry_json(entry)
+                    ]})  # fmt: skip
+                else:
+                    output.print_line(output.entry_line(entry, long=long))
+                return
+            # JSON is one document: gathered first. Text streams as nodes arrive.
+            gathered: list[dict[str, Any]] = []
+            async for item in network.list_directory(entry):
+                if json_output:
+                    gathered.append(output.entry_json(item))
+                else:
+                    output.print_line(output.entry_line(item, long=long))
+            if json_output:
+                output.print_json({"path": "/".join(steps), "entries": gathered})
+
+    run(go)
+
+
+@app.command()
+def cat(
+    target: TreePath,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Write a file's bytes to stdout, every chunk verified, in bounded memory."""
+    output.setup_logging(verbose)
+    config = _config()
+    reference, steps = _resolve_target(target)
+    where = "/".join(steps) or str(reference)
+
+    async def go() -> None:
+        async with open_network(data_dir, bootstrap or [], config) as network:
+            entry = (await network.resolve(reference, steps)).entry
+            if entry.kind is EntryKind.DIRECTORY:
+                raise InputError(f"{where} is a directory; cat takes a file (try ls)")
+            if entry.kind is EntryKind.SYMLINK:
+                raise InputError(
+                    f"{where} is a symlink to {entry.target!r}; cat does not follow links"
+                )
+            sink = sys.stdout.buffer
+            try:
+                async for part in network.stream_file(entry):
+                    sink.write(part)
+                sink.flush()
+            except BrokenPipeError:
+                # The reader (head, less) went away: not an error of ours.
+                # Point stdout at /dev/null so the interpreter's last flush is quiet.
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+
+    run(go)
 
 
 def _survey(

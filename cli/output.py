@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import json
 import logging
+import stat
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 from rich.console import Console
@@ -29,6 +31,7 @@ from rich.progress import (
     TransferSpeedColumn,
 )
 
+from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.node import results
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
@@ -120,3 +123,34 @@ def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[
 
     with progress:
         yield on_event
+
+
+def entry_json(entry: DirEntry) -> dict[str, Any]:
+    """One directory entry as ``ls --json`` shows it (names as they are: JSON escapes)."""
+    return {
+        "name": entry.name,
+        "kind": entry.kind.value,
+        "size": entry.size,
+        "mode": f"{entry.mode:04o}",
+        "mtime_ns": entry.mtime_ns,
+        "target": entry.target,
+        "inline": entry.inline is not None,
+        "reference": None if entry.reference is None else str(entry.reference),
+    }
+
+
+_KIND_LETTER = {EntryKind.FILE: "-", EntryKind.DIRECTORY: "d", EntryKind.SYMLINK: "l"}
+
+
+def entry_line(entry: DirEntry, *, long: bool) -> str:
+    """One ``ls`` line: the name, or with ``long`` kind, mode, size and mtime too.
+
+    The caller prints it with ``print_line``, which escapes what a publisher
+    chose (names, link targets).
+    """
+    if not long:
+        return entry.name
+    mode = stat.filemode(entry.mode)[1:]
+    when = datetime.fromtimestamp(entry.mtime_ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M")
+    name = entry.name if entry.target is None else f"{entry.name} -> {entry.target}"
+    return f"{_KIND_LETTER[entry.kind]}{mode} {entry.size:>12} {when} {name}"

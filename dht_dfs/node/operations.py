@@ -65,13 +65,19 @@ class PublishRequest:
     """Name to record instead of the file's."""
     convergence_secret: bytes | None = None
     """A private convergence secret instead of the network-wide one."""
+    strict: bool = False
+    """A tree: fail on an entry that cannot be published, instead of skipping it."""
 
     def check_input(self) -> PublishRequest:
-        """The request with an absolute path, once the file is known to be readable.
+        """The request with an absolute path, once the file or directory is known readable.
 
-        Raises ``InputError`` for a missing, unreadable or non-regular file.
+        Raises ``InputError`` for a missing, unreadable or special file.
         """
         path = _absolute(self.path)
+        if path.is_dir():
+            if not os.access(path, os.R_OK | os.X_OK):
+                raise InputError(f"cannot read directory {self.path}: permission denied")
+            return replace(self, path=path)
         try:
             with open(path, "rb") as handle:
                 if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
@@ -87,6 +93,7 @@ class PublishRequest:
             "path": str(self.path),
             "name": self.name,
             "convergence_secret": secret.hex() if secret is not None else None,
+            "strict": self.strict,
         }
 
     @classmethod
@@ -96,6 +103,7 @@ class PublishRequest:
             path=Path(_text(document, "path")),
             name=None if name is None else str(name),
             convergence_secret=None if not secret else bytes.fromhex(str(secret)),
+            strict=_flag(document, "strict"),
         )
 
     @staticmethod
@@ -281,6 +289,7 @@ async def run_operation(
             name=request.name,
             progress=progress,
             convergence_secret=request.convergence_secret,
+            strict=request.strict,
         )
         return PublishSummary.of(published)
     if isinstance(request, FetchRequest):

@@ -106,10 +106,22 @@ class PublishSummary:
     """Chunks that got fewer copies than wanted (too few live nodes)."""
     seconds: float
     mb_per_s: float | None
+    files: int = 1
+    directories: int = 0
+    """0 for a file; a tree counts its root too."""
+    symlinks: int = 0
+    skipped: int = 0
+    """Tree entries left out, each with a warning in the log."""
+    skipped_notes: tuple[str, ...] = ()
+    """"path: why" for the first skipped entries (the node's log has them all)."""
 
     @property
     def root_hash(self) -> RootHash:
         return self.reference.root_hash
+
+    @property
+    def is_tree(self) -> bool:
+        return self.directories > 0
 
     @classmethod
     def of(cls, result: PublishResult) -> PublishSummary:
@@ -122,6 +134,11 @@ class PublishSummary:
             under_replicated=result.under_replicated,
             seconds=round(result.seconds, 3),
             mb_per_s=_rate(result.size, result.seconds),
+            files=result.files,
+            directories=result.directories,
+            symlinks=result.symlinks,
+            skipped=result.skipped,
+            skipped_notes=result.skipped_notes,
         )
 
     def to_json(self) -> Document:
@@ -136,6 +153,11 @@ class PublishSummary:
             "under_replicated": self.under_replicated,
             "seconds": self.seconds,
             "mb_per_s": self.mb_per_s,
+            "files": self.files,
+            "directories": self.directories,
+            "symlinks": self.symlinks,
+            "skipped": self.skipped,
+            "skipped_notes": list(self.skipped_notes),
         }
 
     @classmethod
@@ -149,6 +171,11 @@ class PublishSummary:
             under_replicated=int(document["under_replicated"]),
             seconds=float(document["seconds"]),
             mb_per_s=_optional_float(document["mb_per_s"]),
+            files=int(document.get("files", 1)),
+            directories=int(document.get("directories", 0)),
+            symlinks=int(document.get("symlinks", 0)),
+            skipped=int(document.get("skipped", 0)),
+            skipped_notes=tuple(str(note) for note in document.get("skipped_notes", ())),
         )
 
 

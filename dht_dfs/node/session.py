@@ -113,6 +113,29 @@ async def open_session(
 
 
 @contextlib.asynccontextmanager
+async def open_network(
+    data_dir: Path | None, bootstrap: Sequence[str], config: Config
+) -> AsyncIterator[Network]:
+    """A client ``Network`` for reading in this process: through ``bootstrap``, or else
+    through the node running with ``data_dir``.
+
+    Reads that stream to the caller (``ls``, ``cat``) run here, not in the
+    node: the control socket carries one JSON line per event and no flow
+    control, the wrong pipe for a file's bytes. Joining through the local
+    node costs one status call and a bootstrap off a single contact.
+    """
+    if not bootstrap:
+        directory = (data_dir or default_data_dir()).expanduser()
+        status = await LocalNodeSession(directory).run(StatusRequest())
+        host, _, port = status.address.rpartition(":")
+        if host in ("0.0.0.0", "::", "[::]", ""):
+            host = "127.0.0.1"  # a node bound to every address answers on loopback
+        bootstrap = [f"{host}:{port}"]
+    async with client_network(config, bootstrap) as network:
+        yield network
+
+
+@contextlib.asynccontextmanager
 async def client_network(config: Config, bootstrap: Sequence[str]) -> AsyncIterator[Network]:
     """Join the network briefly as a client (stores nothing, not in routing tables)."""
     if not bootstrap:

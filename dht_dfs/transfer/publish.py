@@ -46,6 +46,8 @@ class PublishResult:
     symlinks: int = 0
     skipped: int = 0
     """Tree entries left out (special files, unreadable or changing files)."""
+    skipped_notes: tuple[str, ...] = ()
+    """"path: why" for the first of them."""
 
     @property
     def root_hash(self) -> RootHash:

@@ -33,7 +33,7 @@ import os
 import stat
 import time
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dht_dfs.core.config import Config
@@ -47,6 +47,9 @@ from dht_dfs.transfer.ports import ChunkSink
 from dht_dfs.transfer.publish import PublishResult, publish_file
 
 log = logging.getLogger(__name__)
+
+MAX_SKIPPED_NOTES = 100
+"""Skipped entries a result names; the count covers them all."""
 
 
 class _SharedSink:
@@ -74,6 +77,14 @@ class _Tally:
     data_chunks: int = 0
     node_chunks: int = 0
     done_bytes: int = 0
+    skipped_notes: list[str] = field(default_factory=list)
+    """The first MAX_SKIPPED_NOTES "path: why" lines, for the caller to show."""
+
+    def note_skip(self, path: Path, why: str) -> None:
+        log.warning("skipping %s: %s", path, why)
+        self.skipped += 1
+        if len(self.skipped_notes) < MAX_SKIPPED_NOTES:
+            self.skipped_notes.append(f"{path}: {why}")
 
 
 class _TreePublisher:
@@ -99,8 +110,7 @@ class _TreePublisher:
         """Leave ``path`` out with a warning, or fail the publish under ``strict``."""
         if self._strict:
             raise InputError(f"cannot publish {path}: {why}")
-        log.warning("skipping %s: %s", path, why)
-        self.tally.skipped += 1
+        self.tally.note_skip(path, why)
 
     def _count_bytes(self, length: int) -> None:
         self.tally.done_bytes += length
@@ -219,8 +229,7 @@ class _TreePublisher:
             # was already stored of it is harmless (content-addressed).
             if self._strict:
                 raise
-            log.warning("skipping %s: %s", path, error)
-            self.tally.skipped += 1
+            self.tally.note_skip(path, str(error))
         finally:
             self._files_in_flight.release()
 
@@ -278,6 +287,7 @@ async def publish_tree(
         directories=tally.directories,
         symlinks=tally.symlinks,
         skipped=tally.skipped,
+        skipped_notes=tuple(tally.skipped_notes),
     )
 
 
