@@ -341,3 +341,43 @@ def test_published_names_reach_the_terminal_escaped(devnet: Devnet, tmp_path: Pa
     refused = devnet.run("fetch", dot_reference, *node, check=False, cwd=downloads)
     assert_one_line_error(refused, 2, "'.bashrc' would be hidden; choose the output file with -o")
     assert not (downloads / ".bashrc").exists()
+
+
+def test_publish_a_tree_then_ls_and_cat(devnet: Devnet, tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "sub" / "deep").mkdir(parents=True)
+    (tree / "empty").mkdir()
+    (tree / "hello.txt").write_bytes(b"hello\n")
+    big = write(tree / "sub" / "file.bin", 2_500_000)
+    (tree / "link").symlink_to("sub/file.bin")
+    os.mkfifo(tree / "pipe")
+    published = devnet.run("publish", str(tree), "--data-dir", str(devnet.node_dir(0)))
+    reference = published.stdout.strip().splitlines()[-1]
+    assert reference.startswith("dhtfs:r1:")
+    assert "skipped" in published.stderr and "pipe" in published.stderr
+
+    other = ["--data-dir", str(devnet.node_dir(4))]
+    listed = devnet.run("ls", reference, "-l", *other).stdout.splitlines()
+    assert [line.split()[-1] for line in listed] == ["empty", "hello.txt", "sub/file.bin", "sub"]
+    assert listed[2].startswith("l") and "link -> sub/file.bin" in listed[2]
+    assert listed[3].startswith("d") and " 2500000 " in listed[3]
+    assert devnet.run("ls", f"{reference}/sub", *other).stdout.split() == ["deep", "file.bin"]
+    document = json.loads(devnet.run("ls", f"{reference}/hello.txt", "--json", *other).stdout)
+    assert document["entries"][0]["size"] == 6 and document["entries"][0]["inline"]
+
+    cat = subprocess.run(
+        [*dhtfs_command(), "cat", f"{reference}/sub/file.bin", *other],
+        capture_output=True, timeout=TIMEOUT, env=devnet.env, check=False,
+    )  # fmt: skip
+    assert cat.returncode == 0, cat.stderr
+    assert cat.stdout == big
+    assert_one_line_error(
+        devnet.run("ls", f"{reference}/sub/nope/further", *other, check=False),
+        2,
+        "no 'sub/nope' in this tree",
+    )
+    assert_one_line_error(
+        devnet.run("cat", f"{reference}/sub", *other, check=False), 2, "is a directory"
+    )
+    checked = devnet.run("check", reference, *other)
+    assert checked.stdout.startswith("OK: ")
