@@ -223,8 +223,14 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
         2,
         "cannot read",
     )
+    # A directory publishes as a tree; a bad path inside one is refused at once.
     assert_one_line_error(
-        devnet.run("publish", str(tmp_path), *unreachable, check=False), 2, "Is a directory"
+        devnet.run("ls", "garbage/sub", *unreachable, check=False), 2, "not a dhtfs reference"
+    )
+    assert_one_line_error(
+        devnet.run("cat", f"{never_published}/../x", *unreachable, check=False),
+        2,
+        "'..' is not allowed",
     )
     assert_one_line_error(
         devnet.run(

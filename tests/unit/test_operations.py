@@ -143,6 +143,11 @@ def test_documents_keep_every_key_the_cli_printed() -> None:
         "under_replicated",
         "seconds",
         "mb_per_s",
+        "files",
+        "directories",
+        "symlinks",
+        "skipped",
+        "skipped_notes",
     }
     assert PUBLISHED.to_json()["root_id"] == REFERENCE.root.hex()
     assert set(FETCHED.to_json()) == {
@@ -211,8 +216,8 @@ def test_publish_input_is_checked_and_made_absolute(
     assert checked.path == tmp_path / "file.bin"
     with pytest.raises(InputError, match="cannot read missing: No such file"):
         PublishRequest(Path("missing")).check_input()
-    with pytest.raises(InputError, match="Is a directory"):
-        PublishRequest(tmp_path).check_input()
+    # A directory is a tree to publish, made absolute like a file.
+    assert PublishRequest(Path(".")).check_input().path == tmp_path
     os.mkfifo(tmp_path / "pipe")
     with pytest.raises(InputError, match="not a regular file"):
         # O_NONBLOCK is not used by open(): a FIFO with no writer would block,
