@@ -30,6 +30,10 @@ class InputError(DhtfsError):
     """
 
 
+class PathNotFoundError(InputError):
+    """A path inside a tree names something that is not there (bad input: exit 2)."""
+
+
 class SourceChangedError(InputError):
     """A file to publish could not be read to its end, or changed while it was read."""
 

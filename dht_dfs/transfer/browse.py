@@ -24,6 +24,7 @@ import collections
 from collections.abc import AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
+from typing import TypeVar
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import open_chunk
@@ -37,18 +38,17 @@ from dht_dfs.core.dirnode import (
     find_entry,
     open_dir_node,
 )
-from dht_dfs.core.errors import DirectoryError, InputError, ManifestError
+from dht_dfs.core.errors import DirectoryError, InputError, ManifestError, PathNotFoundError
+from dht_dfs.core.ids import ChunkId
 from dht_dfs.core.manifest import ManifestNode
 from dht_dfs.core.refs import ReadReference
-from dht_dfs.transfer.ports import ChunkSource, get_verified
+from dht_dfs.transfer.ports import ChunkSource, Consume, get_verified
 from dht_dfs.transfer.walk import LeafChunk, open_root, walk_leaves
+
+T = TypeVar("T")
 
 ROOT_NAME = "(root)"
 """The name shown for a directory's root (a root has no name of its own)."""
-
-
-class PathNotFoundError(InputError):
-    """A path inside a tree names something that is not there (bad input: exit 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -67,6 +67,40 @@ def split_path(text: str) -> tuple[str, tuple[str, ...]]:
     if ".." in steps:
         raise InputError(f"{text}: '..' is not allowed in a path inside a tree")
     return reference, steps
+
+
+class CachingSource:
+    """A ``ChunkSource`` that keeps what it fetched, up to a byte bound, least recent out."""
+
+    def __init__(self, source: ChunkSource, limit: int) -> None:
+        self._source = source
+        self._limit = limit
+        self._held = 0
+        self._chunks: collections.OrderedDict[ChunkId, bytes] = collections.OrderedDict()
+
+    async def fetch(self, chunk_id: ChunkId, size_hint: int | None, consume: Consume[T]) -> T:
+        data = self._chunks.get(chunk_id)
+        if data is not None:
+            self._chunks.move_to_end(chunk_id)
+            return consume(data)
+        kept: list[bytes] = []
+
+        def keep(raw: bytes | bytearray) -> T:
+            result = consume(raw)  # it checks the id: only a good copy is kept
+            kept.append(bytes(raw))
+            return result
+
+        result = await self._source.fetch(chunk_id, size_hint, keep)
+        if kept and len(kept[0]) <= self._limit:
+            self._chunks[chunk_id] = kept[0]
+            self._held += len(kept[0])
+            while self._held > self._limit:
+                _, dropped = self._chunks.popitem(last=False)
+                self._held -= len(dropped)
+        return result
+
+    async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
+        await self._source.prefetch(chunk_ids)
 
 
 async def _fetch_dir_node(
@@ -227,6 +261,7 @@ async def stream_file(
 
 
 __all__ = [
+    "CachingSource",
     "PathNotFoundError",
     "Resolved",
     "list_directory",

@@ -83,8 +83,8 @@ def safe_file_name(name: str, fallback: str) -> str:
     return cleaned
 
 
-def resolve_output(metadata: FileMetadata, reference: ReadReference, output: Path | None) -> Path:
-    """The file to write: ``output`` itself, or the published name in it (or here).
+def resolve_output(name: str, reference: ReadReference, output: Path | None) -> Path:
+    """The file to write: ``output`` itself, or the published ``name`` in it (or here).
 
     Raises InputError for a published name that would land as a dotfile
     (``.bashrc`` in a home directory) or read as an option (``-rf``) when
@@ -93,7 +93,7 @@ def resolve_output(metadata: FileMetadata, reference: ReadReference, output: Pat
     if output is not None and not output.is_dir():
         return output
     fallback = f"dhtfs-{reference.root.hex()[:16]}"
-    name = safe_file_name(metadata.name, fallback)
+    name = safe_file_name(name, fallback)
     if name.startswith((".", "-")):
         what = "be hidden" if name.startswith(".") else "read as an option"
         raise InputError(
@@ -158,8 +158,14 @@ class FileFetch:
         progress: ProgressFn | None,
         on_metadata: MetadataFn | None,
         verify_hash: bool,
+        durable: bool = True,
+        expected_size: int | None = None,
     ) -> None:
+        """``durable`` False: no fsync of this file (a tree fetch syncs once at the end).
+        ``expected_size``: what a directory entry says; a manifest that disagrees is refused."""
         self._reference = reference
+        self._durable = durable
+        self._expected_size = expected_size
         self._source = source
         self._config = config
         self._executor = executor
@@ -225,7 +231,12 @@ class FileFetch:
         assert metadata is not None
         self._metadata = metadata
         self._size = metadata.size
-        self.target = resolve_output(metadata, self._reference, self._output)
+        if self._expected_size is not None and metadata.size != self._expected_size:
+            raise ManifestError(
+                f"{self._reference.root.hex()}: its directory says {self._expected_size} bytes, "
+                f"its manifest {metadata.size}"
+            )
+        self.target = resolve_output(metadata.name, self._reference, self._output)
         if _anything_at(self.target) and not self._overwrite:
             raise _exists_error(self.target)
         if self._on_metadata is not None:
@@ -321,10 +332,11 @@ class FileFetch:
             )
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(self._executor, os.fsync, self._fd)
+            if self._durable:
+                await loop.run_in_executor(self._executor, os.fsync, self._fd)
             # Permission bits only: a publisher sets no setuid, setgid or
             # sticky bit, nor anything the fetcher's umask forbids.
-            os.fchmod(self._fd, (metadata.mode & 0o777 or 0o644) & ~_current_umask())
+            os.fchmod(self._fd, (metadata.mode & 0o777 or 0o644) & ~current_umask())
         except OSError as exc:
             raise _output_error(self._part, exc) from None
 
@@ -440,7 +452,7 @@ def _open_part(part: Path) -> tuple[int, bool]:
     return fd, False
 
 
-def _current_umask() -> int:
+def current_umask() -> int:
     """The process umask, read without changing it where the system allows."""
     try:
         with open("/proc/self/status", encoding="ascii", errors="replace") as status:
@@ -488,4 +500,11 @@ def _region_has_data(fd: int, offset: int, length: int) -> bool:
     return data_at < offset + length
 
 
-__all__ = ["PART_SUFFIX", "FetchResult", "FileFetch", "fetch_file", "resolve_output"]
+__all__ = [
+    "PART_SUFFIX",
+    "FetchResult",
+    "FileFetch",
+    "current_umask",
+    "fetch_file",
+    "resolve_output",
+]
