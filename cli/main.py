@@ -11,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -34,12 +33,18 @@ from dht_dfs.node.operations import (
     StatusRequest,
     load_convergence_secret,
 )
-from dht_dfs.node.results import FetchSummary, HealthReport, NodeStatus, PublishSummary
+from dht_dfs.node.results import (
+    FetchSummary,
+    HealthReport,
+    NodeStatus,
+    PublishSummary,
+    ThrottledProgress,
+)
 from dht_dfs.node.session import open_network, open_session
 from dht_dfs.transfer.browse import split_path
 
 from . import devnet as devnet_module
-from . import exits, output
+from . import exits, output, streams
 
 T = TypeVar("T")
 
@@ -211,7 +216,9 @@ def publish(
     file: Annotated[
         Path,
         typer.Argument(
-            help="The file or directory to publish.", metavar="FILE|DIR", show_default=False
+            help="The file or directory to publish; - reads stdin to its end (give --name).",
+            metavar="FILE|DIR|-",
+            show_default=False,
         ),
     ],
     name: Annotated[str | None, typer.Option(help="Name to record instead of the file's.")] = None,
@@ -241,17 +248,33 @@ def publish(
     output.setup_logging(verbose)
     config = _config(replicas)
     secret = None if secret_file is None else checked(load_convergence_secret, secret_file)
-    request = checked(
-        PublishRequest(file, name=name, convergence_secret=secret, strict=strict).check_input
-    )
+    if str(file) == "-":
+        if not name:
+            fail(InputError("publish - needs --name: the name a fetch writes the file as"))
+        stream_name: str = name
+        stdin = checked(streams.stdin_for_publish)
+        with output.progress_bar(f"publish {name}", enabled=not json_output) as on_event:
 
-    with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
+            async def from_stdin() -> PublishSummary:
+                async with open_network(data_dir, bootstrap or [], config) as network:
+                    published = await network.publish_stream(
+                        stdin, name=stream_name, progress=ThrottledProgress(on_event),
+                        convergence_secret=secret,
+                    )  # fmt: skip
+                    return PublishSummary.of(published)
 
-        async def go() -> PublishSummary:
-            async with open_session(data_dir, bootstrap or [], config) as session:
-                return await session.run(request, on_event)
+            result = run(from_stdin)
+    else:
+        request = checked(
+            PublishRequest(file, name=name, convergence_secret=secret, strict=strict).check_input
+        )
+        with output.progress_bar(f"publish {file.name}", enabled=not json_output) as on_event:
 
-        result = run(go)
+            async def go() -> PublishSummary:
+                async with open_session(data_dir, bootstrap or [], config) as session:
+                    return await session.run(request, on_event)
+
+            result = run(go)
     if json_output:
         output.print_json(result.to_json())
         return
@@ -280,14 +303,28 @@ def publish(
 
 @app.command()
 def fetch(
-    reference: Annotated[
-        str, typer.Argument(help="Read reference printed by publish.", metavar="REFERENCE")
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="Read reference printed by publish, optionally followed by /PATH inside a "
+            "directory.",
+            metavar="REF[/PATH]",
+            show_default=False,
+        ),
     ],
     out: Annotated[
         Path | None,
-        typer.Option("--output", "-o", help="File or directory to write [default: ./NAME]."),
+        typer.Option(
+            "--output",
+            "-o",
+            help="A file: the file to write, or a directory to write it into. A tree: the "
+            "directory to write it as (made if missing; an existing one is merged into). "
+            "- writes a file to stdout. [default: ./NAME]",
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing file.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Overwrite what is in the way (never a directory).")
+    ] = False,
     verify_hash: Annotated[
         bool,
         typer.Option(
@@ -300,12 +337,25 @@ def fetch(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Fetch a file by its read reference, verifying every chunk; resumes if interrupted."""
+    """Fetch a file or a directory tree, verifying every chunk; resumes if interrupted."""
     output.setup_logging(verbose)
     config = _config()
+    reference, steps = _resolve_target(target)
+    if out is not None and str(out) == "-":
+        where = "/".join(steps) or str(reference)
+
+        async def to_stdout() -> None:
+            async with open_network(data_dir, bootstrap or [], config) as network:
+                entry = (await network.resolve(reference, steps)).entry
+                streams.check_streamable(entry, where)
+                await streams.write_to_stdout(network, entry)
+
+        run(to_stdout)
+        return
     request = checked(
         FetchRequest(
-            checked(parse_read_reference, reference),
+            reference,
+            path=steps,
             output=out,
             overwrite=force,
             verify_hash=True if verify_hash else None,
@@ -322,9 +372,16 @@ def fetch(
     if json_output:
         output.print_json(result.to_json())
         return
+    tree = (
+        f"{result.files} files, {result.directories} directories, {result.symlinks} symlinks"
+        + (f", {result.files_kept} already there" if result.files_kept else "")
+        + "; "
+        if result.kind == "directory"
+        else ""
+    )
     output.stderr.print(
         f"fetched {format_size(result.size)} in {result.seconds:.2f} s "
-        f"({result.mb_per_s or 0:.0f} MB/s)"
+        f"({tree}{result.mb_per_s or 0:.0f} MB/s)"
         + (f", {result.chunks_resumed} chunks resumed" if result.chunks_resumed else ""),
         markup=False,
     )
@@ -403,21 +460,8 @@ def cat(
     async def go() -> None:
         async with open_network(data_dir, bootstrap or [], config) as network:
             entry = (await network.resolve(reference, steps)).entry
-            if entry.kind is EntryKind.DIRECTORY:
-                raise InputError(f"{where} is a directory; cat takes a file (try ls)")
-            if entry.kind is EntryKind.SYMLINK:
-                raise InputError(
-                    f"{where} is a symlink to {entry.target!r}; cat does not follow links"
-                )
-            sink = sys.stdout.buffer
-            try:
-                async for part in network.stream_file(entry):
-                    sink.write(part)
-                sink.flush()
-            except BrokenPipeError:
-                # The reader (head, less) went away: not an error of ours.
-                # Point stdout at /dev/null so the interpreter's last flush is quiet.
-                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            streams.check_streamable(entry, where)
+            await streams.write_to_stdout(network, entry)
 
     run(go)
 

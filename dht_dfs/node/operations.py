@@ -23,7 +23,6 @@ from typing import Any, ClassVar, Self
 
 from dht_dfs.core.crypto import secret_from_file_content
 from dht_dfs.core.errors import ControlError, InputError
-from dht_dfs.core.manifest import FileMetadata
 from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
 from dht_dfs.node.results import (
     Document,
@@ -34,7 +33,7 @@ from dht_dfs.node.results import (
     NodeStatus,
     OnEvent,
     PublishSummary,
-    _Throttle,
+    ThrottledProgress,
 )
 from dht_dfs.transfer.network import Network
 
@@ -113,42 +112,54 @@ class PublishRequest:
 
 @dataclass(frozen=True, slots=True)
 class FetchRequest:
-    """Fetch, verify and decrypt one file."""
+    """Fetch, verify and decrypt a file, or a directory tree, or one path inside a tree."""
 
     op: ClassVar[str] = "fetch"
     reference: ReadReference
+    path: tuple[str, ...] = ()
+    """Steps below the reference (a directory's root) to what is fetched."""
     output: Path | None = None
-    """A file, or a directory to write the published name into [the working directory]."""
+    """A file, or a directory: for a file, the one to write the published name into; for a
+    tree, the one to write (or merge) it into. None: the name in ``directory``."""
+    directory: Path | None = None
+    """Where the published name goes without ``output``: the caller's working directory."""
     overwrite: bool = False
     verify_hash: bool | None = None
     """Also recompute the whole file's SHA-256 [the config's ``verify_file_hash``]."""
 
     def check_input(self) -> FetchRequest:
-        """The request with an absolute output, once it is known to be writable.
+        """The request with absolute paths, once the output is known to be writable.
 
         Raises ``InputError`` when the output's directory is missing or not
         writable, or the output is an existing file and ``overwrite`` is off.
-        Whether a file of the published name exists in an output directory
-        is known only once the root is fetched; the fetch itself refuses it.
+        What the reference names (file or tree, and its name) is known only
+        once its root is fetched; the fetch itself refuses what is in the way.
         """
-        given = self.output if self.output is not None else Path.cwd()
-        output = _absolute(given)
-        directory = output if output.is_dir() else output.parent
+        if self.output is None:
+            given = Path.cwd() if self.directory is None else self.directory
+            output = None
+            directory = _absolute(given)
+        else:
+            given = self.output
+            output = _absolute(given)
+            directory = output if output.is_dir() else output.parent
         if not directory.is_dir():
             raise InputError(f"cannot write {given}: directory {directory} does not exist")
         if not os.access(directory, os.W_OK | os.X_OK):
             raise InputError(f"cannot write {given}: directory {directory} is not writable")
-        if not output.is_dir() and output.exists() and not self.overwrite:
+        if output is not None and not output.is_dir() and output.exists() and not self.overwrite:
             raise InputError(
                 f"{output} already exists; fetch to another path or overwrite it (--force)"
             )
-        return replace(self, output=output)
+        return replace(self, output=output, directory=directory)
 
     def to_json(self) -> Document:
         return {
             "op": self.op,
             "reference": str(self.reference),
+            "path": list(self.path),
             "output": None if self.output is None else str(self.output),
+            "directory": None if self.directory is None else str(self.directory),
             "overwrite": self.overwrite,
             "verify_hash": self.verify_hash,
         }
@@ -156,9 +167,15 @@ class FetchRequest:
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> FetchRequest:
         output, verify = document.get("output"), document.get("verify_hash")
+        directory = document.get("directory")
+        steps = document.get("path", [])
+        if not isinstance(steps, list) or not all(isinstance(step, str) for step in steps):
+            raise TypeError("path must be a list of names")
         return cls(
             reference=parse_read_reference(_text(document, "reference")),
+            path=tuple(steps),
             output=Path(str(output)) if output else None,
+            directory=Path(str(directory)) if directory else None,
             overwrite=bool(document.get("overwrite", False)),
             verify_hash=None if verify is None else bool(verify),
         )
@@ -282,7 +299,7 @@ async def run_operation(
 ) -> PublishSummary | FetchSummary | HealthReport:
     """Run one request against a network; progress goes to ``on_event``."""
     emit: OnEvent = on_event if on_event is not None else _ignore
-    progress = _Throttle(emit)
+    progress = ThrottledProgress(emit)
     if isinstance(request, PublishRequest):
         published = await network.publish(
             request.path,
@@ -294,15 +311,17 @@ async def run_operation(
         return PublishSummary.of(published)
     if isinstance(request, FetchRequest):
 
-        def on_metadata(metadata: FileMetadata, target: Path) -> None:
-            emit(FileFound(metadata.name, metadata.size, target))
+        def on_found(name: str, size: int, target: Path) -> None:
+            emit(FileFound(name, size, target))
 
         fetched = await network.fetch(
             request.reference,
+            path=request.path,
             output=request.output,
+            directory=request.directory,
             overwrite=request.overwrite,
             progress=progress,
-            on_metadata=on_metadata,
+            on_found=on_found,
             verify_hash=request.verify_hash,
         )
         return FetchSummary.of(fetched)

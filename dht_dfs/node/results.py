@@ -20,6 +20,7 @@ from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, par
 from dht_dfs.transfer.fetch import FetchResult
 from dht_dfs.transfer.network import CheckReport
 from dht_dfs.transfer.publish import PublishResult
+from dht_dfs.transfer.treefetch import TreeFetchResult
 
 Document = dict[str, Any]
 
@@ -76,7 +77,7 @@ def event_from_json(document: Mapping[str, Any]) -> Event | None:
     return None
 
 
-class _Throttle:
+class ThrottledProgress:
     """Forward progress at most every ``_PROGRESS_INTERVAL`` seconds (and at the end)."""
 
     def __init__(self, on_event: OnEvent) -> None:
@@ -181,22 +182,46 @@ class PublishSummary:
 
 @dataclass(frozen=True, slots=True)
 class FetchSummary:
-    """What a fetch wrote."""
+    """What a fetch wrote: a file, or a tree (or one link or small file of a tree)."""
 
     path: Path
     name: str
     size: int
-    sha256: str
-    """Hex SHA-256 of the plaintext, as the manifest records it."""
+    sha256: str | None
+    """Hex SHA-256 of a file's plaintext, as its manifest records it; None for a tree."""
     chunks: int
     chunks_fetched: int
     chunks_resumed: int
     """Chunks already intact in a part file from an interrupted fetch."""
     seconds: float
     mb_per_s: float | None
+    kind: str = "file"
+    """"file", "directory" or "symlink"."""
+    files: int = 1
+    directories: int = 0
+    symlinks: int = 0
+    files_kept: int = 0
+    """A tree: files already there, complete and verified (an interrupted fetch's)."""
 
     @classmethod
-    def of(cls, result: FetchResult) -> FetchSummary:
+    def of(cls, result: FetchResult | TreeFetchResult) -> FetchSummary:
+        if isinstance(result, TreeFetchResult):
+            return cls(
+                path=result.path,
+                name=result.path.name,
+                size=result.size,
+                sha256=None,
+                chunks=result.chunks,
+                chunks_fetched=result.chunks_fetched,
+                chunks_resumed=result.chunks_resumed,
+                seconds=round(result.seconds, 3),
+                mb_per_s=_rate(result.size, result.seconds),
+                kind=result.kind.value,
+                files=result.files,
+                directories=result.directories,
+                symlinks=result.symlinks,
+                files_kept=result.files_kept,
+            )
         return cls(
             path=result.path,
             name=result.metadata.name,
@@ -213,27 +238,38 @@ class FetchSummary:
         return {
             "path": str(self.path),
             "name": self.name,
+            "kind": self.kind,
             "size": self.size,
             "sha256": self.sha256,
             "chunks": self.chunks,
             "chunks_fetched": self.chunks_fetched,
             "chunks_resumed": self.chunks_resumed,
+            "files": self.files,
+            "directories": self.directories,
+            "symlinks": self.symlinks,
+            "files_kept": self.files_kept,
             "seconds": self.seconds,
             "mb_per_s": self.mb_per_s,
         }
 
     @classmethod
     def from_json(cls, document: Mapping[str, Any]) -> FetchSummary:
+        sha256 = document.get("sha256")
         return cls(
             path=Path(str(document["path"])),
             name=str(document["name"]),
             size=int(document["size"]),
-            sha256=str(document["sha256"]),
+            sha256=None if sha256 is None else str(sha256),
             chunks=int(document["chunks"]),
             chunks_fetched=int(document["chunks_fetched"]),
             chunks_resumed=int(document["chunks_resumed"]),
             seconds=float(document["seconds"]),
             mb_per_s=_optional_float(document["mb_per_s"]),
+            kind=str(document.get("kind", "file")),
+            files=int(document.get("files", 1)),
+            directories=int(document.get("directories", 0)),
+            symlinks=int(document.get("symlinks", 0)),
+            files_kept=int(document.get("files_kept", 0)),
         )
 
 

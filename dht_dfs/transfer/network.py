@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import os
 import stat
@@ -27,7 +28,7 @@ from typing import TypeVar
 
 from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
-from dht_dfs.core.direntry import DirEntry
+from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.core.errors import ChunkNotFoundError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.manifest import FileMetadata
@@ -41,11 +42,15 @@ from dht_dfs.transfer.health import CheckReport, ChunkHealth
 from dht_dfs.transfer.pipeline import ProgressFn
 from dht_dfs.transfer.placement import NetworkSink
 from dht_dfs.transfer.ports import Dialer, Locator, PeerLink
-from dht_dfs.transfer.publish import PublishResult, publish_file
+from dht_dfs.transfer.publish import PublishResult, publish_file, publish_stream
 from dht_dfs.transfer.retrieval import NetworkSource, root_not_found
 from dht_dfs.transfer.tree import publish_tree
+from dht_dfs.transfer.treefetch import TreeFetchResult, fetch_entry
 
 log = logging.getLogger(__name__)
+
+ROOT_CACHE_BYTES = 4 * 1024 * 1024
+"""Nodes kept while a fetch resolves its path, so the root is fetched once."""
 
 T = TypeVar("T")
 
@@ -126,24 +131,74 @@ class Network:
             result, under_replicated=sink.under_replicated, copies=sink.placed
         )
 
+    async def publish_stream(
+        self,
+        fd: int,
+        *,
+        name: str,
+        progress: ProgressFn | None = None,
+        convergence_secret: bytes | None = None,
+    ) -> PublishResult:
+        """Publish what a pipe gives until its end (``publish -``), as a file called ``name``."""
+        config = self.config
+        if convergence_secret is not None:
+            config = config.replace(convergence_secret=convergence_secret).validate()
+        sink = NetworkSink(self)
+        result = await publish_stream(
+            fd, sink, config, executor=self.executor, name=name, progress=progress
+        )
+        return dataclasses.replace(
+            result, under_replicated=sink.under_replicated, copies=sink.placed
+        )
+
     async def fetch(
         self,
         reference: ReadReference,
         *,
+        path: Sequence[str] = (),
         output: Path | None = None,
+        directory: Path | None = None,
         overwrite: bool = False,
         progress: ProgressFn | None = None,
-        on_metadata: Callable[[FileMetadata, Path], None] | None = None,
+        on_found: Callable[[str, int, Path], None] | None = None,
         verify_hash: bool | None = None,
-    ) -> FetchResult:
+    ) -> FetchResult | TreeFetchResult:
+        """Fetch what ``REF/PATH`` names: a file, or a directory tree, or a tree's link.
+
+        To ``output`` when given (see ``fetch_entry`` for a directory), else
+        under its published name in ``directory`` [the working directory].
+        ``on_found(name, total_bytes, target)`` is called before any write.
+        """
         source = NetworkSource(self)
+        directory = directory if directory is not None else Path.cwd()
         try:
-            return await fetch_file(
-                reference,
+            resolved = await browse.resolve(
+                browse.CachingSource(source, ROOT_CACHE_BYTES), reference, path, self.executor
+            )
+            entry = resolved.entry
+            if entry.kind is not EntryKind.FILE or entry.inline is not None:
+
+                def on_plan(target: Path, total: int) -> None:
+                    if on_found is not None:
+                        on_found(entry.name, total, target)
+
+                return await fetch_entry(
+                    entry, source, self.config, executor=self.executor, reference=reference,
+                    output=output, directory=directory, overwrite=overwrite, progress=progress,
+                    on_plan=on_plan,
+                )  # fmt: skip
+
+            def on_metadata(metadata: FileMetadata, target: Path) -> None:
+                if on_found is not None:
+                    on_found(metadata.name, metadata.size, target)
+
+            assert entry.reference is not None
+            result = await fetch_file(
+                entry.reference,
                 source,
                 self.config,
                 executor=self.executor,
-                output=output,
+                output=output if output is not None else directory,
                 overwrite=overwrite,
                 progress=progress,
                 on_metadata=on_metadata,
@@ -151,6 +206,10 @@ class Network:
             )
         except ChunkNotFoundError as error:
             raise root_not_found(error, reference.root) from None
+        if entry.mtime_ns:  # a file of a tree: its time as published
+            times = (entry.mtime_ns, entry.mtime_ns)
+            await self.run(functools.partial(os.utime, result.path, ns=times))
+        return result
 
     async def resolve(self, reference: ReadReference, path: Sequence[str]) -> Resolved:
         """The entry ``REF/PATH`` names, from directory nodes alone."""
@@ -225,4 +284,5 @@ __all__ = [
     "NetworkSink",
     "NetworkSource",
     "PublishResult",
+    "TreeFetchResult",
 ]

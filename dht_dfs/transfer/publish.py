@@ -12,14 +12,16 @@ Must not import: dht, transport, node, or the network side of transfer.
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import stat
 import time
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from pathlib import Path
 
-from dht_dfs.core.chunker import ChunkSpan, chunk_count, chunk_spans
+from dht_dfs.core.chunker import ChunkSpan, chunk_spans
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import SealedChunk, seal_chunk
 from dht_dfs.core.errors import DhtfsError, InputError, SourceChangedError
@@ -52,6 +54,67 @@ class PublishResult:
     @property
     def root_hash(self) -> RootHash:
         return self.reference.root_hash
+
+
+MetadataFn = Callable[[int, bytes], FileMetadata]
+"""The file's metadata once all of it is read: from its size and SHA-256."""
+
+
+async def _publish_sealed(
+    pairs: AsyncIterator[tuple[bytes, SealedChunk]],
+    sink: ChunkSink,
+    config: Config,
+    *,
+    metadata_of: MetadataFn,
+    total: int,
+    progress: ProgressFn | None,
+    before_finish: Callable[[], None] | None = None,
+) -> tuple[ReadReference, int, int, int]:
+    """Hand each (plaintext, sealed chunk), in file order, and the manifest to the sink.
+
+    Returns (reference, size, data chunks, manifest chunks). ``before_finish``
+    may refuse the file once it is read (it changed meanwhile).
+    """
+    builder = ManifestBuilder(config.convergence_secret, config.manifest_fanout)
+    hasher = InOrderHasher(config.transfer_window)
+    window = asyncio.Semaphore(config.transfer_window)
+    size = data_chunks = manifest_chunks = 0
+
+    async def put_bounded(chunk: SealedChunk) -> None:
+        try:
+            await sink.put(chunk)
+        finally:
+            window.release()
+
+    try:
+        async with asyncio.TaskGroup() as group:
+
+            async def put(chunk: SealedChunk) -> None:
+                await window.acquire()
+                group.create_task(put_bounded(chunk))
+
+            async for plain, sealed in pairs:
+                await hasher.update(plain)
+                await put(sealed)
+                data_chunks += 1
+                for node in builder.add(sealed):
+                    manifest_chunks += 1
+                    await put(node)
+                size += len(plain)
+                if progress is not None:
+                    progress(size, total)
+            if before_finish is not None:
+                before_finish()
+            nodes, reference = builder.finish(metadata_of(size, await hasher.digest()))
+            for node in nodes:
+                manifest_chunks += 1
+                await put(node)
+    except* DhtfsError as group_error:
+        raise first_error(group_error) from None
+    finally:
+        hasher.close()
+    await sink.flush()
+    return reference, size, data_chunks, manifest_chunks
 
 
 async def publish_file(
@@ -97,69 +160,104 @@ async def publish_file(
                 raise SourceChangedError(f"{path} shrank while it was being published")
             return plain, seal_chunk(plain, secret)
 
-        builder = ManifestBuilder(secret, config.manifest_fanout)
-        hasher = InOrderHasher(config.transfer_window)
-        window = asyncio.Semaphore(config.transfer_window)
-        done_bytes = 0
-        manifest_chunks = 0
+        def unchanged() -> None:
+            after = os.fstat(fd)
+            if after.st_size != size or after.st_mtime_ns != info.st_mtime_ns:
+                raise SourceChangedError(f"{path} changed while it was being published; try again")
 
-        async def put_bounded(chunk: SealedChunk) -> None:
-            try:
-                await sink.put(chunk)
-            finally:
-                window.release()
+        def metadata_of(length: int, digest: bytes) -> FileMetadata:
+            return FileMetadata(
+                name=name if name is not None else path.name,
+                size=length,
+                mode=stat.S_IMODE(info.st_mode),
+                chunk_size=chunk_size,
+                plain_sha256=digest,
+            )
 
-        try:
-            async with asyncio.TaskGroup() as group:
-
-                async def put(chunk: SealedChunk) -> None:
-                    await window.acquire()
-                    group.create_task(put_bounded(chunk))
-
-                async for plain, sealed in ordered_map(
-                    read_and_seal,
-                    chunk_spans(size, chunk_size),
-                    concurrency=config.transfer_window,
-                    executor=executor,
-                ):
-                    await hasher.update(plain)
-                    await put(sealed)
-                    for node in builder.add(sealed):
-                        manifest_chunks += 1
-                        await put(node)
-                    done_bytes += len(plain)
-                    if progress is not None:
-                        progress(done_bytes, size)
-                after = os.fstat(fd)
-                if after.st_size != size or after.st_mtime_ns != info.st_mtime_ns:
-                    raise SourceChangedError(
-                        f"{path} changed while it was being published; try again"
-                    )
-                metadata = FileMetadata(
-                    name=name if name is not None else path.name,
-                    size=size,
-                    mode=stat.S_IMODE(info.st_mode),
-                    chunk_size=chunk_size,
-                    plain_sha256=await hasher.digest(),
-                )
-                nodes, reference = builder.finish(metadata)
-                for node in nodes:
-                    manifest_chunks += 1
-                    await put(node)
-        except* DhtfsError as group_error:
-            raise first_error(group_error) from None
-        finally:
-            hasher.close()
-        await sink.flush()
+        pairs = ordered_map(
+            read_and_seal,
+            chunk_spans(size, chunk_size),
+            concurrency=config.transfer_window,
+            executor=executor,
+        )
+        reference, size, data_chunks, manifest_chunks = await _publish_sealed(
+            pairs, sink, config, metadata_of=metadata_of, total=size, progress=progress,
+            before_finish=unchanged,
+        )  # fmt: skip
     finally:
         os.close(fd)
-    return PublishResult(
-        reference,
-        size,
-        chunk_count(size, chunk_size),
-        manifest_chunks,
-        time.monotonic() - started,
-    )
+    return PublishResult(reference, size, data_chunks, manifest_chunks, time.monotonic() - started)
 
 
-__all__ = ["PublishResult", "publish_file"]
+def read_full(fd: int, length: int) -> bytes:
+    """Up to ``length`` bytes from a pipe or file: fewer only at its end."""
+    parts: list[bytes] = []
+    wanted = length
+    while wanted:
+        try:
+            part = os.read(fd, wanted)
+        except OSError as exc:
+            raise InputError(f"cannot read the input: {exc.strerror or exc}") from None
+        if not part:
+            break
+        parts.append(part)
+        wanted -= len(part)
+    return b"".join(parts)
+
+
+async def _stream_pairs(
+    fd: int, config: Config, executor: Executor
+) -> AsyncIterator[tuple[bytes, SealedChunk]]:
+    """Read ``fd`` chunk after chunk (one read at a time: a pipe has no offsets) and seal
+    each in the workers, ``transfer_window`` chunks ahead at most."""
+    loop = asyncio.get_running_loop()
+    secret = config.convergence_secret
+    pending: collections.deque[asyncio.Future[SealedChunk]] = collections.deque()
+    plains: collections.deque[bytes] = collections.deque()
+    try:
+        while True:
+            plain = await loop.run_in_executor(executor, read_full, fd, config.chunk_size)
+            if not plain:
+                break
+            plains.append(plain)
+            pending.append(loop.run_in_executor(executor, seal_chunk, plain, secret))
+            if len(pending) >= config.transfer_window:
+                yield plains.popleft(), await pending.popleft()
+            if len(plain) < config.chunk_size:
+                break
+        while pending:
+            yield plains.popleft(), await pending.popleft()
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+async def publish_stream(
+    fd: int,
+    sink: ChunkSink,
+    config: Config,
+    *,
+    executor: Executor,
+    name: str,
+    mode: int = 0o644,
+    progress: ProgressFn | None = None,
+) -> PublishResult:
+    """Split, encrypt and store what a pipe (stdin) gives until its end, in bounded memory.
+
+    The size is known only at the end: ``progress`` gets a total of 0.
+    """
+    started = time.monotonic()
+
+    def metadata_of(length: int, digest: bytes) -> FileMetadata:
+        return FileMetadata(
+            name=name, size=length, mode=mode, chunk_size=config.chunk_size, plain_sha256=digest
+        )
+
+    reference, size, data_chunks, manifest_chunks = await _publish_sealed(
+        _stream_pairs(fd, config, executor), sink, config, metadata_of=metadata_of, total=0,
+        progress=progress,
+    )  # fmt: skip
+    return PublishResult(reference, size, data_chunks, manifest_chunks, time.monotonic() - started)
+
+
+__all__ = ["PublishResult", "publish_file", "publish_stream", "read_full"]

@@ -392,3 +392,47 @@ def test_publish_a_tree_then_ls_and_cat(devnet: Devnet, tmp_path: Path) -> None:
     )
     checked = devnet.run("check", reference, *other)
     assert checked.stdout.startswith("OK: ")
+
+    # The whole tree, a subtree and one file, fetched on another node.
+    fetched = devnet.run("fetch", reference, "-o", str(tmp_path / "got"), *other)
+    assert fetched.stdout.strip() == str(tmp_path / "got")
+    os.unlink(tree / "pipe")  # skipped when published
+    diff = subprocess.run(
+        ["diff", "-r", "--no-dereference", str(tree), str(tmp_path / "got")], check=False
+    )
+    assert diff.returncode == 0
+    assert (tmp_path / "got" / "link").is_symlink()
+    again = devnet.run("fetch", reference, "-o", str(tmp_path / "got"), *other, "--json")
+    assert json.loads(again.stdout)["files_kept"] == 2  # hello.txt and sub/file.bin
+    devnet.run("fetch", f"{reference}/sub", "-o", str(tmp_path / "sub"), *other)
+    assert (tmp_path / "sub" / "file.bin").read_bytes() == big
+    assert_one_line_error(
+        devnet.run("fetch", f"{reference}/nope", *other, check=False), 2, "no 'nope'"
+    )
+
+
+def test_publish_from_stdin_and_fetch_to_stdout(devnet: Devnet, tmp_path: Path) -> None:
+    data = os.urandom(3_000_000)
+    published = subprocess.run(
+        [*dhtfs_command(), "publish", "-", "--name", "blob.bin",
+         "--data-dir", str(devnet.node_dir(0))],
+        input=data, capture_output=True, timeout=TIMEOUT, env=devnet.env, check=False,
+    )  # fmt: skip
+    assert published.returncode == 0, published.stderr
+    reference = published.stdout.decode().strip().splitlines()[-1]
+    out = subprocess.run(
+        [*dhtfs_command(), "fetch", reference, "-o", "-", "--data-dir", str(devnet.node_dir(3))],
+        capture_output=True, timeout=TIMEOUT, env=devnet.env, check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert out.stdout == data
+    fetched = devnet.run(
+        "fetch", reference, "-o", str(tmp_path), *["--data-dir", str(devnet.node_dir(4))]
+    )
+    assert Path(fetched.stdout.strip()) == tmp_path / "blob.bin"
+    assert (tmp_path / "blob.bin").read_bytes() == data
+    assert_one_line_error(
+        devnet.run("publish", "-", "--data-dir", str(devnet.node_dir(0)), check=False),
+        2,
+        "needs --name",
+    )

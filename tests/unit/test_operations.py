@@ -153,6 +153,11 @@ def test_documents_keep_every_key_the_cli_printed() -> None:
     assert set(FETCHED.to_json()) == {
         "path",
         "name",
+        "kind",
+        "files",
+        "directories",
+        "symlinks",
+        "files_kept",
         "size",
         "sha256",
         "chunks",
@@ -233,7 +238,8 @@ def test_fetch_output_is_checked_before_any_network_work(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(tmp_path)
-    assert FetchRequest(REFERENCE).check_input().output == tmp_path
+    defaulted = FetchRequest(REFERENCE).check_input()
+    assert (defaulted.output, defaulted.directory) == (None, tmp_path)
     assert FetchRequest(REFERENCE, output=Path("new.bin")).check_input().output == (
         tmp_path / "new.bin"
     )
