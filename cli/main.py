@@ -342,15 +342,7 @@ def fetch(
     config = _config()
     reference, steps = _resolve_target(target)
     if out is not None and str(out) == "-":
-        where = "/".join(steps) or str(reference)
-
-        async def to_stdout() -> None:
-            async with open_network(data_dir, bootstrap or [], config) as network:
-                entry = (await network.resolve(reference, steps)).entry
-                streams.check_streamable(entry, where)
-                await streams.write_to_stdout(network, entry)
-
-        run(to_stdout)
+        _to_stdout(reference, steps, data_dir, bootstrap, config)
         return
     request = checked(
         FetchRequest(
@@ -401,6 +393,25 @@ TreePath = Annotated[
 def _resolve_target(target: str) -> tuple[ReadReference, tuple[str, ...]]:
     text, steps = checked(split_path, target)
     return checked(parse_read_reference, text), steps
+
+
+def _to_stdout(
+    reference: ReadReference,
+    steps: tuple[str, ...],
+    data_dir: Path | None,
+    bootstrap: list[str] | None,
+    config: Config,
+) -> None:
+    """``cat`` and ``fetch -o -``: a file's bytes to stdout, as a client."""
+    where = "/".join(steps) or str(reference)
+
+    async def go() -> None:
+        async with open_network(data_dir, bootstrap or [], config) as network:
+            entry = (await network.resolve(reference, steps)).entry
+            streams.check_streamable(entry, where)
+            await streams.write_to_stdout(network, entry)
+
+    run(go)
 
 
 @app.command(name="ls")
@@ -455,15 +466,7 @@ def cat(
     output.setup_logging(verbose)
     config = _config()
     reference, steps = _resolve_target(target)
-    where = "/".join(steps) or str(reference)
-
-    async def go() -> None:
-        async with open_network(data_dir, bootstrap or [], config) as network:
-            entry = (await network.resolve(reference, steps)).entry
-            streams.check_streamable(entry, where)
-            await streams.write_to_stdout(network, entry)
-
-    run(go)
+    _to_stdout(reference, steps, data_dir, bootstrap, config)
 
 
 def _survey(

@@ -46,6 +46,14 @@ def listing(root: Path) -> list[tuple[str, str, int, str]]:
     return sorted(found)
 
 
+async def published(tmp_path: Path, executor: ThreadPoolExecutor):  # type: ignore[no-untyped-def]
+    """The test tree (without its fifo, which publish skips), published into a new store."""
+    root = make_tree(tmp_path)
+    os.unlink(root / "pipe")
+    store = MemoryStore()
+    return root, store, (await publish(root, store, executor)).reference
+
+
 async def fetch(store: MemoryStore, ref, out: Path, executor, **kw):  # type: ignore[no-untyped-def]
     entry = (await resolve(store, ref, (), executor)).entry
     return await fetch_tree(entry, store, CONFIG, executor=executor, output=out, **kw)
@@ -71,10 +79,7 @@ async def test_a_tree_comes_back_as_published(tmp_path: Path, executor: ThreadPo
 async def test_a_second_fetch_keeps_complete_files_and_refetches_a_damaged_one(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    root = make_tree(tmp_path)
-    os.unlink(root / "pipe")
-    store = MemoryStore()
-    ref = (await publish(root, store, executor)).reference
+    root, store, ref = await published(tmp_path, executor)
     out = tmp_path / "out"
     await fetch(store, ref, out, executor, rules=SENSITIVE)
     # Damage one file without changing its size or mtime: it must be noticed.
@@ -119,10 +124,7 @@ async def test_names_that_fold_together_are_refused_before_any_write(
 async def test_a_link_planted_in_the_output_is_never_written_through(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    root = make_tree(tmp_path)
-    os.unlink(root / "pipe")
-    store = MemoryStore()
-    ref = (await publish(root, store, executor)).reference
+    _root, store, ref = await published(tmp_path, executor)
     out = tmp_path / "out"
     out.mkdir()
     elsewhere = tmp_path / "elsewhere"
@@ -140,10 +142,7 @@ async def test_a_link_planted_in_the_output_is_never_written_through(
 async def test_a_file_in_the_way_is_refused_unless_forced(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    root = make_tree(tmp_path)
-    os.unlink(root / "pipe")
-    store = MemoryStore()
-    ref = (await publish(root, store, executor)).reference
+    _root, store, ref = await published(tmp_path, executor)
     out = tmp_path / "out"
     out.mkdir()
     (out / "small.txt").write_bytes(b"mine, keep it")
@@ -158,10 +157,7 @@ async def test_a_file_in_the_way_is_refused_unless_forced(
 async def test_a_missing_chunk_fails_that_file_and_writes_the_rest(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    root = make_tree(tmp_path)
-    os.unlink(root / "pipe")
-    store = MemoryStore()
-    ref = (await publish(root, store, executor)).reference
+    root, store, ref = await published(tmp_path, executor)
     mid = (await resolve(store, ref, ("sub", "deeper", "mid.bin"), executor)).entry
     assert mid.reference is not None
     del store.chunks[mid.reference.root]
@@ -175,10 +171,7 @@ async def test_a_missing_chunk_fails_that_file_and_writes_the_rest(
 async def test_names_too_long_for_the_target_are_refused(
     tmp_path: Path, executor: ThreadPoolExecutor
 ) -> None:
-    root = make_tree(tmp_path)
-    os.unlink(root / "pipe")
-    store = MemoryStore()
-    ref = (await publish(root, store, executor)).reference
+    _root, store, ref = await published(tmp_path, executor)
     out = tmp_path / "out"
     with pytest.raises(InputError, match="longer than the 5 bytes"):
         await fetch(store, ref, out, executor, rules=TargetRules(False, 5))
