@@ -39,6 +39,7 @@ from dht_dfs.transfer import browse, health, placement
 from dht_dfs.transfer.browse import Resolved
 from dht_dfs.transfer.fetch import FetchResult, fetch_file
 from dht_dfs.transfer.health import CheckReport, ChunkHealth
+from dht_dfs.transfer.nearby import Neighbourhoods
 from dht_dfs.transfer.pipeline import ProgressFn
 from dht_dfs.transfer.placement import NetworkSink
 from dht_dfs.transfer.ports import Dialer, Locator, PeerLink
@@ -82,6 +83,8 @@ class Network:
         """This node's own store; None for a short-lived client."""
         # Read once: a fetch compares it per chunk, and it never changes.
         self._node_id = locator.contact.node_id
+        self.nearby = Neighbourhoods(locator, config.ksize)
+        """Closest nodes of many keys from few lookups, for placing and finding chunks."""
 
     @property
     def node_id(self) -> NodeId:

@@ -30,6 +30,7 @@ from dht_dfs.core.errors import (
     NetworkError,
     NotEnoughNodesError,
     PeerRefusedError,
+    PeerUnavailableError,
     StoreError,
 )
 from dht_dfs.core.ids import ChunkId, NodeId
@@ -41,6 +42,10 @@ log = logging.getLogger(__name__)
 
 _ANNOUNCE_BATCH = 64
 """Provider records gathered before the sink announces them."""
+_PUTS_PER_WINDOW = 2
+"""Chunks a sink places at once, in ``transfer_window`` units: however many
+files a tree publish has in flight, storers see a bounded queue (a deep one
+delays their DHT answers past ``dht_rpc_timeout`` and gets them evicted)."""
 
 
 class Placer:
@@ -77,6 +82,8 @@ class Placer:
                     try:
                         record = task.result()
                     except (NetworkError, StoreError, OSError) as error:
+                        if isinstance(error, PeerUnavailableError):
+                            self._network.nearby.forget(contact.node_id)
                         failures.append(f"{contact.node_id}: {error}")
                         log.debug(
                             "placing chunk %s on %s failed: %s",
@@ -151,38 +158,57 @@ class NetworkSink:
         self._network = network
         self._records: list[ProviderRecord] = []
         self._closest: dict[bytes, Sequence[Contact]] = {}
-        self._announce_lock = asyncio.Lock()
+        self._announcing: asyncio.Task[None] | None = None
+        """The batch being announced in the background (one at most)."""
+        self._in_flight = asyncio.Semaphore(_PUTS_PER_WINDOW * network.config.transfer_window)
         self.under_replicated = 0
         self.placed = 0
 
     async def put(self, chunk: SealedChunk) -> None:
         network = self._network
         key = chunk.chunk_id.dht_key
-        closest = await network.locator.closest_live_nodes(
-            key, network.config.ksize, include_self=network.store is not None
-        )
-        placer = Placer(network, chunk.chunk_id, chunk.data, closest)
-        placed, records = await placer.place(closest, network.config.replicas)
+        async with self._in_flight:
+            closest = await network.nearby.closest(
+                key, network.config.ksize, include_self=network.store is not None
+            )
+            placer = Placer(network, chunk.chunk_id, chunk.data, closest)
+            placed, records = await placer.place(closest, network.config.replicas)
         self.placed += len(placed)
         if len(placed) < network.config.replicas:
             self.under_replicated += 1
         self._records.extend(records)
         self._closest[key] = closest
         if len(self._records) >= _ANNOUNCE_BATCH:
-            await self._announce()
-
-    async def _announce(self) -> None:
-        async with self._announce_lock:
+            # Announced while the next chunks are stored. Batches go one
+            # after the other (each waits for the one before); a put waits
+            # only while the batch before this one is still going.
             records, self._records = self._records, []
-            closest, self._closest = self._closest, {}
-            if records:
-                confirmed = await self._network.locator.put_records(records, closest)
-                lonely = [key for key, count in confirmed.items() if count == 0]
-                if lonely:
-                    log.debug("%d provider record(s) found no DHT node to keep them", len(lonely))
+            closest_of, self._closest = self._closest, {}
+            before = self._announcing
+            self._announcing = asyncio.create_task(self._announce(records, closest_of, before))
+            if before is not None:
+                await before
+
+    async def _announce(
+        self,
+        records: list[ProviderRecord],
+        closest: dict[bytes, Sequence[Contact]],
+        before: asyncio.Task[None] | None = None,
+    ) -> None:
+        if before is not None:
+            await before
+        if records:
+            confirmed = await self._network.locator.put_records(records, closest)
+            lonely = [key for key, count in confirmed.items() if count == 0]
+            if lonely:
+                log.debug("%d provider record(s) found no DHT node to keep them", len(lonely))
 
     async def flush(self) -> None:
-        await self._announce()
+        """Announce what is left, after every batch in the background."""
+        records, self._records = self._records, []
+        closest_of, self._closest = self._closest, {}
+        before, self._announcing = self._announcing, None
+        await self._announce(records, closest_of, before)
 
 
 async def copy_to(

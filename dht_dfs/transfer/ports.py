@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
-from typing import Protocol, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from dht_dfs.core.addresses import PeerAddress
 from dht_dfs.core.config import Config
@@ -29,6 +29,9 @@ from dht_dfs.core.errors import IntegrityError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.dht.values import Contact, LookupResult, ProviderRecord
 from dht_dfs.store.chunks import ChunkStore
+
+if TYPE_CHECKING:
+    from dht_dfs.transfer.nearby import Neighbourhoods
 from dht_dfs.wire import StoreResult
 
 T = TypeVar("T")
@@ -166,6 +169,8 @@ class NetworkView(Protocol):
     executor: Executor
     store: ChunkStore | None
     """This node's own store; None for a short-lived client."""
+    nearby: Neighbourhoods
+    """Closest nodes of many keys from few lookups (``transfer.nearby``)."""
 
     @property
     def node_id(self) -> NodeId: ...

@@ -2,9 +2,11 @@
 
 A chunk comes from whichever holder answers, tried in this order: this
 node's own store; peers that said they hold it (HAVE queries sent ahead for
-a whole manifest leaf, see ``prefetch``); the providers the DHT knows; the
-nodes closest to the chunk's id (copies belong there even when their
-provider records were lost). Within each group the holder with fewest
+a whole manifest leaf, see ``prefetch``); the ``replicas`` nodes closest to
+its id, where copies are placed, when a lookup kept for a nearby key proves
+which they are (``nearby``: most chunks of a fetch need no lookup); the
+providers the DHT knows; the nodes closest to the chunk's id (copies belong
+there even when their provider records were lost). Within each group the holder with fewest
 failures, then fewest requests in flight, goes first. A dead peer, a
 timeout or a corrupt copy only moves the fetch on to the next holder; a
 holder that no longer has the chunk has its provider record forgotten. A
@@ -123,7 +125,24 @@ class NetworkSource:
         found = await self._try_each(chunk_id, hinted, tried, errors, consume)
         if found is not None:
             return found[0]
-        records = await network.locator.find_providers(chunk_id.dht_key)
+        # Copies are placed on the nodes closest to the id: when kept lookups
+        # name them for sure, they are asked before the DHT is.
+        expected = network.nearby.peek(
+            chunk_id.dht_key, network.config.replicas, include_self=False
+        )
+        if expected is not None:
+            found = await self._try_each(
+                chunk_id, [address_of(c) for c in expected], tried, errors, consume
+            )
+            if found is not None:
+                return found[0]
+            records = await network.locator.find_providers(chunk_id.dht_key)
+        else:
+            # One lookup finds the providers and, kept, the closest nodes of
+            # this key and of the many keys near enough to share its answer.
+            result = await network.locator.lookup(chunk_id.dht_key)
+            network.nearby.learn(result)
+            records = list(result.providers)
         found = await self._try_each(
             chunk_id, [address_of_record(r) for r in records], tried, errors, consume
         )
@@ -132,7 +151,7 @@ class NetworkSource:
         # No announced holder answered. Copies are placed on the nodes closest
         # to the id, so ask those directly: this finds chunks whose provider
         # records were lost (say, every record holder restarted at once).
-        closest = await network.locator.closest_live_nodes(
+        closest = await network.nearby.closest(
             chunk_id.dht_key, 2 * network.config.replicas, include_self=False
         )
         found = await self._try_each(

@@ -10,12 +10,20 @@ warning (reading one could block or never end).
 Files go through the file engine (``publish_file``) into ONE shared sink,
 so a network sink batches its provider announcements across files; the
 engine's per-file ``flush`` is absorbed and the sink is flushed once at the
-end. At most ``tree_files_in_flight`` files are published at once, each
-with its own ``transfer_window``, so memory stays bounded whatever the
-tree. Files up to ``inline_limit`` bytes are inlined into their directory
-node and get no chunk of their own. One directory's entries are held while
-it is built (the builder itself streams), so memory grows with the largest
-directory, not with the tree.
+end. Files up to ``inline_limit`` bytes are inlined into their directory
+node and get no chunk of their own.
+
+Nothing waits on one store at a time: a tree is mostly small files in
+small directories, and each chunk costs a round trip to its holders. So at
+most ``tree_files_in_flight`` files larger than a chunk are published at
+once (each with its own ``transfer_window``), and besides them up to
+``SMALL_FILES_PER_LARGE`` times as many files of one chunk; subdirectories
+are walked as tasks of their own, up to ``DIRECTORIES_IN_FLIGHT`` at once
+(beyond that, in line, so a deep tree never waits on itself), and each
+directory's node chunks are stored concurrently, ``transfer_window`` at a
+time. Memory stays bounded whatever the tree: a directory's entries are held
+while it is built (the builder itself streams), so it grows with the largest
+directories in flight, not with the tree.
 
 A file or directory that cannot be read, and a file that changes while it
 is read, is skipped with a warning naming it and why (logged, and counted
@@ -50,6 +58,10 @@ log = logging.getLogger(__name__)
 
 MAX_SKIPPED_NOTES = 100
 """Skipped entries a result names; the count covers them all."""
+SMALL_FILES_PER_LARGE = 8
+"""Files of one chunk in flight for each larger file ``tree_files_in_flight`` allows."""
+DIRECTORIES_IN_FLIGHT = 32
+"""Directories walked at once as their own tasks."""
 
 
 class _SharedSink:
@@ -103,7 +115,10 @@ class _TreePublisher:
         self._executor = executor
         self._strict = strict
         self._progress = progress
-        self._files_in_flight = asyncio.Semaphore(config.tree_files_in_flight)
+        self._large_files = asyncio.Semaphore(config.tree_files_in_flight)
+        self._small_files = asyncio.Semaphore(SMALL_FILES_PER_LARGE * config.tree_files_in_flight)
+        self._directories = asyncio.Semaphore(DIRECTORIES_IN_FLIGHT)
+        self._node_window = asyncio.Semaphore(config.transfer_window)
         self.tally = _Tally()
 
     def skip(self, path: Path, why: str) -> None:
@@ -117,10 +132,19 @@ class _TreePublisher:
         if self._progress is not None:
             self._progress(self.tally.done_bytes, 0)
 
-    async def _put_all(self, chunks: list[SealedChunk]) -> None:
+    async def _put_all(self, chunks: list[SealedChunk], group: asyncio.TaskGroup) -> None:
+        """Store a directory's node chunks in ``group``, ``transfer_window`` at a time."""
+
+        async def put(chunk: SealedChunk) -> None:
+            try:
+                await self._sink.put(chunk)
+            finally:
+                self._node_window.release()
+
         for chunk in chunks:
             self.tally.node_chunks += 1
-            await self._sink.put(chunk)
+            await self._node_window.acquire()
+            group.create_task(put(chunk))
 
     async def directory(self, path: Path) -> BuiltDirectory | None:
         """Publish one directory and everything below it; None if it was skipped."""
@@ -145,33 +169,64 @@ class _TreePublisher:
                         self.skip(child, exc.strerror or str(exc))
                         continue
                     if stat.S_ISDIR(info.st_mode):
-                        # Depth first, one directory at a time; its files
-                        # still overlap with this directory's.
-                        built = await self.directory(child)
-                        if built is not None:
-                            slots[index] = DirEntry.directory(
-                                item.name, built, mode=stat.S_IMODE(info.st_mode),
-                                mtime_ns=info.st_mtime_ns,
-                            )  # fmt: skip
+                        if self._directories.locked():
+                            # Every slot is taken (by this directory's
+                            # ancestors, maybe): walk it here, never wait.
+                            await self._subdirectory(child, item.name, info, slots, index)
+                        else:
+                            await self._directories.acquire()
+                            group.create_task(
+                                self._subdirectory(
+                                    child, item.name, info, slots, index, release=True
+                                )
+                            )
                     elif stat.S_ISLNK(info.st_mode):
                         slots[index] = self._symlink(child, item.name, info)
                     elif stat.S_ISREG(info.st_mode):
-                        await self._files_in_flight.acquire()
-                        group.create_task(self._file(child, item.name, info, slots, index))
+                        budget = (
+                            self._small_files
+                            if info.st_size <= self._config.chunk_size
+                            else self._large_files
+                        )
+                        await budget.acquire()
+                        group.create_task(
+                            self._file(child, item.name, info, slots, index, budget=budget)
+                        )
                     else:
                         self.skip(child, "not a regular file, directory or symlink")
+            builder = DirectoryBuilder(
+                self._config.convergence_secret, inline_limit=self._config.inline_limit
+            )
+            async with asyncio.TaskGroup() as group:
+                for entry in slots:
+                    if entry is not None:
+                        await self._put_all(builder.add(entry), group)
+                nodes, built = builder.finish()
+                await self._put_all(nodes, group)
         except* DhtfsError as group_error:
             raise first_error(group_error) from None
-        builder = DirectoryBuilder(
-            self._config.convergence_secret, inline_limit=self._config.inline_limit
-        )
-        for entry in slots:
-            if entry is not None:
-                await self._put_all(builder.add(entry))
-        nodes, built = builder.finish()
-        await self._put_all(nodes)
         self.tally.directories += 1
         return built
+
+    async def _subdirectory(
+        self,
+        path: Path,
+        name: str,
+        info: os.stat_result,
+        slots: list[DirEntry | None],
+        index: int,
+        *,
+        release: bool = False,
+    ) -> None:
+        try:
+            built = await self.directory(path)
+        finally:
+            if release:
+                self._directories.release()
+        if built is not None:
+            slots[index] = DirEntry.directory(
+                name, built, mode=stat.S_IMODE(info.st_mode), mtime_ns=info.st_mtime_ns
+            )
 
     def _symlink(self, path: Path, name: str, info: os.stat_result) -> DirEntry | None:
         try:
@@ -191,7 +246,14 @@ class _TreePublisher:
         return entry
 
     async def _file(
-        self, path: Path, name: str, info: os.stat_result, slots: list[DirEntry | None], index: int
+        self,
+        path: Path,
+        name: str,
+        info: os.stat_result,
+        slots: list[DirEntry | None],
+        index: int,
+        *,
+        budget: asyncio.Semaphore,
     ) -> None:
         try:
             mode = stat.S_IMODE(info.st_mode)
@@ -231,7 +293,7 @@ class _TreePublisher:
                 raise
             self.tally.note_skip(path, str(error))
         finally:
-            self._files_in_flight.release()
+            budget.release()
 
 
 def _read_small(path: Path, info: os.stat_result) -> bytes:

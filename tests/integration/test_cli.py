@@ -7,75 +7,22 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from dhtfs_cli.devnet import find_free_ports
 
+from tests.support.devnet import TIMEOUT, Devnet, running_devnet
 from tests.support.processes import dhtfs_command, read_until, stop
 
 NODES = 6
-TIMEOUT = 120
-
-
-@dataclass
-class Devnet:
-    process: subprocess.Popen[str]
-    directory: Path
-    base_port: int
-    env: dict[str, str]
-
-    def node_dir(self, index: int) -> Path:
-        return self.directory / f"node-{index}"
-
-    def run(
-        self, *args: str, check: bool = True, cwd: Path | None = None
-    ) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [*dhtfs_command(), *args],
-            capture_output=True,
-            text=True,
-            timeout=TIMEOUT,
-            env=self.env,
-            cwd=cwd,
-            check=False,
-        )
-        if check and done.returncode != 0:
-            raise AssertionError(f"dhtfs {' '.join(args)} exited {done.returncode}: {done.stderr}")
-        return done
-
-
-def read_banner(process: subprocess.Popen[str], timeout: float) -> list[str]:
-    """Lines the devnet prints up to its 'Ctrl-C' line, waiting at most ``timeout``."""
-    assert process.stdout is not None
-    return read_until(process.stdout, "Ctrl-C stops the network", timeout)
 
 
 @pytest.fixture(scope="module")
 def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
-    directory = tmp_path_factory.mktemp("devnet")
-    base = find_free_ports(NODES)
-    env = {**os.environ, "DHTFS_DATA_DIR": str(directory / "default-home")}
-    process = subprocess.Popen(
-        [
-            *dhtfs_command(),
-            "devnet",
-            "--nodes",
-            str(NODES),
-            "--port",
-            str(base),
-            "--dir",
-            str(directory),
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-        env=env,
-    )
-    try:
-        banner = read_banner(process, 90)
-        assert banner[0].startswith(f"devnet: {NODES} node(s) on 127.0.0.1:{base}")
+    with running_devnet(tmp_path_factory.mktemp("devnet"), NODES) as network:
+        banner = network.banner
+        assert banner[0].startswith(f"devnet: {NODES} node(s) on 127.0.0.1:{network.base_port}")
         # The commands to try, one per line, as a person reads them.
         assert [line.split(":")[0].strip() for line in banner[1:]] == [
             "publish",
@@ -84,9 +31,7 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
             "status",
             "Ctrl-C stops the network.",
         ]
-        yield Devnet(process, directory, base, env)
-    finally:
-        stop([process], signal.SIGINT)
+        yield network
 
 
 def write(path: Path, size: int) -> bytes:
@@ -290,7 +235,8 @@ def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Pa
         )
 
     try:
-        read_banner(process, 90)
+        assert process.stdout is not None
+        read_until(process.stdout, "Ctrl-C stops the network", 90)
         pids = [json.loads(status(index).stdout)["pid"] for index in range(3)]
         # Node 1 is a child of the devnet this test started.
         os.kill(pids[1], signal.SIGKILL)

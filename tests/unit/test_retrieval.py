@@ -71,16 +71,40 @@ async def test_providers_come_before_the_closest_nodes(net: MemNet, executor: Ex
     net.announce(far, announced)
     assert await get_verified(source, announced) == announced_data
     assert far.gets == 1
-    assert joined.locator.calls == ["find_providers"]
-    # No record at all: found on the closest node, where copies belong.
+    # One lookup gave both the providers and the closest nodes, kept.
+    assert joined.locator.calls == ["lookup"]
+    # No record at all: found on the closest node, where copies belong. The
+    # kept answer (the whole network of 8) names it without a lookup.
     unannounced, unannounced_data = put_chunk()
     nearest = net.by_distance(unannounced.dht_key)[0]
     nearest.keep(unannounced, unannounced_data)
     joined.locator.calls.clear()
     gets_before = nearest.gets  # it may be the far node of the first chunk too
     assert await get_verified(source, unannounced) == unannounced_data
-    assert joined.locator.calls == ["find_providers", "closest_live_nodes"]
+    assert joined.locator.calls == []
     assert nearest.gets == gets_before + 1
+
+
+async def test_expected_holders_lacking_a_chunk_fall_back_to_its_providers(
+    net: MemNet, executor: Executor
+) -> None:
+    net.add(8)
+    joined = net.join(net.client(), executor)
+    source = NetworkSource(joined.network)
+    warm, warm_data = put_chunk()
+    net.by_distance(warm.dht_key)[0].keep(warm, warm_data)
+    assert await get_verified(source, warm) == warm_data
+    # Kept answers now name the closest nodes of any key; this chunk is not
+    # there but on a far provider (placed before those nodes joined, say).
+    moved, moved_data = put_chunk()
+    far = net.by_distance(moved.dht_key)[7]
+    far.keep(moved, moved_data)
+    net.announce(far, moved)
+    joined.locator.calls.clear()
+    gets_before = far.gets  # it may have been asked for the first chunk too
+    assert await get_verified(source, moved) == moved_data
+    assert joined.locator.calls == ["find_providers"]
+    assert far.gets == gets_before + 1
 
 
 async def test_a_corrupt_copy_moves_on_and_is_never_returned(
