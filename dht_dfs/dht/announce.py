@@ -215,7 +215,12 @@ class Announcer:
                     if record.verify(now, max_ttl=self.config.provider_ttl + CLOCK_SKEW_ALLOWANCE):
                         self.providers.add(record, now)
             for contact in contacts:
-                per_target.setdefault(contact, []).extend(key_records)
+                # A storer keeps its own record when it signs it (see
+                # DhtNode.hold_own_record): sent back, it would cost it a
+                # signature check for nothing.
+                others = [r for r in key_records if r.node_id != contact.node_id]
+                if others:
+                    per_target.setdefault(contact, []).extend(others)
 
         confirmed: dict[bytes, set[NodeId]] = {key: set() for key in by_key}
         async with asyncio.TaskGroup() as group:

@@ -38,12 +38,11 @@ in ``values``.
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Final
 
-import umsgpack
+import msgpack
 
 from dht_dfs.core.errors import RemoteProtocolError
 
@@ -139,7 +138,7 @@ class Encoded:
 
 
 def pack(value: object) -> bytes:
-    packed: bytes = umsgpack.packb(value)
+    packed: bytes = msgpack.packb(value)
     return packed
 
 
@@ -162,19 +161,24 @@ def array_header(count: int) -> bytes:
 
 
 def unpack_exact(payload: bytes) -> Any:
-    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError."""
-    stream = io.BytesIO(payload)
+    """One MessagePack value filling ``payload`` exactly; raises RemoteProtocolError.
+
+    Decoded by the msgpack package's C unpacker, as umsgpack decodes it
+    (what rpcudp peers send): any map keys, bin as bytes, str as str.
+    """
     try:
-        value = umsgpack.unpack(stream)
-    # umsgpack raises its own UnpackException family, but hostile input also reaches
-    # RecursionError (deep nesting), ValueError/OverflowError (timestamps) and more;
-    # the decoder does not document the full set, so everything it raises is "bad input".
+        return msgpack.unpackb(payload, strict_map_key=False)
+    except msgpack.ExtraData as extra:
+        raise remote_error(
+            f"{len(extra.extra)} trailing byte(s) after the MessagePack body"
+        ) from None
+    except msgpack.StackError:
+        raise remote_error("body is not MessagePack (nested too deep)") from None
+    # Hostile input reaches FormatError (reserved codes), ValueError
+    # (truncation) and the rest of the decoder's exceptions: all "bad input".
     except Exception as exc:
-        raise remote_error(f"body is not MessagePack ({type(exc).__name__})") from None
-    trailing = len(payload) - stream.tell()
-    if trailing:
-        raise remote_error(f"{trailing} trailing byte(s) after the MessagePack body")
-    return value
+        reason = "truncated" if "incomplete" in str(exc) else type(exc).__name__
+        raise remote_error(f"body is not MessagePack ({reason})") from None
 
 
 def decode_datagram(data: bytes) -> Datagram:

@@ -183,6 +183,10 @@ class DhtRoutingTable(RoutingTable):  # type: ignore[misc]  # kademlia is untype
     def peers(self) -> list[DhtPeer]:
         return list(self._flat()[1])
 
+    def size(self) -> int:
+        """How many contacts the buckets hold (kept, not counted per call)."""
+        return len(self._flat()[0])
+
     def get(self, node_id: NodeId) -> DhtPeer | None:
         bucket = self.buckets[self.get_bucket_for(KademliaNode(node_id.digest))]
         peer: DhtPeer | None = bucket.nodes.get(node_id.digest)

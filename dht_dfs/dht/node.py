@@ -517,6 +517,12 @@ class DhtNode:
             self.clock(),
         )
 
+    def hold_own_record(self, record: ProviderRecord) -> None:
+        """Keep this node's own fresh record where it would keep anyone's (among the
+        key's k closest): a publisher then need not send a storer its own receipt."""
+        if record.node_id == self.identity.node_id and self.protocol.is_rightful_holder(record.key):
+            self.providers.add(record, self.clock())
+
     def local_providers(self, key: bytes) -> list[ProviderRecord]:
         """The unexpired records this node holds for ``key``."""
         return self.providers.get(key, self.clock())

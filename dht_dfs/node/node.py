@@ -315,7 +315,9 @@ class Node:
 
     def _receipt_for(self, chunk_id: ChunkId) -> bytes:
         assert self.dht is not None
-        return self.dht.sign_record(chunk_id.dht_key).to_bytes()
+        record = self.dht.sign_record(chunk_id.dht_key)
+        self.dht.hold_own_record(record)
+        return record.to_bytes()
 
     def status(self) -> NodeStatus:
         assert self.store is not None and self.dht is not None and self.endpoint is not None

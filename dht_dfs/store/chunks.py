@@ -129,6 +129,8 @@ class ChunkStore:
         self._guests = GuestBudget(guest_bytes_per_peer, max_guest_bytes)
         self._fsync = fsync
         self._chunks_dir = self.root / "chunks"
+        self._fans: set[Path] = set()
+        """Fan-out directories known to exist (made once, never removed)."""
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
         self._reserved = 0
@@ -501,8 +503,14 @@ class ChunkStore:
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            final.parent.mkdir(mode=0o700, exist_ok=True)
-            os.replace(tmp, final)
+            if final.parent not in self._fans:
+                final.parent.mkdir(mode=0o700, exist_ok=True)
+                self._fans.add(final.parent)
+            try:
+                os.replace(tmp, final)
+            except FileNotFoundError:  # the fan-out directory was removed under us
+                final.parent.mkdir(mode=0o700, exist_ok=True)
+                os.replace(tmp, final)
             if self._fsync:
                 dir_fd = os.open(final.parent, os.O_RDONLY)
                 try:

@@ -15,7 +15,9 @@ a lookup. A lookup that found fewer than k nodes saw the whole network:
 its answer serves every key. In a network of a few dozen nodes one lookup
 serves a whole publish; in a large one, keys near each other share.
 
-Answers are kept for ``ttl`` seconds, so nodes that joined since are seen
+Lookups started while nothing is kept yet are waited for before another
+starts (a publish starts its first chunks together). Answers are kept for
+``ttl`` seconds, so nodes that joined since are seen
 soon. A node found unreachable is dropped from every answer at once: the
 rest are still every live node of the region. A stale answer can only name
 a node that has since gone, which placement and fetch step past anyway.
@@ -25,6 +27,7 @@ Must not import: dht (except ``dht.values``), transport, node.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -74,6 +77,7 @@ class Neighbourhoods:
         self._ttl = ttl
         self._clock = clock
         self._answers: OrderedDict[int, _Answer] = OrderedDict()
+        self._in_flight: set[asyncio.Future[LookupResult]] = set()
         self.lookups = 0
         """Lookups made (a lookup serves every key its answer covers)."""
         self.served = 0
@@ -99,7 +103,19 @@ class Neighbourhoods:
         found = self.peek(key, count, include_self=include_self)
         if found is not None:
             return found
-        result = await self._locator.lookup(key)
+        if self._in_flight and not self._answers:
+            # Nothing kept yet and lookups under way (the first chunks of a
+            # publish start together): one of them may answer for this key.
+            await asyncio.wait(list(self._in_flight))
+            found = self.peek(key, count, include_self=include_self)
+            if found is not None:
+                return found
+        lookup = asyncio.ensure_future(self._locator.lookup(key))
+        self._in_flight.add(lookup)
+        try:
+            result = await lookup
+        finally:
+            self._in_flight.discard(lookup)
         self.lookups += 1
         self.learn(result)
         contacts = list(result.closest)

@@ -52,13 +52,16 @@ async def ordered_map(
 class InOrderHasher:
     """SHA-256 of a stream whose pieces arrive in order, hashed in a thread.
 
-    One single-thread executor keeps updates in submission order; at most
-    ``backlog`` pieces wait, so memory stays bounded.
+    A single-thread executor keeps updates in submission order; at most
+    ``backlog`` pieces wait, so memory stays bounded. Many hashers may share
+    one (``ordered``: a tree publish hashes all its files on one thread
+    rather than start and stop a thread per file); it must have one worker.
     """
 
-    def __init__(self, backlog: int) -> None:
+    def __init__(self, backlog: int, ordered: ThreadPoolExecutor | None = None) -> None:
         self._hash = hashlib.sha256()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dhtfs-hash")
+        self._own = ordered is None
+        self._executor = ordered or ThreadPoolExecutor(1, thread_name_prefix="dhtfs-hash")
         self._pending: deque[asyncio.Future[None]] = deque()
         self._backlog = backlog
 
@@ -76,7 +79,8 @@ class InOrderHasher:
     def close(self) -> None:
         for future in self._pending:
             future.cancel()
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._own:
+            self._executor.shutdown(wait=False, cancel_futures=True)
 
 
 def first_error(group: BaseExceptionGroup[DhtfsError]) -> DhtfsError:

@@ -17,7 +17,7 @@ import os
 import stat
 import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import Executor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,7 @@ async def _publish_sealed(
     total: int,
     progress: ProgressFn | None,
     before_finish: Callable[[], None] | None = None,
+    hash_thread: ThreadPoolExecutor | None = None,
 ) -> tuple[ReadReference, int, int, int]:
     """Hand each (plaintext, sealed chunk), in file order, and the manifest to the sink.
 
@@ -76,7 +77,7 @@ async def _publish_sealed(
     may refuse the file once it is read (it changed meanwhile).
     """
     builder = ManifestBuilder(config.convergence_secret, config.manifest_fanout)
-    hasher = InOrderHasher(config.transfer_window)
+    hasher = InOrderHasher(config.transfer_window, hash_thread)
     window = asyncio.Semaphore(config.transfer_window)
     size = data_chunks = manifest_chunks = 0
 
@@ -125,11 +126,13 @@ async def publish_file(
     executor: Executor,
     name: str | None = None,
     progress: ProgressFn | None = None,
+    hash_thread: ThreadPoolExecutor | None = None,
 ) -> PublishResult:
     """Split, encrypt and store a file; return its read reference.
 
     Reads the file once, in order of chunks, ``transfer_window`` chunks in
     flight at most. A file that changes size while it is read is refused.
+    ``hash_thread``: a one-worker executor to hash on (else one of its own).
     """
     started = time.monotonic()
     path = Path(path)
@@ -182,7 +185,7 @@ async def publish_file(
         )
         reference, size, data_chunks, manifest_chunks = await _publish_sealed(
             pairs, sink, config, metadata_of=metadata_of, total=size, progress=progress,
-            before_finish=unchanged,
+            before_finish=unchanged, hash_thread=hash_thread,
         )  # fmt: skip
     finally:
         os.close(fd)

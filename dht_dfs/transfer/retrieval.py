@@ -84,12 +84,22 @@ class NetworkSource:
         """Chunks whose local copy was found corrupt (and removed) by this source."""
 
     async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
-        """Ask connected (and a few known) peers which of these chunks they hold."""
+        """Ask connected (and a few known) peers which of these chunks they hold.
+
+        Chunks whose placement kept lookups already prove (``nearby``) are not
+        asked about: their holders are known, and in a small network that is
+        every chunk, so a tree of small files costs no HAVE round per file.
+        """
         network = self._network
-        self._hints.clear()
-        if not chunk_ids:
+        replicas = network.config.replicas
+        wanted = [
+            chunk_id
+            for chunk_id in chunk_ids
+            if network.nearby.peek(chunk_id.dht_key, replicas, include_self=False) is None
+        ]
+        if not wanted:
             return
-        wanted = list(chunk_ids)
+        self._hints.clear()
         peers: dict[NodeId, PeerAddress] = {}
         for contact in network.locator.known_contacts()[:_PREFETCH_PEERS]:
             peers[contact.node_id] = address_of(contact)

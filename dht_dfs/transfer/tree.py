@@ -40,7 +40,8 @@ import logging
 import os
 import stat
 import time
-from concurrent.futures import Executor
+from collections.abc import Mapping
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,6 +120,8 @@ class _TreePublisher:
         self._small_files = asyncio.Semaphore(SMALL_FILES_PER_LARGE * config.tree_files_in_flight)
         self._directories = asyncio.Semaphore(DIRECTORIES_IN_FLIGHT)
         self._node_window = asyncio.Semaphore(config.transfer_window)
+        self.hash_thread = ThreadPoolExecutor(1, thread_name_prefix="dhtfs-hash")
+        """One thread hashes every file (in order per file), not one thread per file."""
         self.tally = _Tally()
 
     def skip(self, path: Path, why: str) -> None:
@@ -146,9 +149,19 @@ class _TreePublisher:
             await self._node_window.acquire()
             group.create_task(put(chunk))
 
-    async def directory(self, path: Path) -> BuiltDirectory | None:
-        """Publish one directory and everything below it; None if it was skipped."""
+    async def directory(
+        self, path: Path, ancestors: Mapping[tuple[int, int], Path] | None = None
+    ) -> BuiltDirectory | None:
+        """Publish one directory and everything below it; None if it was skipped.
+
+        ``ancestors``: the (device, inode) of each directory above, and their
+        paths, so a bind mount of an ancestor below itself ends as a skip,
+        not as an endless walk.
+        """
         try:
+            if ancestors is None:
+                own = os.stat(path, follow_symlinks=False)
+                ancestors = {(own.st_dev, own.st_ino): path}
             with os.scandir(path) as scan:
                 found = sorted(scan, key=lambda item: os.fsencode(item.name))
         except OSError as exc:
@@ -169,15 +182,32 @@ class _TreePublisher:
                         self.skip(child, exc.strerror or str(exc))
                         continue
                     if stat.S_ISDIR(info.st_mode):
+                        identity = (info.st_dev, info.st_ino)
+                        if identity in ancestors:
+                            self.skip(
+                                child,
+                                f"a directory loop: it is {ancestors[identity]} again "
+                                "(a bind mount of an ancestor?)",
+                            )
+                            continue
+                        below = {**ancestors, identity: child}
                         if self._directories.locked():
                             # Every slot is taken (by this directory's
                             # ancestors, maybe): walk it here, never wait.
-                            await self._subdirectory(child, item.name, info, slots, index)
+                            await self._subdirectory(
+                                child, item.name, info, slots, index, ancestors=below
+                            )
                         else:
                             await self._directories.acquire()
                             group.create_task(
                                 self._subdirectory(
-                                    child, item.name, info, slots, index, release=True
+                                    child,
+                                    item.name,
+                                    info,
+                                    slots,
+                                    index,
+                                    ancestors=below,
+                                    release=True,
                                 )
                             )
                     elif stat.S_ISLNK(info.st_mode):
@@ -216,10 +246,11 @@ class _TreePublisher:
         slots: list[DirEntry | None],
         index: int,
         *,
+        ancestors: Mapping[tuple[int, int], Path],
         release: bool = False,
     ) -> None:
         try:
-            built = await self.directory(path)
+            built = await self.directory(path, ancestors)
         finally:
             if release:
                 self._directories.release()
@@ -275,7 +306,7 @@ class _TreePublisher:
 
                 result = await publish_file(
                     path, self._shared, self._config, executor=self._executor, name=name,
-                    progress=progress,
+                    progress=progress, hash_thread=self.hash_thread,
                 )  # fmt: skip
                 slots[index] = DirEntry.file(
                     name, result.reference, result.size, mode=mode, mtime_ns=info.st_mtime_ns
@@ -333,7 +364,10 @@ async def publish_tree(
     started = time.monotonic()
     path = Path(path)
     publisher = _TreePublisher(sink, config, executor, strict=strict, progress=progress)
-    built = await publisher.directory(path)
+    try:
+        built = await publisher.directory(path)
+    finally:
+        publisher.hash_thread.shutdown(wait=False, cancel_futures=True)
     if built is None:
         raise InputError(f"cannot read directory {path}")
     await sink.flush()

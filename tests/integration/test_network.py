@@ -255,3 +255,44 @@ async def test_repeated_chunks_are_fetched_without_a_lookup_each(
         lookups = counting.lookups
     assert (tmp_path / "out.bin").read_bytes() == data
     assert lookups <= 5, f"{lookups} DHT lookups for a file of 2 distinct chunks"
+
+
+async def test_a_tree_costs_a_few_lookups_not_one_per_chunk(net: Cluster, tmp_path: Path) -> None:
+    """In a network smaller than k one lookup answers for every key: placing a
+    tree of 40 files (80 chunks and more) and fetching it back needs a few."""
+    tree = tmp_path / "tree"
+    for index in range(40):
+        folder = tree / f"d{index % 4}"
+        folder.mkdir(parents=True, exist_ok=True)
+        make_file(folder / f"f{index}.bin", 5000 + index)  # over the 4 KiB inline limit
+    async with net.client() as client:
+        counting = CountingLocator(client.locator)
+        counted = Network(client.config, counting, client.dialer, client.executor)
+        result = await counted.publish(tree)
+        publish_lookups = counting.lookups
+    assert result.under_replicated == 0
+    assert result.data_chunks == 40 and result.manifest_chunks >= 40
+    assert publish_lookups <= 2, f"{publish_lookups} lookups to place {result.data_chunks} files"
+    for chunk_id in net.stored_chunks():
+        holders = net.holders(chunk_id)
+        assert len(holders) == TEST_CONFIG.replicas
+        for index in holders:
+            node = net.nodes[index]
+            assert node is not None and node.dht is not None
+            held = {record.node_id for record in node.dht.local_providers(chunk_id.dht_key)}
+            # A storer keeps its own record (the publisher does not send it
+            # back), and the records of the other copies.
+            assert node.dht.identity.node_id in held
+            assert len(held) == TEST_CONFIG.replicas
+    async with net.client() as client:
+        counting = CountingLocator(client.locator)
+        counted = Network(client.config, counting, client.dialer, client.executor)
+        await counted.fetch(result.reference, output=tmp_path / "out")
+        fetch_lookups = counting.lookups
+    files = sorted(p.relative_to(tree) for p in tree.rglob("*.bin"))
+    assert sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*")) == sorted(
+        files + [Path(f"d{i}") for i in range(4)]
+    )
+    for relative in files:
+        assert (tmp_path / "out" / relative).read_bytes() == (tree / relative).read_bytes()
+    assert fetch_lookups <= 2, f"{fetch_lookups} lookups to fetch {result.data_chunks} files"

@@ -338,9 +338,9 @@ def test_datagram_round_trip() -> None:
         (b"\x00" * (MAX_DATAGRAM_SIZE + 1), "datagram of 8193 bytes exceeds the 8192-byte limit"),
         (b"\x00" * 21, "datagram of 21 bytes is shorter than the 22-byte minimum"),
         (b"\x07" + b"\x00" * 22, "unknown datagram kind 0x07"),
-        (b"\x00" + b"\x00" * 20 + b"\xc1", r"body is not MessagePack \(ReservedCodeException\)"),
-        (b"\x00" + b"\x00" * 20 + b"\x91", r"body is not MessagePack \(InsufficientData"),
-        (b"\x00" + b"\x00" * 20 + b"\x91" * 4000, r"body is not MessagePack \(RecursionError\)"),
+        (b"\x00" + b"\x00" * 20 + b"\xc1", r"body is not MessagePack \(FormatError\)"),
+        (b"\x00" + b"\x00" * 20 + b"\x91", r"body is not MessagePack \(truncated\)"),
+        (b"\x00" + b"\x00" * 20 + b"\x91" * 4000, r"body is not MessagePack \(nested too deep\)"),
         (b"\x00" + b"\x00" * 20 + b"\xc0\xc0\xc0", "2 trailing byte"),
     ],
 )

@@ -51,8 +51,11 @@ async def test_fetch_survives_a_holder_dying_mid_file(
     (tmp_path / "in.bin").write_bytes(data)
     result = await net.join(net.client(), executor).network.publish(tmp_path / "in.bin")
     busiest = max(nodes, key=lambda node: len(node.chunks))
-    # A fetch asks every peer HAVE for each of the 3 manifest leaves, so the
-    # node is sure to die before the last leaf, whatever else it served.
+    # The others look busy, so the fetch asks this node first for every
+    # chunk it holds: it dies after two answers, and is met dead after that.
+    for node in nodes:
+        if node is not busiest:
+            node.busy = 3
     busiest.die_after = busiest.requests + 2
     fetcher = net.join(net.client(), executor)
     await fetcher.network.fetch(result.reference, output=tmp_path / "out.bin")

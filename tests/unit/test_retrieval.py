@@ -214,3 +214,22 @@ async def test_records_tried_per_chunk_are_capped(net: MemNet, executor: Executo
     # The provider records, capped; then the closest nodes not yet asked.
     assert asked <= net.config.max_holders_per_chunk + 2 * net.config.replicas
     assert all(node.gets <= 1 for node in net.nodes.values()), "each holder once per chunk"
+
+
+async def test_prefetch_asks_nobody_about_chunks_whose_holders_are_proven(
+    net: MemNet, executor: Executor
+) -> None:
+    net.add(6)
+    joined = net.join(net.client(), executor)
+    source = NetworkSource(joined.network)
+    first, first_data = put_chunk()
+    net.by_distance(first.dht_key)[0].keep(first, first_data)
+    assert await get_verified(source, first) == first_data  # one lookup, kept
+    chunk_id, data = put_chunk()
+    for holder in net.by_distance(chunk_id.dht_key)[: net.config.replicas]:
+        holder.keep(chunk_id, data)
+    asked = sum(node.requests for node in net.nodes.values())
+    await source.prefetch([chunk_id])
+    assert sum(node.requests for node in net.nodes.values()) == asked, "no HAVE was sent"
+    assert await get_verified(source, chunk_id) == data
+    assert joined.locator.calls == ["lookup"]

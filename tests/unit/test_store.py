@@ -42,6 +42,21 @@ def test_put_get_and_layout(tmp_path: Path) -> None:
         assert store.have_which([chunk_id, chunk()[0]]) == [True, False]
 
 
+def test_a_fan_out_directory_removed_under_the_store_is_made_again(tmp_path: Path) -> None:
+    with ChunkStore(tmp_path) as store:
+        first_id, first = chunk()
+        store.put(first_id, first)
+        fan = store.path_of(first_id).parent
+        for _ in range(20_000):  # a chunk of the same fan-out directory
+            second_id, second = chunk(64)
+            if second_id.hex()[:2] == fan.name:
+                break
+        store.path_of(first_id).unlink()
+        fan.rmdir()
+        assert store.put(second_id, second) is PutOutcome.STORED
+        assert store.get(second_id) == second
+
+
 def test_bad_chunk_never_reaches_disk(tmp_path: Path) -> None:
     with ChunkStore(tmp_path) as store:
         chunk_id, data = chunk()

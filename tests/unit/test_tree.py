@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import shutil
 import socket
+import subprocess
+import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -193,3 +197,49 @@ async def test_unreadable_file_is_skipped_with_a_warning(
         result = await publish_tree(root, MemoryStore(), CONFIG, executor=executor)
     assert result.skipped == 1 and result.files == 1
     assert "secret.bin" in caplog.text and "ermission denied" in caplog.text
+
+
+LOOP_SCRIPT = """
+import asyncio, json, subprocess, sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from dht_dfs.transfer.tree import publish_tree
+from tests.unit.test_tree import CONFIG, MemoryStore
+
+root = Path(sys.argv[1])
+subprocess.run(["mount", "--bind", str(root), str(root / "a" / "loop")], check=True)
+
+async def main() -> None:
+    with ThreadPoolExecutor(2) as executor:
+        result = await publish_tree(root, MemoryStore(), CONFIG, executor=executor)
+    print(json.dumps([result.files, result.directories, result.skipped, result.skipped_notes]))
+
+asyncio.run(main())
+"""
+
+
+def test_a_bind_mount_loop_is_skipped_not_walked_forever(tmp_path: Path) -> None:
+    """``mount --bind ROOT ROOT/a/loop``, in a mount namespace of its own (so
+    nothing outlives the test): publish skips the loop, names it, and
+    publishes the rest."""
+    if os.geteuid() != 0 or shutil.which("unshare") is None:
+        pytest.skip("needs root and unshare(1) for a private mount namespace")
+    root = tmp_path / "t"
+    (root / "a" / "loop").mkdir(parents=True)
+    (root / "a" / "file.txt").write_text("kept\n")
+    namespace = ["unshare", "--mount", "--propagation", "private"]
+    done = subprocess.run(
+        [*namespace, sys.executable, "-c", LOOP_SCRIPT, str(root)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[2],
+        check=False,
+    )
+    if done.returncode != 0 and "unshare failed" in done.stderr:
+        pytest.skip(f"no mount namespace here: {done.stderr.strip()}")
+    assert done.returncode == 0, done.stderr
+    files, directories, skipped, notes = json.loads(done.stdout)
+    assert (files, directories, skipped) == (1, 2, 1)
+    assert "a/loop" in notes[0] and f"it is {root} again" in notes[0]
