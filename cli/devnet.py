@@ -229,9 +229,9 @@ def _sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-async def run_demo(count: int, size: int, *, keep: bool) -> bool:
+async def run_demo(count: int, size: int, *, keep: bool, port: int | None = None) -> bool:
     root = Path(tempfile.mkdtemp(prefix="dhtfs-demo-"))
-    base = find_free_ports(count)
+    base = find_free_ports(count) if port is None else port
     output.stderr.print(
         f"starting {count} nodes on 127.0.0.1:{base}-{base + count - 1} ...", markup=False
     )
@@ -263,11 +263,11 @@ async def run_demo(count: int, size: int, *, keep: bool) -> bool:
         output.print_line(f"root hash: {published.root_hash}")
         output.print_line(
             f"publish:   {format_size(size)} in {published.seconds:.2f} s "
-            f"({published.mb_per_s} MB/s) through node 0"
+            f"({output.rate(size, published.seconds)}) through node 0"
         )
         output.print_line(
             f"fetch:     {format_size(size)} in {fetched.seconds:.2f} s "
-            f"({fetched.mb_per_s} MB/s) through node {fetcher.index}"
+            f"({output.rate(size, fetched.seconds)}) through node {fetcher.index}"
         )
         output.print_line(
             f"copies:    every chunk on >= {checked.min_copies} nodes "

@@ -3,7 +3,8 @@
 No logic of its own beyond translating: options become a ``Config`` and a
 typed request, run in a session (the local node, or a short-lived client);
 library errors become one line on stderr and the exit code of the one table
-in ``exits`` (1 error, 2 usage, 3 check found missing copies, 130 interrupted).
+in ``exits`` (1 error, 2 usage, 3 check found missing copies, 4 lost chunks,
+130 interrupted).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine
@@ -24,6 +26,7 @@ from dht_dfs.core.config import DEFAULT_PORT, Config, default_data_dir, format_s
 from dht_dfs.core.direntry import EntryKind
 from dht_dfs.core.errors import DhtfsError, InputError
 from dht_dfs.core.refs import ReadReference, parse_read_reference, parse_root_hash
+from dht_dfs.dht.values import parse_address
 from dht_dfs.node.node import Node
 from dht_dfs.node.operations import (
     CheckRequest,
@@ -57,6 +60,33 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
+
+def _addresses(values: list[str] | None) -> list[str] | None:
+    """``--bootstrap`` values, each checked as HOST:PORT before anything starts."""
+    for value in values or []:
+        try:
+            parse_address(value)
+        except ValueError as error:
+            fail(InputError(f"--bootstrap {value!r}: {error}; give HOST:PORT, e.g. 127.0.0.1:4000"))
+    return values
+
+
+def _port(value: int) -> int:
+    if not 0 <= value <= 65535:
+        fail(InputError(f"--port {value}: a port is between 0 and 65535"))
+    return value
+
+
+def _optional_port(value: int | None) -> int | None:
+    return None if value is None else _port(value)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        output.print_line(__version__)
+        raise typer.Exit(0)
+
+
 DataDir = Annotated[
     Path | None,
     typer.Option(
@@ -75,6 +105,7 @@ Bootstrap = Annotated[
         help="HOST:PORT of a node; without a local node, join briefly through it as a client.",
         metavar="HOST:PORT",
         show_default=False,
+        callback=_addresses,
     ),
 ]
 JoinThrough = Annotated[
@@ -86,6 +117,7 @@ JoinThrough = Annotated[
         "node rejoins through the contacts it saved, or starts a new network.",
         metavar="HOST:PORT",
         show_default=False,
+        callback=_addresses,
     ),
 ]
 NodeDir = Annotated[
@@ -103,10 +135,18 @@ Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More 
 Replicas = Annotated[int | None, typer.Option("--replicas", help="Copies of each chunk [3].")]
 
 
-def run(coroutine_factory: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    """Run a coroutine; map every failure to one line and an exit code."""
+def run(
+    coroutine_factory: Callable[[], Coroutine[Any, Any, T]], *, interrupted: str = "interrupted"
+) -> T:
+    """Run a coroutine; map every failure to one line and an exit code.
+
+    ``interrupted``: the line Ctrl-C leaves (a fetch says how to resume).
+    """
     try:
         return asyncio.run(coroutine_factory())
+    except KeyboardInterrupt:
+        output.error(interrupted)
+        raise typer.Exit(exits.EXIT_INTERRUPTED) from None
     except BaseException as error:
         fail(error)
 
@@ -148,7 +188,9 @@ def _config(replicas: int | None = None, **changes: Any) -> Config:
 @app.command()
 def join(
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "0.0.0.0",
-    port: Annotated[int, typer.Option(help="UDP (DHT) and TCP (chunks) port.")] = DEFAULT_PORT,
+    port: Annotated[
+        int, typer.Option(help="UDP (DHT) and TCP (chunks) port.", callback=_port)
+    ] = DEFAULT_PORT,
     bootstrap: JoinThrough = None,
     replicas: Replicas = None,
     max_storage: Annotated[
@@ -172,7 +214,7 @@ def join(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Run a node in the foreground until Ctrl-C (which hands off its chunks first)."""
+    """Run a node until Ctrl-C, which hands its chunks off first."""
     output.setup_logging(verbose, default=logging.INFO)
     quota = None
     if max_storage is not None:
@@ -244,7 +286,10 @@ def publish(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Store a file or directory tree; prints its read reference (last line of stdout)."""
+    """Store a file or directory tree; prints its read reference.
+
+    The reference is the last line of stdout.
+    """
     output.setup_logging(verbose)
     config = _config(replicas)
     secret = None if secret_file is None else checked(load_convergence_secret, secret_file)
@@ -274,7 +319,11 @@ def publish(
                 async with open_session(data_dir, bootstrap or [], config) as session:
                     return await session.run(request, on_event)
 
-            result = run(go)
+            result = run(
+                go,
+                interrupted="interrupted; what was fetched is kept: run the same command "
+                "again to resume",
+            )
     if json_output:
         output.print_json(result.to_json())
         return
@@ -313,13 +362,14 @@ def fetch(
         ),
     ],
     out: Annotated[
-        Path | None,
+        str | None,
         typer.Option(
             "--output",
             "-o",
-            help="A file: the file to write, or a directory to write it into. A tree: the "
-            "directory to write it as (made if missing; an existing one is merged into). "
-            "- writes a file to stdout. [default: ./NAME]",
+            help="A file: the file to write, or a directory to write it into (DIR/ is made "
+            "if missing). A tree: the directory to write it as (made if missing; an existing "
+            "one is merged into). - writes a file to stdout. [default: ./NAME]",
+            metavar="PATH",
         ),
     ] = None,
     force: Annotated[
@@ -337,18 +387,22 @@ def fetch(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """Fetch a file or a directory tree, verifying every chunk; resumes if interrupted."""
+    """Fetch a file or directory tree, every chunk verified; resumable.
+
+    Run the same command again after an interruption: what is there already
+    is verified, and only the rest is fetched.
+    """
     output.setup_logging(verbose)
     config = _config()
     reference, steps = _resolve_target(target)
-    if out is not None and str(out) == "-":
+    if out == "-":
         _to_stdout(reference, steps, data_dir, bootstrap, config)
         return
     request = checked(
         FetchRequest(
             reference,
             path=steps,
-            output=out,
+            output=None if out is None else checked(_output_path, out),
             overwrite=force,
             verify_hash=True if verify_hash else None,
         ).check_input
@@ -360,7 +414,11 @@ def fetch(
             async with open_session(data_dir, bootstrap or [], config) as session:
                 return await session.run(request, on_event)
 
-        result = run(go)
+        result = run(
+            go,
+            interrupted="interrupted; what was fetched is kept: run the same command "
+            "again to resume",
+        )
     if json_output:
         output.print_json(result.to_json())
         return
@@ -373,11 +431,24 @@ def fetch(
     )
     output.stderr.print(
         f"fetched {format_size(result.size)} in {result.seconds:.2f} s "
-        f"({tree}{result.mb_per_s or 0:.0f} MB/s)"
+        f"({tree}{output.rate(result.size, result.seconds)})"
         + (f", {result.chunks_resumed} chunks resumed" if result.chunks_resumed else ""),
         markup=False,
     )
     output.print_line(str(result.path))
+
+
+def _output_path(text: str) -> Path:
+    """``-o`` as a path; a trailing slash says it is a directory, made if missing."""
+    path = Path(text)
+    if text.endswith("/") or text.endswith(os.sep):
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise InputError(f"-o {text}: {path} exists and is not a directory") from None
+        except OSError as error:
+            raise InputError(f"-o {text}: cannot make {path}: {error.strerror}") from None
+    return path
 
 
 TreePath = Annotated[
@@ -423,7 +494,7 @@ def list_command(
     json_output: Json = False,
     verbose: Verbose = 0,
 ) -> None:
-    """List a directory of a tree (or show a file's own entry); fetches no file chunk.
+    """List a tree's directory (or a file's entry); no file chunk read.
 
     A missing path is bad input (exit 2), as a missing file to publish is.
     """
@@ -462,7 +533,7 @@ def cat(
     bootstrap: Bootstrap = None,
     verbose: Verbose = 0,
 ) -> None:
-    """Write a file's bytes to stdout, every chunk verified, in bounded memory."""
+    """Write a file to stdout, every chunk verified, in bounded memory."""
     output.setup_logging(verbose)
     config = _config()
     reference, steps = _resolve_target(target)
@@ -495,24 +566,10 @@ def _survey(
     if json_output:
         output.print_json(report.to_json())
     else:
-        state = "OK" if report.ok else "DEGRADED"
-        kind = "proven" if report.verified else "claimed (HAVE; --verify proves them)"
-        output.print_line(
-            f"{state}: {report.healthy}/{report.chunks} chunks have "
-            f">= {report.replicas_wanted} live copies (fewest: {report.min_copies}); "
-            f"holders {kind}" + (f"; {report.copies_added} copies added" if op == "repair" else "")
-        )
-        if report.failed_proofs:
-            output.print_line(
-                f"  {report.failed_proofs} claimed copies failed their proof, "
-                f"on {len(report.failed_holders)} node(s)"
-            )
-        for item in report.under_replicated[:20]:
-            output.print_line(f"  under-replicated {item.chunk.hex()} ({item.copies} copies)")
-        for item in report.lost[:20]:
-            output.print_line(f"  LOST {item.chunk.hex()} (no live copy)")
-    if not report.ok:
-        raise typer.Exit(exits.EXIT_DEGRADED)
+        output.print_health(op, report, root)
+    code = exits.health_exit_code(report)
+    if code != exits.EXIT_OK:
+        raise typer.Exit(code)
 
 
 Verify = Annotated[
@@ -559,10 +616,54 @@ def _survey_command(op: str, summary: str) -> None:
     app.command(name=op)(command)
 
 
-_survey_command("check", "Count live copies of every chunk of a file; exit 3 if any has too few.")
 _survey_command(
-    "repair", "Copy every chunk of a file until it has enough live copies; exit 3 if it cannot."
+    "check",
+    "Count live copies of every chunk; exit 3 if any has too few.\n\n"
+    "Exit 4 if a chunk has no live copy at all.",
 )
+_survey_command(
+    "repair",
+    "Add copies until each chunk has enough; exit 3 if it cannot.\n\n"
+    "Exit 4 if a chunk has no live copy at all.",
+)
+
+
+@app.command()
+def gateway(
+    host: Annotated[
+        str, typer.Option(help="Address to listen on (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
+    port: Annotated[
+        int, typer.Option(help="TCP port for HTTP (0: any free one).", callback=_port)
+    ] = 8080,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    verbose: Verbose = 0,
+) -> None:
+    """Serve the network read-only over HTTP at /REFERENCE[/PATH].
+
+    Runs until Ctrl-C; ranges, HEAD and ETags; prints its URL on stdout.
+    """
+    from dht_dfs.gateway import http  # noqa: PLC0415  # aiohttp: 0.2 s to import, paid by gateway alone
+
+    output.setup_logging(verbose)
+    config = _config()
+
+    async def go() -> None:
+        async with open_network(data_dir, bootstrap or [], config) as network:
+            runner = await http.serve(network, host, port)
+            try:
+                loop = asyncio.get_running_loop()
+                stop = asyncio.Event()
+                for signum in (signal.SIGINT, signal.SIGTERM):
+                    loop.add_signal_handler(signum, stop.set)
+                shown = f"[{host}]" if ":" in host else host
+                output.print_line(f"http://{shown}:{http.bound_port(runner)}/")
+                await stop.wait()
+            finally:
+                await runner.cleanup()
+
+    run(go)
 
 
 @app.command()
@@ -598,7 +699,9 @@ def status(
 @app.command()
 def devnet(
     nodes: Annotated[int, typer.Option(help="How many nodes.")] = 5,
-    port: Annotated[int, typer.Option(help="First port; nodes use PORT..PORT+N-1.")] = DEFAULT_PORT,
+    port: Annotated[
+        int, typer.Option(help="First port; nodes use PORT..PORT+N-1.", callback=_port)
+    ] = DEFAULT_PORT,
     directory: Annotated[
         Path | None, typer.Option("--dir", help="Data dirs go to DIR/node-0... [default: temp]")
     ] = None,
@@ -618,12 +721,19 @@ def demo(
     nodes: Annotated[int, typer.Option(help="Nodes in the demo network.")] = 5,
     size: Annotated[str, typer.Option(help="Size of the sample file.")] = "64M",
     keep: Annotated[bool, typer.Option(help="Keep the demo's data dir.")] = False,
+    port: Annotated[
+        int | None,
+        typer.Option(
+            help="First port; nodes use PORT..PORT+N-1 [default: free ports].",
+            callback=_optional_port,
+        ),
+    ] = None,
     verbose: Verbose = 0,
 ) -> None:
-    """Start a local network, publish a sample file, fetch it from another node."""
+    """Run a local network, publish a sample file, fetch it elsewhere."""
     output.setup_logging(verbose)
     size_bytes = checked(parse_size, size)
-    result = run(lambda: devnet_module.run_demo(nodes, size_bytes, keep=keep))
+    result = run(lambda: devnet_module.run_demo(nodes, size_bytes, keep=keep, port=port))
     if not result:
         raise typer.Exit(exits.EXIT_ERROR)
 
@@ -632,6 +742,21 @@ def demo(
 def version() -> None:
     """Print the dhtfs version."""
     output.print_line(__version__)
+
+
+@app.callback()
+def _options(
+    show_version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            help="Print the dhtfs version and exit.",
+            callback=_show_version,
+            is_eager=True,
+        ),
+    ] = False,
+) -> None:
+    """A peer-to-peer file store: encrypted chunks, located through a Kademlia DHT."""
 
 
 def main() -> None:

@@ -25,12 +25,15 @@ from rich.progress import (
     BarColumn,
     DownloadColumn,
     Progress,
+    ProgressColumn,
+    Task,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
-    TransferSpeedColumn,
 )
+from rich.text import Text
 
+from dht_dfs.core.config import format_size
 from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.node import results
 
@@ -91,6 +94,19 @@ def error(message: str) -> None:
     stderr.print(f"dhtfs: error: {printable(message)}", markup=False)
 
 
+def rate(size: float, seconds: float) -> str:
+    """Bytes per second in the units sizes are shown in (MiB/s, not MB/s)."""
+    return f"{format_size(size / seconds)}/s" if seconds > 0 else "-"
+
+
+class _Rate(ProgressColumn):
+    """rich's TransferSpeedColumn in binary units, as every size dhtfs prints."""
+
+    def render(self, task: Task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text("?" if speed is None else rate(speed, 1.0), style="progress.data.speed")
+
+
 @contextmanager
 def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[results.OnEvent]:
     """A progress bar on stderr fed by progress events (off when not a terminal).
@@ -99,7 +115,7 @@ def progress_bar(label: str, *, enabled: bool, unit: str = "bytes") -> Iterator[
     """
     show = enabled and stderr.is_terminal
     columns = (
-        (DownloadColumn(), TransferSpeedColumn(), TimeRemainingColumn())
+        (DownloadColumn(binary_units=True), _Rate(), TimeRemainingColumn())
         if unit == "bytes"
         else (TextColumn("{task.completed} chunks"), TimeElapsedColumn())
     )
@@ -154,3 +170,49 @@ def entry_line(entry: DirEntry, *, long: bool) -> str:
     when = datetime.fromtimestamp(entry.mtime_ns / 1e9, tz=UTC).strftime("%Y-%m-%d %H:%M")
     name = entry.name if entry.target is None else f"{entry.name} -> {entry.target}"
     return f"{_KIND_LETTER[entry.kind]}{mode} {entry.size:>12} {when} {name}"
+
+
+SHOWN = 20
+"""Chunks (and errors) a human-readable check or repair lists of each kind."""
+
+
+def print_health(op: str, report: results.HealthReport, root: str) -> None:
+    """What ``check`` or ``repair`` found, for a person: a summary line, the first
+    chunks of each kind with how many more, why copies could not be added, and
+    what to do next."""
+    state = "OK" if report.ok else "DEGRADED"
+    kind = "proven" if report.verified else "claimed (HAVE; --verify proves them)"
+    print_line(
+        f"{state}: {report.healthy}/{report.chunks} chunks have "
+        f">= {report.replicas_wanted} live copies (fewest: {report.min_copies}); "
+        f"holders {kind}" + (f"; {report.copies_added} copies added" if op == "repair" else "")
+    )
+    if report.failed_proofs:
+        print_line(
+            f"  {report.failed_proofs} claimed copies failed their proof, "
+            f"on {len(report.failed_holders)} node(s)"
+        )
+    for item in report.under_replicated[:SHOWN]:
+        print_line(f"  under-replicated {item.chunk.hex()} ({item.copies} copies)")
+    if report.under_replicated_count > SHOWN:
+        more = report.under_replicated_count - SHOWN
+        print_line(f"  ... and {more} more under-replicated (--json lists them)")
+    for item in report.lost[:SHOWN]:
+        print_line(f"  LOST {item.chunk.hex()} (no live copy)")
+    if report.lost_count > SHOWN:
+        print_line(f"  ... and {report.lost_count - SHOWN} more lost (--json lists them)")
+    for error in report.errors[:SHOWN]:
+        print_line(f"  could not add a copy: {printable(error)}")
+    if len(report.errors) > SHOWN:
+        print_line(f"  ... and {len(report.errors) - SHOWN} more errors (--json lists them)")
+    if report.ok:
+        return
+    if report.lost_count and report.lost_count == report.chunks - report.healthy:
+        print_line(
+            "  no live node has the lost chunks: restart the nodes that held them "
+            "(repair cannot make copies from nothing)"
+        )
+    elif op == "check":
+        print_line(f"  run 'dhtfs repair {printable(root)}' to add the missing copies")
+    else:
+        print_line("  too few nodes could take a copy: add nodes or free space, then repair again")

@@ -80,6 +80,9 @@ class RepairStats:
     failed_proofs: int = 0
     """Rightful holders that said they hold a chunk (HAVE) but could not prove it."""
     errors: int = 0
+    first_error: str = ""
+    """The first copy that failed, and why: logged once per pass with the count,
+    not once per chunk (several nodes leaving at once fail thousands)."""
     guests_kept: int = 0
     """Guest chunks examined and left alone (not copied anywhere)."""
     guests_promoted: int = 0
@@ -95,9 +98,17 @@ class RepairStats:
         self.under_replicated += other.under_replicated
         self.failed_proofs += other.failed_proofs
         self.errors += other.errors
+        self.first_error = self.first_error or other.first_error
         self.guests_kept += other.guests_kept
         self.guests_promoted += other.guests_promoted
         self.guests_dropped += other.guests_dropped
+
+
+def _log_errors(what: str, stats: RepairStats) -> None:
+    if stats.errors:
+        log.warning(
+            "%s: could not copy %d chunk(s) (first: %s)", what, stats.errors, stats.first_error
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -187,6 +198,7 @@ class Maintainer:
                 stats.copies_dropped,
                 stats.under_replicated,
             )
+        _log_errors("repair", stats)
         return stats
 
     async def hand_off(self, *, within: float | None = None) -> RepairStats:
@@ -210,6 +222,7 @@ class Maintainer:
             )
         if stats.copies_added:
             log.info("handed off %d copies before leaving", stats.copies_added)
+        _log_errors("hand-off", stats)
         return stats
 
     async def _stored_ids(self) -> list[ChunkId]:
@@ -351,8 +364,9 @@ class Maintainer:
                 chunk_id, data, closest, missing, replicas - len(holders)
             )
         except DhtfsError as error:
-            log.warning("repair: could not copy chunk %s: %s", chunk_id, error)
+            log.debug("repair: could not copy chunk %s: %s", chunk_id, error)
             stats.errors += 1
+            stats.first_error = stats.first_error or f"chunk {chunk_id}: {error}"
             stats.under_replicated += 1
             return
         stats.copies_added += len(added)

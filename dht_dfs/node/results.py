@@ -329,6 +329,10 @@ class HealthReport:
     failed_proofs: int = 0
     """Claims of a copy that a proof refuted (``--verify`` only)."""
     failed_holders: tuple[NodeId, ...] = ()
+    under_replicated_count: int = 0
+    """All under-replicated chunks (the list stops at 1,000)."""
+    lost_count: int = 0
+    """All lost chunks (the list stops at 1,000)."""
 
     @classmethod
     def of(cls, report: CheckReport) -> HealthReport:
@@ -346,7 +350,9 @@ class HealthReport:
             "healthy": self.healthy,
             "min_copies": self.min_copies,
             "under_replicated": [item.to_json() for item in self.under_replicated],
+            "under_replicated_count": self.under_replicated_count,
             "lost": [item.to_json() for item in self.lost],
+            "lost_count": self.lost_count,
             "copies_added": self.copies_added,
             "failed_proofs": self.failed_proofs,
             "failed_holders": [n.hex() for n in self.failed_holders],
@@ -368,6 +374,10 @@ class HealthReport:
             min_copies=None if min_copies is None else int(min_copies),
             under_replicated=tuple(ChunkCopies.from_json(i) for i in document["under_replicated"]),
             lost=tuple(ChunkCopies.from_json(i) for i in document["lost"]),
+            under_replicated_count=int(
+                document.get("under_replicated_count", len(document["under_replicated"]))
+            ),
+            lost_count=int(document.get("lost_count", len(document["lost"]))),
             copies_added=int(document["copies_added"]),
             failed_proofs=int(document.get("failed_proofs", 0)),
             failed_holders=tuple(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
@@ -36,6 +37,37 @@ from dht_dfs.transport.buffers import ChunkBody, FileBody, LazyFileBody
 from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)
+
+REFUSAL_LOG_INTERVAL = 60.0
+"""Seconds between log lines about refused chunks of one kind (a full node
+refuses every chunk offered: one line per minute with the count, not one each)."""
+
+
+class RefusalLog:
+    """The first refusal of a kind logged at once, then one line per interval
+    saying how many more there were."""
+
+    def __init__(
+        self, interval: float = REFUSAL_LOG_INTERVAL, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self._interval = interval
+        self._clock = clock
+        self._last: dict[str, float] = {}
+        self._since: dict[str, int] = {}
+
+    def __call__(self, kind: str, level: int, message: str, *args: object) -> None:
+        now = self._clock()
+        last = self._last.get(kind)
+        if last is not None and now - last < self._interval:
+            self._since[kind] = self._since.get(kind, 0) + 1
+            return
+        more = self._since.pop(kind, 0)
+        self._last[kind] = now
+        if more:
+            message += " (and %d more like it since the last such line)"
+            args = (*args, more)
+        log.log(level, message, *args)
+
 
 T = TypeVar("T")
 
@@ -67,6 +99,7 @@ class ChunkService:
         self._rightful = rightful
         self.chunks_refused = 0
         """STOREs answered REFUSED: not rightful here and no guest room."""
+        self._refusals = RefusalLog()
         self._executor = executor
         self._receipt_for = receipt_for
         self._on_stored = on_stored
@@ -85,14 +118,22 @@ class ChunkService:
         try:
             outcome = await self._run(self._put, chunk_id, body, guest)
         except IntegrityError:
-            log.warning("peer %s sent chunk %s with wrong bytes; refused", peer, chunk_id)
+            self._refusals(
+                "rejected", logging.WARNING,
+                "peer %s sent chunk %s with wrong bytes; refused", peer, chunk_id,
+            )  # fmt: skip
             return StoreStatus.REJECTED, b""
         except GuestRefusedError as error:
             self.chunks_refused += 1
-            log.info("refusing chunk %s from %s at %s: %s", chunk_id, peer, host, error)
+            self._refusals(
+                "guest", logging.INFO,
+                "refusing chunk %s from %s at %s: %s", chunk_id, peer, host, error,
+            )  # fmt: skip
             return StoreStatus.REFUSED, b""
         except StoreFullError as error:
-            log.info("refusing chunk %s from %s: %s", chunk_id, peer, error)
+            self._refusals(
+                "full", logging.INFO, "refusing chunk %s from %s: %s", chunk_id, peer, error
+            )
             return StoreStatus.FULL, b""
         except StoreError:
             log.exception("cannot store chunk %s", chunk_id)

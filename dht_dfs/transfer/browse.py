@@ -206,13 +206,27 @@ async def list_directory(
 
 
 async def stream_file(
-    source: ChunkSource, entry: DirEntry, config: Config, executor: Executor
+    source: ChunkSource,
+    entry: DirEntry,
+    config: Config,
+    executor: Executor,
+    *,
+    start: int = 0,
+    stop: int | None = None,
 ) -> AsyncIterator[bytes]:
-    """A file's plaintext in order, each chunk verified, ``transfer_window`` ahead at most."""
+    """A file's plaintext in order, each chunk verified, ``transfer_window`` ahead at most.
+
+    ``start``/``stop``: only bytes [start, stop) (an HTTP range): chunks wholly
+    outside it are not fetched (the manifest nodes above them still are).
+    """
     if entry.kind is not EntryKind.FILE:
         raise InputError(f"{entry.name} is a {entry.kind.value}, not a file")
+    stop = entry.size if stop is None else min(stop, entry.size)
     if entry.inline is not None:
-        yield entry.inline
+        if start < stop:
+            yield entry.inline[start:stop]
+        return
+    if start >= stop:
         return
     assert entry.reference is not None
     root = await open_root(source, entry.reference, executor)
@@ -233,6 +247,8 @@ async def stream_file(
             raise ManifestError(
                 f"chunk {leaf.entry.chunk_id.hex()} size disagrees with its manifest"
             )
+        if leaf.offset < start or leaf.offset + len(plain) > stop:
+            return plain[max(0, start - leaf.offset) : stop - leaf.offset]
         return plain
 
     ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
@@ -244,12 +260,16 @@ async def stream_file(
             offset += leaf.entry.plain_size
             if offset > metadata.size:
                 raise ManifestError(f"manifest of {entry.name} lists more than its size")
+            if offset <= start:
+                continue  # before the range: not fetched
             ahead.append(asyncio.ensure_future(fetch_one(leaf)))
             if len(ahead) >= config.transfer_window:
                 yield await ahead.popleft()
+            if offset >= stop:
+                break  # the range is covered
         while ahead:
             yield await ahead.popleft()
-        if offset != metadata.size:
+        if stop == metadata.size and offset != metadata.size:
             raise ManifestError(
                 f"manifest of {entry.name} covers {offset} of {metadata.size} bytes"
             )

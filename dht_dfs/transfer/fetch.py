@@ -44,6 +44,7 @@ from pathlib import Path
 from dht_dfs.core.config import Config, format_size
 from dht_dfs.core.crypto import decrypt_into, encrypt_with_key
 from dht_dfs.core.errors import (
+    ChunkNotFoundError,
     DhtfsError,
     InputError,
     IntegrityError,
@@ -202,6 +203,15 @@ class FileFetch:
             self._prepare_part()
             await self._fetch_all()
             await self.finish()
+        except ChunkNotFoundError as error:
+            # The root was there, so this is a lost chunk of the file: what
+            # came is kept, and a later run fetches only the rest.
+            raise ChunkNotFoundError(
+                f"{error}; what was fetched ({format_size(self._done_bytes)} of "
+                f"{format_size(self._size)}) is kept in {self._part}: run the same "
+                "command again to resume",
+                error.chunk_hex,
+            ) from None
         finally:
             os.close(self._fd)
         # Checked again: something may have appeared during the download.

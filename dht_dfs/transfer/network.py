@@ -225,9 +225,13 @@ class Network:
         """A directory's entries in name order (no file chunk is fetched)."""
         return browse.list_directory(NetworkSource(self), entry, self.executor)
 
-    def stream_file(self, entry: DirEntry) -> AsyncIterator[bytes]:
-        """A file's bytes in order, each chunk verified, a window ahead at most."""
-        return browse.stream_file(NetworkSource(self), entry, self.config, self.executor)
+    def stream_file(
+        self, entry: DirEntry, *, start: int = 0, stop: int | None = None
+    ) -> AsyncIterator[bytes]:
+        """A file's bytes [start, stop) in order, each chunk verified, a window ahead at most."""
+        return browse.stream_file(
+            NetworkSource(self), entry, self.config, self.executor, start=start, stop=stop
+        )
 
     async def check(
         self, root: RootHash, progress: ProgressFn | None = None, *, verify: bool = False

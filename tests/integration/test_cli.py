@@ -382,3 +382,77 @@ def test_publish_from_stdin_and_fetch_to_stdout(devnet: Devnet, tmp_path: Path) 
         2,
         "needs --name",
     )
+
+
+def test_version_full_help_and_bad_addresses_are_usage_errors(
+    devnet: Devnet, tmp_path: Path
+) -> None:
+    version = devnet.run("--version").stdout.strip()
+    assert version and version == devnet.run("version").stdout.strip()
+    commands = devnet.run("--help").stdout.split("Commands:")[1]
+    assert "..." not in commands, "every command's summary is whole"
+    sample = tmp_path / "sample.bin"
+    write(sample, 100)
+    for bad in ("localhost", "localhost:99999", ":4000"):
+        assert_one_line_error(
+            devnet.run("publish", str(sample), "--bootstrap", bad, check=False),
+            2,
+            f"--bootstrap {bad!r}",
+        )
+    assert_one_line_error(
+        devnet.run("join", "--port", "70000", "--data-dir", str(tmp_path / "n"), check=False),
+        2,
+        "--port 70000: a port is between 0 and 65535",
+    )
+
+
+def test_an_output_with_a_trailing_slash_is_a_directory(devnet: Devnet, tmp_path: Path) -> None:
+    data = write(tmp_path / "a.bin", 5000)
+    published = devnet.run(
+        "publish", str(tmp_path / "a.bin"), "--data-dir", str(devnet.node_dir(0))
+    )
+    reference = published.stdout.strip().splitlines()[-1]
+    target = tmp_path / "new" / "dir"
+    fetched = devnet.run(
+        "fetch", reference, "-o", f"{target}/", "--data-dir", str(devnet.node_dir(1))
+    )
+    assert fetched.stdout.strip() == str(target / "a.bin")
+    assert (target / "a.bin").read_bytes() == data
+    (tmp_path / "plain").write_text("a file")
+    assert_one_line_error(
+        devnet.run(
+            "fetch", reference, "-o", f"{tmp_path / 'plain'}/", "--data-dir",
+            str(devnet.node_dir(1)), check=False,
+        ),
+        2,
+        "exists and is not a directory",
+    )  # fmt: skip
+
+
+def test_gateway_serves_a_file_to_a_plain_http_client_until_ctrl_c(
+    devnet: Devnet, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    data = write(tmp_path / "page.txt", 3000)
+    node = ["--data-dir", str(devnet.node_dir(2))]
+    reference = devnet.run("publish", str(tmp_path / "page.txt"), *node).stdout.split()[-1]
+    process = subprocess.Popen(
+        [*dhtfs_command(), "gateway", "--port", "0", *node],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=devnet.env,
+    )
+    try:
+        assert process.stdout is not None
+        (url,) = read_until(process.stdout, "http://", 60)
+        assert url.startswith("http://127.0.0.1:")
+        with urllib.request.urlopen(f"{url}{reference}", timeout=TIMEOUT) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            assert response.read() == data
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+    finally:
+        stop([process], signal.SIGKILL)

@@ -26,6 +26,7 @@ ALLOWED: dict[str, set[str]] = {
     "dht": {"core", "dht"},
     "transfer": {"core", "store", "wire", "transfer", "dht.values"},
     "node": {"core", "store", "wire", "transport", "dht", "transfer", "node"},
+    "gateway": {"core", "transfer", "gateway", "dht.values"},
 }
 """Which packages (or single modules) each package may import."""
 
@@ -184,3 +185,17 @@ def test_every_module_says_what_it_owns(module: str) -> None:
         assert "must not import" in docstring.lower(), (
             f"{module} does not say what it must not import"
         )
+
+
+def test_every_package_is_installed() -> None:
+    """A package missing from pyproject's list works from the source tree and
+    fails once installed (as ``dhtfs gateway`` once did)."""
+    import tomllib
+
+    project = tomllib.loads((PACKAGE.parent / "pyproject.toml").read_text())
+    listed = set(project["tool"]["setuptools"]["packages"])
+    found = {
+        ".".join(path.parent.relative_to(PACKAGE.parent).parts)
+        for path in PACKAGE.rglob("__init__.py")
+    }
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

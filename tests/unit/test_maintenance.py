@@ -7,9 +7,12 @@ copy beyond ``ranked[:6]`` is far surplus.
 
 from __future__ import annotations
 
+import logging
 import os
 from concurrent.futures import Executor
 from pathlib import Path
+
+import pytest
 
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.node.maintenance import Maintainer
@@ -292,3 +295,23 @@ async def test_guests_expire_after_their_ttl(
     expiring = Maintainer(joined.network, ranked[-1].store, joined.network.config)
     stats = await expiring.repair_pass(rate=0)
     assert stats.guests_dropped == 1 and not ranked[-1].has(chunk_id)
+
+
+async def test_copies_that_fail_are_logged_once_per_pass_with_a_count(
+    net: MemNet, executor: Executor, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    nodes = net.add(6, stores=tmp_path)
+    me = nodes[0]
+    for node in nodes[1:]:
+        node.full = True  # every copy this pass tries is refused
+    for _ in range(30):
+        data = os.urandom(3000)
+        me.keep(ChunkId.of(data), data)
+    repairer, _ = maintainer(net, me, executor)
+    with caplog.at_level(logging.INFO, logger="dht_dfs.node.maintenance"):
+        stats = await repairer.repair_pass(rate=0)
+    assert stats.errors == 30 and stats.under_replicated == 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert warnings[0].startswith("repair: could not copy 30 chunk(s) (first: chunk ")
+    assert "full" in warnings[0]

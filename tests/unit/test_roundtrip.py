@@ -330,3 +330,26 @@ async def test_a_hidden_or_option_like_name_needs_an_explicit_output(
     assert list(home.iterdir()) == []
     await restore_from_store(result.reference, store, CONFIG, home / "safe.txt")
     assert (home / "safe.txt").read_bytes() == source.read_bytes()
+
+
+async def test_a_lost_chunk_keeps_the_part_file_and_says_how_to_resume(
+    tmp_path: Path, store: ChunkStore
+) -> None:
+    from dht_dfs.core.crypto import seal_chunk
+    from dht_dfs.core.errors import ChunkNotFoundError
+
+    data = os.urandom(6 * CHUNK)
+    result = await publish_to_store(write(tmp_path / "in.bin", data), store, CONFIG)
+    last = seal_chunk(data[5 * CHUNK :])
+    kept = store.get(last.chunk_id)
+    store.delete(last.chunk_id)
+    out = tmp_path / "out.bin"
+    with pytest.raises(ChunkNotFoundError, match="run the same command again to resume") as caught:
+        await restore_from_store(result.reference, store, CONFIG, out)
+    part = tmp_path / ("out.bin" + PART_SUFFIX)
+    assert str(part) in str(caught.value)
+    assert part.exists() and not out.exists()
+    store.put(last.chunk_id, kept)  # the holder is back
+    restored = await restore_from_store(result.reference, store, CONFIG, out)
+    assert out.read_bytes() == data
+    assert restored.chunks_resumed == 5

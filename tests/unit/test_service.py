@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
+import pytest
+
 from dht_dfs.core.ids import ChunkId, NodeId
-from dht_dfs.node.service import ChunkService
+from dht_dfs.node.service import ChunkService, RefusalLog
 from dht_dfs.store.chunks import ChunkStore
 from dht_dfs.wire import StoreStatus
 
@@ -38,3 +41,25 @@ async def test_a_stranger_fills_only_its_guest_budget_and_rightful_stores_still_
         assert status is StoreStatus.STORED and not store.is_guest(ChunkId.of(data))
         assert service.chunks_refused == 2
         assert store.stats().guests == 2
+
+
+async def test_a_full_node_logs_one_line_per_minute_not_one_per_refused_chunk(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    now = [0.0]
+    with ChunkStore(tmp_path, quota=1000) as store:
+        service = ChunkService(store)
+        service._refusals = RefusalLog(clock=lambda: now[0])
+        peer = NodeId(b"\x03" * 20)
+        with caplog.at_level(logging.INFO, logger="dht_dfs.node.service"):
+            for _ in range(50):
+                data = os.urandom(2000)
+                status, _ = await service.handle_store(peer, ChunkId.of(data), data, host="h")
+                assert status is StoreStatus.FULL
+            assert len(caplog.records) == 1
+            now[0] = 61.0
+            data = os.urandom(2000)
+            await service.handle_store(peer, ChunkId.of(data), data, host="h")
+    lines = [record.getMessage() for record in caplog.records]
+    assert len(lines) == 2
+    assert lines[1].endswith("(and 49 more like it since the last such line)")
