@@ -210,6 +210,17 @@ def join(
         float | None,
         typer.Option(help="Seconds between repair passes over stored chunks (0: never) [60]."),
     ] = None,
+    metrics_port: Annotated[
+        int | None,
+        typer.Option(
+            help="Serve Prometheus metrics at http://METRICS_HOST:PORT/metrics (0: any "
+            "free port) [off].",
+            callback=_optional_port,
+        ),
+    ] = None,
+    metrics_host: Annotated[
+        str, typer.Option(help="Address for --metrics-port (127.0.0.1: this machine only).")
+    ] = "127.0.0.1",
     data_dir: NodeDir = None,
     json_output: Json = False,
     verbose: Verbose = 0,
@@ -235,6 +246,7 @@ def join(
             port=port,
             advertise_host=advertise_host,
             bootstrap=bootstrap or [],
+            metrics=None if metrics_port is None else (metrics_host, metrics_port),
         )
         await node.start()
         loop = asyncio.get_running_loop()
@@ -246,6 +258,9 @@ def join(
             output.print_line(json.dumps({"event": "ready", **status.to_json()}))
         else:
             output.print_line(f"dhtfs node {status.node_id.hex()} listening on {status.address}")
+            if status.metrics_port is not None:
+                shown = f"[{metrics_host}]" if ":" in metrics_host else metrics_host
+                output.print_line(f"metrics on http://{shown}:{status.metrics_port}/metrics")
         await stop.wait()
         logging.getLogger("dhtfs").info("stopping (handing off chunks first)")
         await node.stop(leave=True)
@@ -691,9 +706,22 @@ def status(
     )
     output.print_line(f"data dir  {result.data_dir}")
     output.print_line(f"peers     {result.peers_known} known, {result.peers_connected} connected")
-    output.print_line(
-        f"stored    {result.chunks} chunks, {format_size(result.bytes_stored)} ({quota})"
+    used = (
+        f"{format_size(result.bytes_stored)} of {quota} ({result.bytes_stored / result.quota:.0%})"
+        if result.quota
+        else f"{format_size(result.bytes_stored)} (no quota)"
     )
+    output.print_line(f"stored    {result.chunks} chunks, {used}")
+    output.print_line(
+        f"disk      {format_size(result.disk_free)} free"
+        + (
+            "; FULL: new chunks are refused (raise --max-storage or free disk)"
+            if result.full
+            else ""
+        )
+    )
+    if result.metrics_port is not None:
+        output.print_line(f"metrics   port {result.metrics_port}")
 
 
 @app.command()

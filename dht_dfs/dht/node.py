@@ -497,9 +497,11 @@ class DhtNode:
             known_records=self.providers.get(key, record_time) if with_providers else (),
             presumed_dead=protocol.presumed_dead,
         )
-        return await drive_lookup(
+        result = await drive_lookup(
             machine, protocol, with_providers=with_providers, limit=limit, adopt=self._adopt
         )
+        self.counters.lookup_seconds.observe(loop.time() - started)
+        return result
 
     # --- provider records --------------------------------------------------------------
 

@@ -27,7 +27,7 @@ import contextlib
 import hashlib
 import socket
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final
 
 from dht_dfs.core.crypto import PUBLIC_KEY_SIZE, SIGNATURE_SIZE, Identity, verify_signature
@@ -307,10 +307,37 @@ class ProviderRecord:
         return f"ProviderRecord({self.key.hex()[:12]}… by {self.node_id} at {where})"
 
 
+LOOKUP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+"""Upper bounds (seconds) of the lookup-time histogram's buckets."""
+
+
+@dataclass(slots=True)
+class Histogram:
+    """Counts of observations at or under each bound, their count and sum
+    (a Prometheus histogram's state, kept without the library)."""
+
+    bounds: tuple[float, ...] = LOOKUP_BUCKETS
+    counts: list[int] = field(default_factory=lambda: [0] * len(LOOKUP_BUCKETS))
+    count: int = 0
+    total: float = 0.0
+
+    def observe(self, value: float) -> None:
+        self.count += 1
+        self.total += value
+        for index, bound in enumerate(self.bounds):
+            if value <= bound:
+                self.counts[index] += 1
+
+    def cumulative(self) -> list[tuple[float, int]]:
+        """(bound, observations at or under it), then (inf, all of them)."""
+        return [*zip(self.bounds, self.counts, strict=True), (float("inf"), self.count)]
+
+
 @dataclass(slots=True)
 class NodeCounters:
-    """Running totals of one DhtNode, for ``status``."""
+    """Running totals of one DhtNode, for ``status`` and metrics."""
 
+    lookup_seconds: Histogram = field(default_factory=Histogram)
     lookups: int = 0
     verified: int = 0
     verification_failures: int = 0

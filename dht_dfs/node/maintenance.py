@@ -111,6 +111,24 @@ def _log_errors(what: str, stats: RepairStats) -> None:
         )
 
 
+@dataclass(slots=True)
+class ScrubTotals:
+    """What scrub steps did since start (for metrics)."""
+
+    chunks_checked: int = 0
+    bytes_checked: int = 0
+    replaced: int = 0
+    """Bad or vanished copies fetched again from another holder."""
+    lost: int = 0
+    """Bad or vanished copies no other node could supply."""
+
+    def add(self, chunks: int, size: int, replaced: int, lost: int) -> None:
+        self.chunks_checked += chunks
+        self.bytes_checked += size
+        self.replaced += replaced
+        self.lost += lost
+
+
 @dataclass(frozen=True, slots=True)
 class ScrubResult:
     report: ScrubReport
@@ -128,6 +146,10 @@ class Maintainer:
         self._config = config
         self._last_membership: frozenset[NodeId] | None = None
         self._clean_passes_skipped = 0
+        self.totals = RepairStats()
+        """Everything repair passes and hand-offs did since start (for metrics)."""
+        self.repair_passes = 0
+        self.scrub = ScrubTotals()
 
     @property
     def _me(self) -> NodeId:
@@ -199,6 +221,8 @@ class Maintainer:
                 stats.under_replicated,
             )
         _log_errors("repair", stats)
+        self.repair_passes += 1
+        self.totals.merge(stats)
         return stats
 
     async def hand_off(self, *, within: float | None = None) -> RepairStats:
@@ -223,6 +247,7 @@ class Maintainer:
         if stats.copies_added:
             log.info("handed off %d copies before leaving", stats.copies_added)
         _log_errors("hand-off", stats)
+        self.totals.merge(stats)
         return stats
 
     async def _stored_ids(self) -> list[ChunkId]:
@@ -404,6 +429,7 @@ class Maintainer:
                 refetched.append(chunk_id)
             else:
                 lost.append(chunk_id)
+        self.scrub.add(report.checked, report.bytes_checked, len(refetched), len(lost))
         return ScrubResult(report, tuple(refetched), tuple(lost))
 
     async def _refetch(self, source: NetworkSource, chunk_id: ChunkId) -> bool:

@@ -29,6 +29,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+from aiohttp import web
+
 from dht_dfs import __version__
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
@@ -38,6 +40,7 @@ from dht_dfs.dht.node import DhtNode
 from dht_dfs.node.control import CONTROL_SOCKET, ControlServer
 from dht_dfs.node.identity import ensure_data_dir, load_or_create_identity
 from dht_dfs.node.maintenance import Maintainer
+from dht_dfs.node.metrics import serve_metrics
 from dht_dfs.node.operations import Request, StatusRequest, run_operation
 from dht_dfs.node.results import Contact, NodeStatus, OnEvent, Result
 from dht_dfs.node.service import ChunkService
@@ -71,7 +74,9 @@ class Node:
         advertise_host: str | None = None,
         bootstrap: Sequence[str] = (),
         control: bool = True,
+        metrics: tuple[str, int] | None = None,
     ) -> None:
+        """``metrics``: (host, port) to serve Prometheus metrics on (port 0: any free)."""
         self.data_dir = Path(data_dir).expanduser()
         self.config = (config or Config()).validate()
         self.host = host
@@ -79,6 +84,10 @@ class Node:
         self.advertise_host = advertise_host
         self.bootstrap_addresses = list(bootstrap)
         self._control_enabled = control
+        self._metrics_address = metrics
+        self._metrics: web.AppRunner | None = None
+        self.metrics_port: int | None = None
+        """Where ``/metrics`` is served, once started with ``metrics``."""
         self.identity: Identity | None = None
         self.store: ChunkStore | None = None
         self.endpoint: Endpoint | None = None
@@ -175,6 +184,15 @@ class Node:
             control = ControlServer(self, self.data_dir / CONTROL_SOCKET)
             await control.start()
             self._control = control
+        if self._metrics_address is not None:
+            metrics_host, metrics_port = self._metrics_address
+            try:
+                self._metrics = await serve_metrics(self, metrics_host, metrics_port)
+            except OSError as error:
+                raise ConfigError(
+                    f"cannot serve metrics on {metrics_host}:{metrics_port}: {error.strerror}"
+                ) from None
+            self.metrics_port = int(self._metrics.addresses[0][1])
         self.started_at = time.time()
         log.info(
             "node %s listening on %s:%d (data dir %s)",
@@ -236,6 +254,7 @@ class Node:
             if self.dht is not None:
                 cleanup.push_async_callback(self.dht.stop)
             cleanup.push_async_callback(self._close_control)
+            cleanup.push_async_callback(self._close_metrics)
             # Repair and scrub end first, so none runs during the hand-off.
             await cancel_and_wait(self._tasks)
             if leave and self.maintainer is not None and self.store is not None:
@@ -243,6 +262,11 @@ class Node:
                     await self.maintainer.hand_off()
                 except DhtfsError as error:
                     log.warning("hand-off failed: %s", error)
+
+    async def _close_metrics(self) -> None:
+        metrics, self._metrics = self._metrics, None
+        if metrics is not None:
+            await metrics.cleanup()
 
     async def _close_control(self) -> None:
         control, self._control = self._control, None
@@ -338,6 +362,9 @@ class Node:
             chunks=stats.chunks,
             bytes_stored=stats.bytes_used,
             quota=stats.quota,
+            disk_free=stats.disk_free,
+            full=stats.full,
+            metrics_port=self.metrics_port,
         )
 
     async def handle(self, request: Request, on_event: OnEvent) -> Result:

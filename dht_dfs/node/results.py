@@ -422,6 +422,11 @@ class NodeStatus:
     chunks: int
     bytes_stored: int
     quota: int | None
+    disk_free: int = 0
+    """Bytes free on the disk under the store."""
+    full: bool = False
+    """The store would refuse a chunk of the default size (quota or free-disk floor)."""
+    metrics_port: int | None = None
 
     def to_json(self) -> Document:
         return {
@@ -437,7 +442,14 @@ class NodeStatus:
                 "connected": self.peers_connected,
                 "contacts": [contact.to_json() for contact in self.contacts],
             },
-            "store": {"chunks": self.chunks, "bytes": self.bytes_stored, "quota": self.quota},
+            "store": {
+                "chunks": self.chunks,
+                "bytes": self.bytes_stored,
+                "quota": self.quota,
+                "disk_free": self.disk_free,
+                "full": self.full,
+            },
+            "metrics_port": self.metrics_port,
         }
 
     @classmethod
@@ -458,6 +470,11 @@ class NodeStatus:
             chunks=int(store["chunks"]),
             bytes_stored=int(store["bytes"]),
             quota=None if quota is None else int(quota),
+            disk_free=int(store.get("disk_free", 0)),
+            full=bool(store.get("full", False)),
+            metrics_port=None
+            if document.get("metrics_port") is None
+            else int(document["metrics_port"]),
         )
 
 

@@ -38,6 +38,9 @@ from dht_dfs.wire import StoreStatus
 
 log = logging.getLogger(__name__)
 
+STORE_OUTCOMES = tuple(status.name.lower() for status in StoreStatus)
+"""Labels of the STORE answers counted in ``ChunkService.counts``."""
+
 REFUSAL_LOG_INTERVAL = 60.0
 """Seconds between log lines about refused chunks of one kind (a full node
 refuses every chunk offered: one line per minute with the count, not one each)."""
@@ -104,12 +107,27 @@ class ChunkService:
         self._receipt_for = receipt_for
         self._on_stored = on_stored
         self.chunks_served = 0
+        self.bytes_served = 0
+        self.counts: dict[str, int] = dict.fromkeys(STORE_OUTCOMES, 0)
+        """STOREs answered, by outcome (for metrics)."""
+        self.bytes_stored = 0
+        """Bytes of chunks newly stored through STORE."""
+        self.haves = self.proofs = 0
         self._proving = asyncio.Semaphore(MAX_CONCURRENT_PROOFS)
 
     async def _run(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
     async def handle_store(
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
+    ) -> tuple[StoreStatus, bytes]:
+        status, receipt = await self._store(peer, chunk_id, body, host=host)
+        self.counts[status.name.lower()] += 1
+        if status is StoreStatus.STORED:
+            self.bytes_stored += len(body)
+        return status, receipt
+
+    async def _store(
         self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
     ) -> tuple[StoreStatus, bytes]:
         guest = None
@@ -161,15 +179,18 @@ class ChunkService:
             return None
         fd, size = opened
         self.chunks_served += 1
+        self.bytes_served += size
         return FileBody(fd, size)
 
     async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
+        self.haves += 1
         return await self._run(self.store.have_which, list(chunk_ids))
 
     async def handle_prove(
         self, peer: NodeId, nonce: bytes, chunk_ids: tuple[ChunkId, ...]
     ) -> list[bytes | None]:
         # The wire bounds the ids per request; the semaphore bounds requests.
+        self.proofs += 1
         async with self._proving:
             return [await self._run(self._tag, nonce, chunk_id) for chunk_id in chunk_ids]
 

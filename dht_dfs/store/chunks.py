@@ -93,6 +93,10 @@ class StoreStats:
     """Of ``chunks``, those kept as guests."""
     guest_bytes: int = 0
     """Bytes charged to guests (each counts at least ``guests.GUEST_MIN_CHARGE``)."""
+    disk_free: int = 0
+    """Bytes free for this store's user on the disk under it."""
+    full: bool = False
+    """A chunk of the default size would be refused (quota or free-disk floor)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,9 +270,16 @@ class ChunkStore:
         return [c.digest in held for c in chunk_ids]
 
     def stats(self) -> StoreStats:
+        disk = os.statvfs(self.root)
         with self._lock:
             return StoreStats(
-                self._count, self._used, self.quota, self._guests.count, self._guests.total
+                self._count,
+                self._used,
+                self.quota,
+                self._guests.count,
+                self._guests.total,
+                disk_free=disk.f_bavail * disk.f_frsize,
+                full=self._shortfall_locked(_DEFAULTS.chunk_size) > 0,
             )
 
     def is_guest(self, chunk_id: ChunkId) -> bool:

@@ -56,7 +56,9 @@ class Cluster:
     def data_dir(self, index: int) -> Path:
         return self.root / f"node-{index}"
 
-    async def add(self, config: Config | None = None) -> Node:
+    async def add(
+        self, config: Config | None = None, *, metrics: tuple[str, int] | None = None
+    ) -> Node:
         index = len(self.nodes)
         node = Node(
             self.data_dir(index),
@@ -65,6 +67,7 @@ class Cluster:
             port=0,
             bootstrap=self.bootstrap,
             control=False,
+            metrics=metrics,
         )
         await node.start()
         self.nodes.append(node)

@@ -456,3 +456,40 @@ def test_gateway_serves_a_file_to_a_plain_http_client_until_ctrl_c(
         assert process.wait(timeout=60) == 0
     finally:
         stop([process], signal.SIGKILL)
+
+
+def test_join_serves_metrics_and_status_shows_disk_and_quota(
+    devnet: Devnet, tmp_path: Path
+) -> None:
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    home = tmp_path / "watched"
+    bootstrap = f"127.0.0.1:{devnet.base_port}"
+    options = ["--host", "127.0.0.1", "--port", "0", "--metrics-port", "0", "--max-storage", "1G"]
+    process = subprocess.Popen(
+        [*dhtfs_command(), "join", *options, "--data-dir", str(home), "--bootstrap", bootstrap],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=devnet.env,
+    )
+    try:
+        assert process.stdout is not None
+        lines = read_until(process.stdout, "/metrics", 60)
+        url = lines[-1].removeprefix("metrics on ")
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/metrics")
+        with urllib.request.urlopen(url, timeout=TIMEOUT) as response:
+            families = {f.name: f for f in text_string_to_metric_families(response.read().decode())}
+        assert families["dhtfs_store_quota_bytes"].samples[0].value == 1 << 30
+        assert families["dhtfs_store_full"].samples[0].value == 0
+        shown = devnet.run("status", "--data-dir", str(home)).stdout
+        assert "of 1.0 GiB (0%)" in shown and " free" in shown and "FULL" not in shown
+        assert f"metrics   port {url.rsplit(':', 1)[1].split('/')[0]}" in shown
+        document = json.loads(devnet.run("status", "--json", "--data-dir", str(home)).stdout)
+        assert document["store"]["full"] is False and document["store"]["disk_free"] > 0
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=90) == 0
+    finally:
+        stop([process], signal.SIGKILL)

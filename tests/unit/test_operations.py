@@ -177,13 +177,20 @@ def test_documents_keep_every_key_the_cli_printed() -> None:
         "replicas",
         "peers",
         "store",
+        "metrics_port",
     }
     assert status["peers"] == {
         "known": 4,
         "connected": 2,
         "contacts": [{"node_id": NODE.hex(), "address": "10.0.0.2:4000"}],
     }
-    assert status["store"] == {"chunks": 5, "bytes": 5_000_000, "quota": None}
+    assert status["store"] == {
+        "chunks": 5,
+        "bytes": 5_000_000,
+        "quota": None,
+        "disk_free": 0,
+        "full": False,
+    }
 
 
 def test_events_survive_json() -> None:
