@@ -26,7 +26,7 @@ from pathlib import Path
 from dht_dfs.core.config import Config, format_size
 from dht_dfs.core.errors import DhtfsError
 from dht_dfs.node.control import CONTROL_SOCKET
-from dht_dfs.node.operations import CheckRequest, FetchRequest, PublishRequest
+from dht_dfs.node.operations import CheckRequest, FetchRequest, PublishRequest, StatusRequest
 from dht_dfs.node.processes import ManagedProcess, Supervisor, join_command
 from dht_dfs.node.session import LocalNodeSession
 from dht_dfs.node.tasks import cancel_and_wait
@@ -84,7 +84,43 @@ class Devnet:
         return node
 
     async def stop(self, grace: float) -> None:
-        await self.supervisor.stop(grace=grace)
+        await asyncio.gather(
+            self.supervisor.stop(grace=grace),
+            *(self._stop_restarted(node, grace) for node in self.nodes),
+        )
+
+    async def _stop_restarted(self, node: DevnetNode, grace: float) -> None:
+        """A node the user restarted in this devnet's data dir (with the command the
+        devnet printed) is part of this network: it stops with it, by SIGTERM."""
+        if node.process.running:
+            return
+        try:
+            status = await asyncio.wait_for(node.session.run(StatusRequest()), 5)
+        except (DhtfsError, OSError, TimeoutError):
+            return  # nothing runs there
+        output.stderr.print(
+            f"stopping node {node.index} (pid {status.pid}), restarted outside the devnet",
+            markup=False,
+        )
+        try:
+            exited = os.pidfd_open(status.pid)
+        except ProcessLookupError:
+            return
+        try:
+            os.kill(status.pid, signal.SIGTERM)
+            gone = asyncio.Event()
+            loop = asyncio.get_running_loop()
+            loop.add_reader(exited, gone.set)
+            try:
+                await asyncio.wait_for(gone.wait(), grace)
+            except TimeoutError:
+                os.kill(status.pid, signal.SIGKILL)
+            finally:
+                loop.remove_reader(exited)
+        except ProcessLookupError:
+            pass
+        finally:
+            os.close(exited)
 
 
 async def start_devnet(

@@ -218,6 +218,7 @@ def test_errors_are_one_line_with_exit_codes(devnet: Devnet, tmp_path: Path) -> 
 
 def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Path) -> None:
     base = find_free_ports(3)
+    restarted: subprocess.Popen[str] | None = None
     process = subprocess.Popen(
         [*dhtfs_command(), "devnet", "--nodes", "3", "--port", str(base), "--dir", str(tmp_path)],
         stdout=subprocess.PIPE,
@@ -249,10 +250,22 @@ def test_devnet_outlives_a_killed_node_and_stops_the_rest_on_ctrl_c(tmp_path: Pa
         for index in (0, 2):
             assert json.loads(status(index).stdout)["pid"] == pids[index]
         assert status(1).returncode == 1
+        # The user restarts it with the command printed; the devnet's Ctrl-C
+        # stops it too, as part of the network.
+        restart = lines[-1].split("To restart it: dhtfs ", 1)[1].split()
+        restarted = subprocess.Popen(
+            [*dhtfs_command(), *restart], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+            text=True,
+        )  # fmt: skip
+        assert restarted.stdout is not None
+        read_until(restarted.stdout, "listening on", 60)
         process.send_signal(signal.SIGINT)
-        assert process.wait(timeout=60) == 0
+        assert process.wait(timeout=90) == 0
+        assert restarted.wait(timeout=30) == 0, "the restarted node stopped with the devnet"
     finally:
         stop([process], signal.SIGKILL)
+        if restarted is not None:
+            stop([restarted], signal.SIGKILL)
     for pid in pids:
         with pytest.raises(ProcessLookupError):
             os.kill(pid, 0)
