@@ -75,7 +75,9 @@ PADDED_REQUEST_SIZE: Final = 600
 """A find_node / get_providers request sent without a token is padded to this
 size, so that 3x covers a typical full reply (k contacts and a few records)."""
 
-REMOTE_PROCEDURES: Final = frozenset({"ping", "find_node", "get_providers", "add_providers"})
+REMOTE_PROCEDURES: Final = frozenset(
+    {"ping", "find_node", "get_providers", "add_providers", "leave"}
+)
 """The only procedure names this node calls or serves."""
 
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import Any, Final
 
 from dht_dfs.core.config import Config
-from dht_dfs.core.crypto import Identity
+from dht_dfs.core.crypto import SIGNATURE_SIZE, Identity, verify_signature
 from dht_dfs.core.errors import LocalProtocolError, RemoteProtocolError
 from dht_dfs.core.ids import DHT_KEY_SIZE, NODE_ID_SIZE, NodeId
 from dht_dfs.dht.codec import (
@@ -57,7 +57,9 @@ from dht_dfs.dht.compat import CompatProtocol, DhtPeer
 from dht_dfs.dht.records import ProviderStore
 from dht_dfs.dht.values import (
     CLOCK_SKEW_ALLOWANCE,
+    LEAVE_WINDOW,
     MAX_CONTACTS_PER_REPLY,
+    MAX_EXPIRY,
     MAX_NONCE_SIZE,
     MAX_RECORDS_PER_MESSAGE,
     MIN_NONCE_SIZE,
@@ -68,6 +70,7 @@ from dht_dfs.dht.values import (
     ProviderRecord,
     address_token,
     canonical_ip,
+    leave_message,
     normalize_address,
     parse_find_reply,
     parse_ping_target,
@@ -202,6 +205,7 @@ class DhtProtocol(CompatProtocol):
             "find_node": self._serve_find_node,
             "get_providers": self._serve_get_providers,
             "add_providers": self._serve_add_providers,
+            "leave": self._serve_leave,
         }
 
     # --- header and bookkeeping -----------------------------------------------------
@@ -480,6 +484,44 @@ class DhtProtocol(CompatProtocol):
             signature,
             [address[0], address[1]],
         ]
+
+    def _serve_leave(self, address: Address, args: list[Any]) -> object:
+        """A contact says it leaves: evict it at once (and presume it dead), so
+        lookups stop waiting on it. Only a goodbye signed by the key the
+        contact proved, recent, and sent from the address it names counts; the
+        sender is never added as a contact by it."""
+        expect_list(args, "leave arguments", exact=3)
+        header = expect_list(args[0], "sender header", limit=5)
+        if not header:
+            raise remote_error("sender header is empty")
+        node_id = NodeId(expect_bytes(header[0], NODE_ID_SIZE, "sender node id"))
+        timestamp = expect_int(args[1], 0, MAX_EXPIRY, "leave time")
+        signature = expect_bytes(args[2], SIGNATURE_SIZE, "leave signature")
+        peer = self.router.get(node_id)
+        if peer is None or peer.public_key is None:
+            return [False]
+        if (peer.contact.host, peer.contact.udp_port) != address:
+            return [False]
+        if abs(self.clock() - timestamp) > LEAVE_WINDOW:
+            return [False]
+        message = leave_message(node_id, address, timestamp)
+        if not verify_signature(peer.public_key, message, signature):
+            raise remote_error("leave signature does not verify")
+        self.router.remove_contact(peer)
+        self._failures.pop(node_id, None)
+        self._failures[node_id] = (self.failure_threshold, time.monotonic())
+        self.counters.evictions += 1
+        log.info("%s left the network", peer.contact)
+        self.hooks.contact_evicted(node_id)
+        return [True]
+
+    def notify(self, address: Address, name: str, args: list[object]) -> None:
+        """Send one request without waiting for its answer (a goodbye)."""
+        if name not in REMOTE_PROCEDURES:
+            raise LocalProtocolError(f"{name!r} is not a remote procedure")
+        if self.transport is not None:
+            self.transport.sendto(encode_request(os.urandom(20), name, args), address)
+            self.counters.requests_sent += 1
 
     def owns_address(self, target: Address) -> bool:
         """True if ``target`` is this node's UDP address as far as it can tell: its

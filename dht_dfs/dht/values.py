@@ -397,6 +397,27 @@ def split_into_batches(
     return batches
 
 
+LEAVE_DOMAIN: Final = b"dhtfs/dht/leave/v1\x00"
+LEAVE_WINDOW: Final = 60.0
+"""Seconds a signed goodbye stays good (clock skew included); replays after
+that are ignored."""
+
+
+def leave_message(node_id: NodeId, address: Address, timestamp: int) -> bytes:
+    """The domain-separated bytes a node signs to say it leaves: its id, the UDP
+    address it leaves from, and when (a goodbye cannot be moved or kept)."""
+    return b"".join(
+        (
+            LEAVE_DOMAIN,
+            node_id.digest,
+            address[0].encode("ascii"),
+            b"\x00",
+            address[1].to_bytes(2, "big"),
+            timestamp.to_bytes(8, "big"),
+        )
+    )
+
+
 def ping_proof_message(
     nonce: bytes, node_id: NodeId, tcp_port: int, flags: int, target: Address | None
 ) -> bytes:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import logging
 import os
 import time
@@ -252,7 +253,8 @@ class Node:
             if self.endpoint is not None:
                 cleanup.push_async_callback(self.endpoint.close)
             if self.dht is not None:
-                cleanup.push_async_callback(self.dht.stop)
+                # Leaving (not a crash): contacts are told, and evict this node at once.
+                cleanup.push_async_callback(functools.partial(self.dht.stop, goodbye=leave))
             cleanup.push_async_callback(self._close_control)
             cleanup.push_async_callback(self._close_metrics)
             # Repair and scrub end first, so none runs during the hand-off.

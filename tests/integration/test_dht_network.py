@@ -431,3 +431,61 @@ async def test_cancelled_lookup_raises_and_leaves_no_query_running() -> None:
             assert leftover == set()
     finally:
         await node.stop()
+
+
+async def test_a_node_that_leaves_is_evicted_at_once_and_a_crash_is_not() -> None:
+    async with dht_network(5, CONFIG) as nodes:
+        leaving, crashing, *staying = nodes
+        evicted: dict[NodeId, asyncio.Event] = {}
+        for node in staying:
+            event = evicted[node.identity.node_id] = asyncio.Event()
+            seen = node.contact_evicted
+
+            def note(node_id: NodeId, seen: Any = seen, event: asyncio.Event = event) -> None:
+                seen(node_id)
+                if node_id == leaving.identity.node_id:
+                    event.set()
+
+            node.contact_evicted = note  # type: ignore[method-assign]
+        gone = leaving.identity.node_id
+        await leaving.stop(goodbye=True)
+        await asyncio.wait_for(asyncio.gather(*(e.wait() for e in evicted.values())), WAIT)
+        for node in staying:
+            assert node.protocol.router.get(gone) is None
+            assert node.protocol.presumed_dead(gone), "lookups will not ask it"
+        # A crash says nothing: the others keep the contact until it fails them.
+        await crashing.stop()
+        assert all(n.protocol.router.get(crashing.identity.node_id) for n in staying)
+        # Lookups no longer wait on the node that left.
+        result = await staying[0].lookup(os.urandom(20))
+        assert gone not in {c.node_id for c in result.closest}
+
+
+async def test_a_goodbye_counts_only_signed_recent_and_from_the_node_itself() -> None:
+    from dht_dfs.core.errors import RemoteProtocolError
+    from dht_dfs.dht.values import LEAVE_WINDOW, leave_message
+
+    async with dht_network(3, CONFIG) as nodes:
+        target, witness, _ = nodes
+        protocol = witness.protocol
+        peer = protocol.router.get(target.identity.node_id)
+        assert peer is not None and peer.public_key is not None
+        address = (peer.contact.host, peer.contact.udp_port)
+        header = target.protocol.header
+        now = int(protocol.clock())
+
+        def goodbye(when: int, signer: Identity = target.identity) -> list[Any]:
+            signed = signer.sign(leave_message(target.identity.node_id, address, when))
+            return [header, when, signed]
+
+        # From another address (anyone can send a datagram naming the node).
+        assert protocol._serve_leave((LOCALHOST, 9), goodbye(now)) == [False]
+        # Too old: a goodbye kept and replayed later.
+        stale = now - int(LEAVE_WINDOW) - 5
+        assert protocol._serve_leave(address, goodbye(stale)) == [False]
+        # Signed by another key.
+        with pytest.raises(RemoteProtocolError, match="does not verify"):
+            protocol._serve_leave(address, goodbye(now, Identity.generate()))
+        assert protocol.router.get(target.identity.node_id) is not None
+        assert protocol._serve_leave(address, goodbye(now)) == [True]
+        assert protocol.router.get(target.identity.node_id) is None
