@@ -84,10 +84,24 @@ class Devnet:
         return node
 
     async def stop(self, grace: float) -> None:
-        await asyncio.gather(
+        stopped = await asyncio.gather(
             self.supervisor.stop(grace=grace),
             *(self._stop_restarted(node, grace) for node in self.nodes),
+            return_exceptions=True,
         )
+        for outcome in stopped:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, Exception):
+                raise outcome  # cancelled, interrupted: not ours to swallow
+        first = stopped[0]
+        if isinstance(first, Exception):
+            raise first
+        for outcome, node in zip(stopped[1:], self.nodes, strict=True):
+            if isinstance(outcome, Exception):
+                output.stderr.print(
+                    f"dhtfs: warning: could not stop node {node.index} restarted outside "
+                    f"the devnet: {outcome}",
+                    markup=False,
+                )
 
     async def _stop_restarted(self, node: DevnetNode, grace: float) -> None:
         """A node the user restarted in this devnet's data dir (with the command the
@@ -106,15 +120,17 @@ class Devnet:
             exited = os.pidfd_open(status.pid)
         except ProcessLookupError:
             return
+        # Signalled through the pidfd: the process it names, even if its pid
+        # were reused meanwhile.
         try:
-            os.kill(status.pid, signal.SIGTERM)
+            signal.pidfd_send_signal(exited, signal.SIGTERM)
             gone = asyncio.Event()
             loop = asyncio.get_running_loop()
             loop.add_reader(exited, gone.set)
             try:
                 await asyncio.wait_for(gone.wait(), grace)
             except TimeoutError:
-                os.kill(status.pid, signal.SIGKILL)
+                signal.pidfd_send_signal(exited, signal.SIGKILL)
             finally:
                 loop.remove_reader(exited)
         except ProcessLookupError:

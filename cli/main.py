@@ -34,6 +34,7 @@ from dht_dfs.node.operations import (
     PublishRequest,
     RepairRequest,
     StatusRequest,
+    check_published_name,
     load_convergence_secret,
 )
 from dht_dfs.node.results import (
@@ -311,6 +312,7 @@ def publish(
     if str(file) == "-":
         if not name:
             fail(InputError("publish - needs --name: the name a fetch writes the file as"))
+        checked(check_published_name, name)
         stream_name: str = name
         stdin = checked(streams.stdin_for_publish)
         with output.progress_bar(f"publish {name}", enabled=not json_output) as on_event:
@@ -334,11 +336,7 @@ def publish(
                 async with open_session(data_dir, bootstrap or [], config) as session:
                     return await session.run(request, on_event)
 
-            result = run(
-                go,
-                interrupted="interrupted; what was fetched is kept: run the same command "
-                "again to resume",
-            )
+            result = run(go)
     if json_output:
         output.print_json(result.to_json())
         return

@@ -5,7 +5,9 @@
   sent. ``Range`` is honoured: one range is a 206 with ``Content-Range``,
   several a ``multipart/byteranges`` 206 (at most ``MAX_RANGES``), none
   satisfiable a 416; chunks outside the ranges are not fetched. At most
-  ``MAX_STREAMS`` ranges stream at once, whatever the number of clients.
+  ``MAX_STREAMS`` files stream at once (a request waits ``STREAM_WAIT``
+  for a slot, then gets a 503), and a client that stops reading for
+  ``WRITE_TIMEOUT`` is cut off, so idle clients cannot hold the gateway.
 - ``ETag`` is derived from the root and the path: what a read reference
   names never changes, so it is also ``Cache-Control: immutable``, and
   ``If-None-Match`` gets a 304.
@@ -27,13 +29,14 @@ Must not import: dht (except ``dht.values``), transport, store.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import html
 import logging
 import mimetypes
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -57,10 +60,19 @@ log = logging.getLogger(__name__)
 MAX_RANGES = 16
 """Ranges one request may ask for (more is a 416: each costs a manifest walk)."""
 MAX_STREAMS = 16
-"""Ranges streamed at once, over all requests; more wait their turn. Each holds
-up to ``transfer_window`` chunks, so this bounds the gateway's memory."""
+"""Files streamed at once, over all requests. Each holds up to
+``transfer_window`` chunks, so this bounds the gateway's memory."""
+MAX_RESOLVES = 64
+"""References and paths being resolved at once (each may cost DHT lookups:
+made-up references must not queue without bound)."""
+STREAM_WAIT = 10.0
+"""Seconds a request waits for a stream slot before a 503."""
+WRITE_TIMEOUT = 20.0
+"""Seconds one write may wait for the client to read: a client that stops
+reading is cut off, so it cannot keep a stream slot."""
 
-_RANGE_SPEC = re.compile(r"^\s*(\d*)\s*-\s*(\d*)\s*$")
+_RANGE_SPEC = re.compile(r"^\s*(\d{0,19})\s*-\s*(\d{0,19})\s*$")
+"""One range of a ``Range`` header; at most 19 digits (more is not a size)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,6 +83,14 @@ class ByteRange:
 
     def header(self, size: int) -> str:
         return f"bytes {self.start}-{self.stop - 1}/{size}"
+
+
+class _CutShort(Exception):
+    """The body could not be finished; the connection is closed."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__("cut short")
+        self.response = response
 
 
 class Unsatisfiable(Exception):
@@ -85,8 +105,8 @@ def parse_ranges(header: str, size: int) -> list[ByteRange] | None:
     when none of the ranges overlaps the file, or there are too many.
     """
     unit, _, specs = header.partition("=")
-    if unit.strip().lower() != "bytes" or not specs.strip():
-        return None
+    if unit.strip().lower() != "bytes" or not specs.strip() or size == 0:
+        return None  # an empty file has no range to give: it is sent whole
     ranges: list[ByteRange] = []
     for spec in specs.split(","):
         match = _RANGE_SPEC.match(spec)
@@ -122,11 +142,12 @@ class Gateway:
     def __init__(self, network: Network) -> None:
         self._network = network
         self._streams = asyncio.Semaphore(MAX_STREAMS)
+        self._resolves = asyncio.Semaphore(MAX_RESOLVES)
 
     def app(self) -> web.Application:
         application = web.Application()
         application.router.add_get("/", self._index)
-        application.router.add_get("/{tail:.+}", self._handle)
+        application.router.add_get("/{tail:[\\s\\S]+}", self._handle)
         return application
 
     async def _index(self, request: web.Request) -> web.Response:
@@ -142,6 +163,12 @@ class Gateway:
         except (InvalidReferenceError, InputError) as error:
             return _message(400, str(error))
         try:
+            await asyncio.wait_for(self._resolves.acquire(), STREAM_WAIT)
+        except TimeoutError:
+            return web.Response(
+                status=503, headers={"Retry-After": "5"}, text="gateway busy; try again\n"
+            )
+        try:
             entry = (await self._network.resolve(reference, steps)).entry
         except PathNotFoundError as error:
             return _message(404, str(error))
@@ -151,9 +178,12 @@ class Gateway:
             return _message(502, str(error))
         except DhtfsError as error:
             return _message(502, f"cannot read {tail}: {error}")
+        finally:
+            self._resolves.release()
         if entry.kind is EntryKind.DIRECTORY:
             if not request.path.endswith("/"):
-                raise web.HTTPMovedPermanently(request.path + "/")
+                # The raw path, still quoted: a name with '#', '?' or '%' stays a name.
+                raise web.HTTPMovedPermanently(request.raw_path.partition("?")[0] + "/")
             return await self._listing(request, entry, tail)
         if entry.kind is EntryKind.SYMLINK:
             return _message(
@@ -180,17 +210,23 @@ class Gateway:
             f"<body><h1>{title}</h1><ul>\n<li><a href='../'>../</a></li>\n".encode()
         )
         count = 0
-        async for child in self._network.list_directory(entry):
-            name = html.escape(child.name)
-            link = quote(child.name, safe="")
-            if child.kind is EntryKind.DIRECTORY:
-                line = f"<li><a href='{link}/'>{name}/</a></li>\n"
-            elif child.kind is EntryKind.SYMLINK:
-                line = f"<li>{name} -&gt; {html.escape(child.target or '')}</li>\n"
-            else:
-                line = f"<li><a href='{link}'>{name}</a> ({child.size} bytes)</li>\n"
-            await response.write(line.encode())
-            count += 1
+        try:
+            async for child in self._network.list_directory(entry):
+                name = html.escape(child.name)
+                link = quote(child.name, safe="")
+                if child.kind is EntryKind.DIRECTORY:
+                    line = f"<li><a href='{link}/'>{name}/</a></li>\n"
+                elif child.kind is EntryKind.SYMLINK:
+                    line = f"<li>{name} -&gt; {html.escape(child.target or '')}</li>\n"
+                else:
+                    line = f"<li><a href='{link}'>{name}</a> ({child.size} bytes)</li>\n"
+                async with asyncio.timeout(WRITE_TIMEOUT):
+                    await response.write(line.encode())
+                count += 1
+        except (DhtfsError, ConnectionError, TimeoutError) as error:
+            log.info("gateway: listing of %s cut short: %s", tail, error or "client too slow")
+            response.force_close()
+            return response
         await response.write(f"</ul><p>{count} entries</p></body></html>\n".encode())
         await response.write_eof()
         return response
@@ -222,12 +258,26 @@ class Gateway:
             except Unsatisfiable:
                 headers["Content-Range"] = f"bytes */{size}"
                 return web.Response(status=416, headers=headers, text="range not satisfiable\n")
-        if ranges is None:
-            return await self._send(request, entry, headers, content_type, [ByteRange(0, size)])
-        if len(ranges) == 1:
-            headers["Content-Range"] = ranges[0].header(size)
-            return await self._send(request, entry, headers, content_type, ranges, status=206)
-        return await self._send_parts(request, entry, headers, content_type, ranges)
+        if request.method != "HEAD":
+            try:
+                await asyncio.wait_for(self._streams.acquire(), STREAM_WAIT)
+            except TimeoutError:
+                return web.Response(
+                    status=503, headers={"Retry-After": "5"}, text="gateway busy; try again\n"
+                )
+        try:
+            if ranges is None:
+                whole = [ByteRange(0, size)]
+                return await self._send(request, entry, headers, content_type, whole)
+            if len(ranges) == 1:
+                headers["Content-Range"] = ranges[0].header(size)
+                return await self._send(request, entry, headers, content_type, ranges, status=206)
+            return await self._send_parts(request, entry, headers, content_type, ranges)
+        except _CutShort as cut:
+            return cut.response
+        finally:
+            if request.method != "HEAD":
+                self._streams.release()
 
     async def _send(
         self,
@@ -282,16 +332,21 @@ class Gateway:
     async def _write(
         self, response: web.StreamResponse, entry: DirEntry, wanted: ByteRange
     ) -> None:
-        """The bytes of one range; a failure now cuts the connection (never a short 200)."""
+        """The bytes of one range. A failure now (a lost chunk, a client gone or not
+        reading) closes the connection short of its Content-Length: never a body
+        that looks whole."""
         try:
-            async with self._streams:
-                async for piece in self._pieces(entry, wanted):
-                    await response.write(piece)
-        except DhtfsError as error:
-            log.warning("gateway: %s cut short: %s", entry.name, error)
-            raise ConnectionResetError(str(error)) from None
+            async with contextlib.aclosing(self._pieces(entry, wanted)) as pieces:
+                async for piece in pieces:
+                    async with asyncio.timeout(WRITE_TIMEOUT):
+                        await response.write(piece)
+        except (DhtfsError, ConnectionError, TimeoutError) as error:
+            reason = "the client stopped reading" if isinstance(error, TimeoutError) else error
+            log.info("gateway: %s cut short: %s", entry.name, reason)
+            response.force_close()
+            raise _CutShort(response) from None
 
-    def _pieces(self, entry: DirEntry, wanted: ByteRange) -> AsyncIterator[bytes]:
+    def _pieces(self, entry: DirEntry, wanted: ByteRange) -> AsyncGenerator[bytes, None]:
         return self._network.stream_file(entry, start=wanted.start, stop=wanted.stop)
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Self
 
 from dht_dfs.core.crypto import secret_from_file_content
+from dht_dfs.core.direntry import name_problem
 from dht_dfs.core.errors import ControlError, InputError
 from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
 from dht_dfs.node.results import (
@@ -38,6 +39,13 @@ from dht_dfs.node.results import (
 from dht_dfs.transfer.network import Network
 
 # --- requests ----------------------------------------------------------------------
+
+
+def check_published_name(name: str) -> None:
+    """Refuse a ``--name`` no directory could hold ("a/b", "..", a NUL, too long)."""
+    problem = name_problem(name.encode("utf-8", "surrogateescape"))
+    if problem is not None:
+        raise InputError(f"--name {name!r} {problem}: give a plain file name")
 
 
 def _absolute(path: Path) -> Path:
@@ -72,17 +80,23 @@ class PublishRequest:
 
         Raises ``InputError`` for a missing, unreadable or special file.
         """
+        if self.name is not None:
+            check_published_name(self.name)
         path = _absolute(self.path)
         if path.is_dir():
             if not os.access(path, os.R_OK | os.X_OK):
                 raise InputError(f"cannot read directory {self.path}: permission denied")
             return replace(self, path=path)
         try:
-            with open(path, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
-                    raise InputError(f"{self.path} is not a regular file")
+            # Non-blocking: opening a fifo to read would wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
         except OSError as error:
             raise InputError(f"cannot read {self.path}: {error.strerror or error}") from None
+        try:
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                raise InputError(f"{self.path} is not a regular file")
+        finally:
+            os.close(fd)
         return replace(self, path=path)
 
     def to_json(self) -> Document:

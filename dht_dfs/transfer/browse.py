@@ -21,14 +21,14 @@ from __future__ import annotations
 
 import asyncio
 import collections
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TypeVar
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import open_chunk
-from dht_dfs.core.direntry import DirEntry, EntryKind
+from dht_dfs.core.direntry import DirEntry, EntryKind, name_problem
 from dht_dfs.core.dirnode import (
     OpenedDirNode,
     check_child,
@@ -156,10 +156,14 @@ async def resolve(
         file_root = await open_root(source, reference, executor)
         metadata = file_root.metadata
         assert metadata is not None
+        # A file's own name is the publisher's to choose: one a directory could
+        # not hold ("a/b", "..") stands as "-", as an empty one does.
+        name = metadata.name
+        if not name or name_problem(name.encode("utf-8", "surrogateescape")) is not None:
+            name = "-"
         entry = DirEntry.file(
-            metadata.name or "-", reference, metadata.size, opened.stored_size,
-            mode=metadata.mode & 0o777,
-        )  # fmt: skip
+            name, reference, metadata.size, opened.stored_size, mode=metadata.mode & 0o777
+        )
         return Resolved(entry, ())
     totals = opened.totals
     assert totals is not None
@@ -213,7 +217,7 @@ async def stream_file(
     *,
     start: int = 0,
     stop: int | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """A file's plaintext in order, each chunk verified, ``transfer_window`` ahead at most.
 
     ``start``/``stop``: only bytes [start, stop) (an HTTP range): chunks wholly

@@ -127,10 +127,13 @@ class Neighbourhoods:
         return contacts[:count]
 
     def learn(self, result: LookupResult) -> None:
-        """Keep a lookup's answer, unless its deadline cut it short or it found nobody."""
+        """Keep a lookup's answer, unless it found nobody, a query of it failed or
+        its deadline cut it short."""
         closest = result.closest
-        if not closest or result.stats.timed_out:
-            return  # a partial or empty answer may be a passing fault: never kept
+        if not closest or result.stats.timed_out or result.stats.failed:
+            # Partial (a deadline, or nodes that did not answer and may be alive
+            # but slow) or empty: true for its own key, not proof for others.
+            return
         target = int.from_bytes(result.key, "big")
         radius: float | int = float("inf")
         if len(closest) >= self._ksize:

@@ -21,7 +21,7 @@ import functools
 import logging
 import os
 import stat
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from pathlib import Path
 from typing import TypeVar
@@ -227,7 +227,7 @@ class Network:
 
     def stream_file(
         self, entry: DirEntry, *, start: int = 0, stop: int | None = None
-    ) -> AsyncIterator[bytes]:
+    ) -> AsyncGenerator[bytes, None]:
         """A file's bytes [start, stop) in order, each chunk verified, a window ahead at most."""
         return browse.stream_file(
             NetworkSource(self), entry, self.config, self.executor, start=start, stop=stop

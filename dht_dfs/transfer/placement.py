@@ -196,7 +196,12 @@ class NetworkSink:
         before: asyncio.Task[None] | None = None,
     ) -> None:
         if before is not None:
-            await before
+            try:
+                await before
+            except (NetworkError, OSError) as error:
+                # That batch's records are the storers' to re-announce; this
+                # batch still goes out, and the error is not this one's.
+                log.info("announcing a batch of provider records failed: %s", error)
         if records:
             confirmed = await self._network.locator.put_records(records, closest)
             lonely = [key for key, count in confirmed.items() if count == 0]

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import os
 import stat
 import time
@@ -127,25 +128,41 @@ async def publish_file(
     name: str | None = None,
     progress: ProgressFn | None = None,
     hash_thread: ThreadPoolExecutor | None = None,
+    expected: os.stat_result | None = None,
 ) -> PublishResult:
     """Split, encrypt and store a file; return its read reference.
 
     Reads the file once, in order of chunks, ``transfer_window`` chunks in
     flight at most. A file that changes size while it is read is refused.
     ``hash_thread``: a one-worker executor to hash on (else one of its own).
+    ``expected``: what a tree walk saw at this path; the file opened must be
+    that one (no link is followed, and a file swapped in since is refused).
+    The open never blocks: a fifo put in a file's place is refused, not waited on.
     """
     started = time.monotonic()
     path = Path(path)
+    flags = os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if expected is not None else 0)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = os.open(path, flags)
     except FileNotFoundError:
         raise InputError(f"no such file: {path}") from None
     except IsADirectoryError:
         raise InputError(f"{path} is a directory; publish takes a file") from None
     except PermissionError:
         raise InputError(f"cannot read {path}: permission denied") from None
+    except OSError as exc:
+        if expected is not None and exc.errno == errno.ELOOP:
+            raise SourceChangedError(f"{path} was replaced by a link while publishing") from None
+        raise InputError(f"cannot read {path}: {exc.strerror or exc}") from None
     try:
         info = os.fstat(fd)
+        if expected is not None and (
+            info.st_dev,
+            info.st_ino,
+            stat.S_IFMT(info.st_mode),
+        ) != (expected.st_dev, expected.st_ino, stat.S_IFMT(expected.st_mode)):
+            # The type too: an inode number freed by the old file can come back.
+            raise SourceChangedError(f"{path} was replaced while it was being published")
         if stat.S_ISDIR(info.st_mode):
             raise InputError(f"{path} is a directory; publish takes a file")
         if not stat.S_ISREG(info.st_mode):

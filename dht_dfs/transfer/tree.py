@@ -306,7 +306,7 @@ class _TreePublisher:
 
                 result = await publish_file(
                     path, self._shared, self._config, executor=self._executor, name=name,
-                    progress=progress, hash_thread=self.hash_thread,
+                    progress=progress, hash_thread=self.hash_thread, expected=info,
                 )  # fmt: skip
                 slots[index] = DirEntry.file(
                     name, result.reference, result.size, mode=mode, mtime_ns=info.st_mtime_ns

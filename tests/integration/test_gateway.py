@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
+import socket
 from collections.abc import AsyncIterator
 from email.parser import BytesParser
 from email.policy import HTTP
@@ -15,6 +17,7 @@ from multidict import CIMultiDict
 from dht_dfs.gateway.http import MAX_RANGES, bound_port, parse_ranges, serve
 
 from .cluster import TEST_CONFIG, Cluster, cluster
+from .dht_harness import WAIT
 
 CHUNK = TEST_CONFIG.chunk_size
 
@@ -178,3 +181,65 @@ def test_range_headers_parse_as_rfc_9110_says() -> None:
     assert parse_ranges("bytes=5-2", 10) is None  # invalid: ignored
     assert parse_ranges("bytes=-0,9-", 10) == parse_ranges("bytes=9-9", 10)
     assert parse_ranges("items=0-1", 10) is None
+
+
+async def test_edge_ranges_and_names_that_look_like_url_syntax(
+    net: Cluster, tmp_path: Path, base: str
+) -> None:
+    root = tmp_path / "edge"
+    (root / "a#b?c%d").mkdir(parents=True)
+    (root / "a#b?c%d" / "in.txt").write_bytes(b"inside\n")
+    (root / "empty.bin").write_bytes(b"")
+    (root / "small.bin").write_bytes(b"0123456789")
+    node = net.live[0]
+    assert node.network is not None
+    reference = str((await node.network.publish(root)).reference)
+    # An empty file has no range to give: it comes whole (and empty).
+    status, headers, body = await get(f"{base}/{reference}/empty.bin", Range="bytes=-5")
+    assert (status, body) == (200, b"") and "Content-Range" not in headers
+    # Numbers no file could reach are not a range this gateway reads: ignored.
+    status, _, body = await get(f"{base}/{reference}/small.bin", Range="bytes=" + "9" * 5000 + "-")
+    assert (status, body) == (200, b"0123456789")
+    # A directory whose name holds '#', '?' and '%' redirects to itself, quoted.
+    quoted = "a%23b%3Fc%25d"
+    status, headers, _ = await get(f"{base}/{reference}/{quoted}")
+    assert status == 301 and headers["Location"] == f"/{reference}/{quoted}/"
+    status, _, body = await get(f"{base}/{reference}/{quoted}/in.txt")
+    assert (status, body) == (200, b"inside\n")
+
+
+async def test_a_client_that_stops_reading_cannot_hold_the_gateway(
+    net: Cluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dht_dfs.gateway import http
+
+    monkeypatch.setattr(http, "MAX_STREAMS", 1)
+    monkeypatch.setattr(http, "WRITE_TIMEOUT", 1.0)
+    monkeypatch.setattr(http, "STREAM_WAIT", 20.0)
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(100 * CHUNK))  # more than the sockets' buffers hold
+    node = net.live[0]
+    assert node.network is not None
+    reference = str((await node.network.publish(big)).reference)
+    async with net.client() as network:
+        runner = await serve(network, "127.0.0.1", 0)
+        port = bound_port(runner)
+        try:
+            idle = socket.socket()
+            idle.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            idle.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(idle, ("127.0.0.1", port))
+            await loop.sock_sendall(idle, f"GET /{reference} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+            await asyncio.wait_for(loop.sock_recv(idle, 1), WAIT)  # it started, then stops reading
+            # The only stream slot is held by the idle client until it is cut off.
+            status, _, body = await get(f"http://127.0.0.1:{port}/{reference}", Range="bytes=10-19")
+            assert status == 206 and body == big.read_bytes()[10:20]
+            # The idle connection was closed short of the file.
+            received = 1
+            while chunk := await asyncio.wait_for(loop.sock_recv(idle, 1 << 16), WAIT):
+                received += len(chunk)
+            assert received < 100 * CHUNK
+            idle.close()
+        finally:
+            await runner.cleanup()

@@ -18,7 +18,7 @@ class Broken(Exception):
     pass
 
 
-async def fail() -> None:
+async def fail(**options: object) -> None:
     raise Broken("this step failed")
 
 

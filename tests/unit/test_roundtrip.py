@@ -352,4 +352,6 @@ async def test_a_lost_chunk_keeps_the_part_file_and_says_how_to_resume(
     store.put(last.chunk_id, kept)  # the holder is back
     restored = await restore_from_store(result.reference, store, CONFIG, out)
     assert out.read_bytes() == data
-    assert restored.chunks_resumed == 5
+    # How many of the others were written before the miss stopped the window
+    # varies (resuming is tested above); every chunk is resumed or fetched once.
+    assert restored.chunks_resumed + restored.chunks_fetched == 6

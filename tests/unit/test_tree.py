@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -243,3 +244,30 @@ def test_a_bind_mount_loop_is_skipped_not_walked_forever(tmp_path: Path) -> None
     files, directories, skipped, notes = json.loads(done.stdout)
     assert (files, directories, skipped) == (1, 2, 1)
     assert "a/loop" in notes[0] and f"it is {root} again" in notes[0]
+
+
+async def test_a_file_swapped_after_the_scan_is_refused_not_followed(
+    tmp_path: Path, executor: ThreadPoolExecutor
+) -> None:
+    """The walk stats a file, and may open it much later: by then it can be a
+    link to someone's secret, or a fifo that would block the loop forever."""
+    from dht_dfs.core.errors import SourceChangedError
+    from dht_dfs.transfer.publish import publish_file
+
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"private key\n" * 500)
+    victim = tmp_path / "big.bin"
+    victim.write_bytes(os.urandom(5000))
+    seen = os.stat(victim, follow_symlinks=False)
+    victim.unlink()
+    victim.symlink_to(secret)
+    store = MemoryStore()
+    with pytest.raises(SourceChangedError, match="replaced by a link"):
+        await publish_file(victim, store, CONFIG, executor=executor, expected=seen)
+    victim.unlink()
+    os.mkfifo(victim)
+    with pytest.raises(SourceChangedError, match="replaced"):
+        await asyncio.wait_for(
+            publish_file(victim, store, CONFIG, executor=executor, expected=seen), 10
+        )
+    assert not store.chunks, "nothing of the secret was stored"
