@@ -18,6 +18,8 @@ EXIT_DEGRADED = 3
 EXIT_LOST = 4
 """check/repair: some chunk has no live copy at all (lost unless a holder comes back)."""
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141
+"""stdout's reader went away (as a shell reports a process ended by SIGPIPE)."""
 
 EXIT_CODES: tuple[tuple[type[BaseException], int], ...] = (
     (KeyboardInterrupt, EXIT_INTERRUPTED),

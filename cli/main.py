@@ -164,6 +164,13 @@ def fail(error: BaseException) -> NoReturn:
     """One line on stderr, and the exit code ``exits.EXIT_CODES`` gives the error."""
     if isinstance(error, typer.Exit | SystemExit):
         raise error
+    if isinstance(error, BrokenPipeError):
+        # The reader went away (``dhtfs ls | head``): not an error to report.
+        # stdout goes to /dev/null so the exit's own flush fails no more.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise typer.Exit(exits.EXIT_BROKEN_PIPE) from None
     if isinstance(error, KeyboardInterrupt):
         output.error("interrupted")
     elif isinstance(error, DhtfsError):

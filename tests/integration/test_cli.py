@@ -506,3 +506,24 @@ def test_join_serves_metrics_and_status_shows_disk_and_quota(
         assert process.wait(timeout=90) == 0
     finally:
         stop([process], signal.SIGKILL)
+
+
+def test_a_reader_that_goes_away_is_not_an_error(devnet: Devnet, tmp_path: Path) -> None:
+    tree = tmp_path / "many"
+    tree.mkdir()
+    for index in range(3000):  # a listing larger than a pipe's buffer
+        (tree / f"file-{index:04d}.txt").write_text(f"{index}\n")
+    node = ["--data-dir", str(devnet.node_dir(0))]
+    reference = devnet.run("publish", str(tree), *node).stdout.split()[-1]
+    command = " ".join([*dhtfs_command(), "ls", "-l", reference, *node])
+    done = subprocess.run(
+        ["bash", "-c", f"set -o pipefail; {command} | head -1"],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        env=devnet.env,
+        check=False,
+    )
+    assert done.stdout.count("\n") == 1
+    assert done.stderr == "", "no 'Broken pipe' error when head stops reading"
+    assert done.returncode == 141
