@@ -221,10 +221,8 @@ class DhtProtocol(CompatProtocol):
 
     def note_failure(self, node_id: NodeId) -> None:
         """One more consecutive failure of a contact; evict at the threshold."""
-        failures = self._failures.pop(node_id, (0, 0.0))[0] + 1
-        self._failures[node_id] = (failures, time.monotonic())
-        while len(self._failures) > FAILURE_MEMORY_SIZE:
-            self._failures.popitem(last=False)
+        failures = self._failures.get(node_id, (0, 0.0))[0] + 1
+        self._remember_failures(node_id, failures)
         peer = self.router.get(node_id)
         if peer is None or failures < self.failure_threshold:
             return
@@ -232,6 +230,13 @@ class DhtProtocol(CompatProtocol):
         self.counters.evictions += 1
         log.info("evicted %s after %d consecutive failures", peer.contact, failures)
         self.hooks.contact_evicted(node_id)
+
+    def _remember_failures(self, node_id: NodeId, failures: int) -> None:
+        """Record ``failures`` in a row for a contact, newest last, memory bounded."""
+        self._failures.pop(node_id, None)
+        self._failures[node_id] = (failures, time.monotonic())
+        while len(self._failures) > FAILURE_MEMORY_SIZE:
+            self._failures.popitem(last=False)
 
     def note_success(self, node_id: NodeId) -> None:
         self._failures.pop(node_id, None)
@@ -508,8 +513,7 @@ class DhtProtocol(CompatProtocol):
         if not verify_signature(peer.public_key, message, signature):
             raise remote_error("leave signature does not verify")
         self.router.remove_contact(peer)
-        self._failures.pop(node_id, None)
-        self._failures[node_id] = (self.failure_threshold, time.monotonic())
+        self._remember_failures(node_id, self.failure_threshold)  # presumed dead
         self.counters.evictions += 1
         log.info("%s left the network", peer.contact)
         self.hooks.contact_evicted(node_id)

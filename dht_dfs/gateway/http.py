@@ -36,7 +36,7 @@ import logging
 import mimetypes
 import os
 import re
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 from urllib.parse import quote
 
@@ -45,6 +45,7 @@ from aiohttp import web
 from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.core.errors import (
     ChunkNotFoundError,
+    ConfigError,
     DhtfsError,
     InputError,
     InvalidReferenceError,
@@ -132,6 +133,27 @@ def parse_ranges(header: str, size: int) -> list[ByteRange] | None:
     return ranges
 
 
+class _Busy(Exception):
+    """No slot came free within ``STREAM_WAIT`` (a 503)."""
+
+
+@contextlib.asynccontextmanager
+async def _slot(slots: asyncio.Semaphore) -> AsyncIterator[None]:
+    """Hold one of ``slots``; raises _Busy after waiting ``STREAM_WAIT`` for it."""
+    try:
+        await asyncio.wait_for(slots.acquire(), STREAM_WAIT)
+    except TimeoutError:
+        raise _Busy from None
+    try:
+        yield
+    finally:
+        slots.release()
+
+
+def _busy() -> web.Response:
+    return web.Response(status=503, headers={"Retry-After": "5"}, text="gateway busy; try again\n")
+
+
 def _message(status: int, text: str) -> web.Response:
     return web.Response(status=status, text=text.replace("\n", " ") + "\n")
 
@@ -163,23 +185,16 @@ class Gateway:
         except (InvalidReferenceError, InputError) as error:
             return _message(400, str(error))
         try:
-            await asyncio.wait_for(self._resolves.acquire(), STREAM_WAIT)
-        except TimeoutError:
-            return web.Response(
-                status=503, headers={"Retry-After": "5"}, text="gateway busy; try again\n"
-            )
-        try:
-            entry = (await self._network.resolve(reference, steps)).entry
-        except PathNotFoundError as error:
-            return _message(404, str(error))
-        except RootNotFoundError as error:
+            async with _slot(self._resolves):
+                entry = (await self._network.resolve(reference, steps)).entry
+        except _Busy:
+            return _busy()
+        except (PathNotFoundError, RootNotFoundError) as error:
             return _message(404, str(error))
         except ChunkNotFoundError as error:
             return _message(502, str(error))
         except DhtfsError as error:
             return _message(502, f"cannot read {tail}: {error}")
-        finally:
-            self._resolves.release()
         if entry.kind is EntryKind.DIRECTORY:
             if not request.path.endswith("/"):
                 # The raw path, still quoted: a name with '#', '?' or '%' stays a name.
@@ -258,13 +273,23 @@ class Gateway:
             except Unsatisfiable:
                 headers["Content-Range"] = f"bytes */{size}"
                 return web.Response(status=416, headers=headers, text="range not satisfiable\n")
-        if request.method != "HEAD":
-            try:
-                await asyncio.wait_for(self._streams.acquire(), STREAM_WAIT)
-            except TimeoutError:
-                return web.Response(
-                    status=503, headers={"Retry-After": "5"}, text="gateway busy; try again\n"
-                )
+        if request.method == "HEAD":
+            return await self._respond(request, entry, headers, content_type, ranges)
+        try:
+            async with _slot(self._streams):
+                return await self._respond(request, entry, headers, content_type, ranges)
+        except _Busy:
+            return _busy()
+
+    async def _respond(
+        self,
+        request: web.Request,
+        entry: DirEntry,
+        headers: dict[str, str],
+        content_type: str,
+        ranges: list[ByteRange] | None,
+    ) -> web.StreamResponse:
+        size = entry.size
         try:
             if ranges is None:
                 whole = [ByteRange(0, size)]
@@ -275,9 +300,6 @@ class Gateway:
             return await self._send_parts(request, entry, headers, content_type, ranges)
         except _CutShort as cut:
             return cut.response
-        finally:
-            if request.method != "HEAD":
-                self._streams.release()
 
     async def _send(
         self,
@@ -354,8 +376,11 @@ async def serve(network: Network, host: str, port: int) -> web.AppRunner:
     """Start the gateway on ``host:port`` (0: any free port); the caller cleans up the runner."""
     runner = web.AppRunner(Gateway(network).app(), access_log=None)
     await runner.setup()
-    site = web.TCPSite(runner, host, port)
-    await site.start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError as error:
+        await runner.cleanup()
+        raise ConfigError(f"cannot listen on {host}:{port}: {error.strerror}") from None
     return runner
 
 

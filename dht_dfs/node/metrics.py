@@ -174,7 +174,11 @@ async def serve_metrics(node: Sources, host: str, port: int) -> web.AppRunner:
     application.router.add_get("/metrics", metrics)
     runner = web.AppRunner(application, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, host, port).start()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except OSError:
+        await runner.cleanup()
+        raise
     return runner
 
 

@@ -151,6 +151,9 @@ class Neighbourhoods:
     def _from(
         self, answer: _Answer, target: int, count: int, include_self: bool
     ) -> list[Contact] | None:
+        gap = answer.key ^ target
+        if gap > answer.radius:
+            return None  # reach + gap <= radius cannot hold: no sort needed to know
         own = self._locator.contact
         contacts = [c for c in answer.contacts if c.node_id != own.node_id]
         if include_self:
@@ -163,7 +166,7 @@ class Neighbourhoods:
         if not chosen:
             return chosen
         reach = chosen[-1].node_id.as_int ^ target
-        if reach + (answer.key ^ target) <= answer.radius:
+        if reach + gap <= answer.radius:
             return chosen
         return None
 

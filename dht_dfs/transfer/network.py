@@ -113,15 +113,15 @@ class Network:
         config = self.config
         if convergence_secret is not None:
             config = config.replace(convergence_secret=convergence_secret).validate()
-        sink = NetworkSink(self)
-        if await self.run(_is_directory, path):
-            result = await publish_tree(
-                path, sink, config, executor=self.executor, strict=strict, progress=progress
-            )
-        else:
-            result = await publish_file(
-                path, sink, config, executor=self.executor, name=name, progress=progress
-            )
+        async with NetworkSink(self) as sink:
+            if await self.run(_is_directory, path):
+                result = await publish_tree(
+                    path, sink, config, executor=self.executor, strict=strict, progress=progress
+                )
+            else:
+                result = await publish_file(
+                    path, sink, config, executor=self.executor, name=name, progress=progress
+                )
         if sink.under_replicated:
             log.warning(
                 "%d chunk(s) of %s have fewer than %d copies; repair will add them "
@@ -146,10 +146,10 @@ class Network:
         config = self.config
         if convergence_secret is not None:
             config = config.replace(convergence_secret=convergence_secret).validate()
-        sink = NetworkSink(self)
-        result = await publish_stream(
-            fd, sink, config, executor=self.executor, name=name, progress=progress
-        )
+        async with NetworkSink(self) as sink:
+            result = await publish_stream(
+                fd, sink, config, executor=self.executor, name=name, progress=progress
+            )
         return dataclasses.replace(
             result, under_replicated=sink.under_replicated, copies=sink.placed
         )

@@ -208,6 +208,17 @@ class NetworkSink:
             if lonely:
                 log.debug("%d provider record(s) found no DHT node to keep them", len(lonely))
 
+    async def __aenter__(self) -> NetworkSink:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        """The background batch is this sink's: a publish that failed before its
+        flush leaves none running or unretrieved."""
+        announcing, self._announcing = self._announcing, None
+        if announcing is not None:
+            announcing.cancel()
+            await asyncio.gather(announcing, return_exceptions=True)
+
     async def flush(self) -> None:
         """Announce what is left, after every batch in the background."""
         records, self._records = self._records, []

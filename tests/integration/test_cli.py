@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 from collections.abc import Iterator
 from pathlib import Path
@@ -469,6 +470,11 @@ def test_gateway_serves_a_file_to_a_plain_http_client_until_ctrl_c(
         assert process.wait(timeout=60) == 0
     finally:
         stop([process], signal.SIGKILL)
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = str(taken.getsockname()[1])
+        assert_one_line_error(
+            devnet.run("gateway", "--port", port, *node, check=False), 2, "cannot listen on"
+        )
 
 
 def test_join_serves_metrics_and_status_shows_disk_and_quota(

@@ -76,3 +76,29 @@ async def test_fewer_nodes_than_replicas_places_what_it_can(
     closest = await joined.locator.closest_live_nodes(chunk_id.dht_key, net.config.ksize)
     placed, _ = await Placer(joined.network, chunk_id, data, closest).place(closest, 3)
     assert set(placed) == {node.node_id for node in net.nodes.values()}
+
+
+async def test_a_sink_left_before_its_flush_leaves_no_announcement_running(
+    net: MemNet, executor: Executor
+) -> None:
+    import asyncio
+
+    from dht_dfs.core.crypto import seal_chunk
+    from dht_dfs.transfer.placement import NetworkSink
+
+    net.add(4)
+    joined = net.join(net.client(), executor)
+    never = asyncio.Event()
+
+    async def stalled(records: object, closest: object) -> dict[bytes, int]:
+        await never.wait()  # a DHT that never answers
+        return {}
+
+    joined.locator.put_records = stalled  # type: ignore[method-assign]
+    async with NetworkSink(joined.network) as sink:
+        for _ in range(22):  # 3 receipts each: a batch of 64 goes out in the background
+            await sink.put(seal_chunk(os.urandom(100)))
+        announcing = sink._announcing
+        assert announcing is not None and not announcing.done()
+        # The publish fails here, before any flush.
+    assert announcing.cancelled(), "the sink ended what it started"
