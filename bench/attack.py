@@ -183,7 +183,7 @@ class Honest:
             async with asyncio.timeout(2 * WAIT):
                 connection = await client.connect(PeerAddress("127.0.0.1", self.port, self.node_id))
                 sealed = seal_chunk(os.urandom(MiB - 64))
-                result = await connection.store(sealed.chunk_id, sealed.data)
+                result = await connection.store(sealed.chunk_id, sealed.data, 3600)
                 if result.status is not wire.StoreStatus.STORED:
                     raise RuntimeError(f"store answered {result.status.name}")
                 want = self.stored[self.attempts % len(self.stored)]
@@ -320,7 +320,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 connection = await client.connect(PeerAddress("127.0.0.1", port, node_id))
                 for sealed in chunks:
-                    await connection.store(sealed.chunk_id, sealed.data)
+                    await connection.store(sealed.chunk_id, sealed.data, 3600)
             finally:
                 await client.close()
 

@@ -76,8 +76,10 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
     key = os.urandom(32)
 
     class Handler:
-        async def handle_store(self, peer, chunk_id, body, *, host):  # type: ignore[no-untyped-def]
-            return await ChunkService(upload_store).handle_store(peer, chunk_id, body, host=host)
+        async def handle_store(self, peer, chunk_id, body, *, host, lease):  # type: ignore[no-untyped-def]
+            return await ChunkService(upload_store).handle_store(
+                peer, chunk_id, body, host=host, lease=lease
+            )
 
         async def handle_get(self, peer, chunk_id):  # type: ignore[no-untyped-def]
             if not encrypt_bulk:
@@ -90,6 +92,9 @@ async def serve(directory: Path, count: int, chunk_size: int, encrypt_bulk: bool
 
         async def handle_prove(self, peer, nonce, chunk_ids):  # type: ignore[no-untyped-def]
             return await service.handle_prove(peer, nonce, chunk_ids)
+
+        async def handle_lease(self, peer, seconds, chunk_ids):  # type: ignore[no-untyped-def]
+            return await service.handle_lease(peer, seconds, chunk_ids)
 
     identity = Identity.generate()
     endpoint = Endpoint(identity, Config(max_chunk_size=chunk_size + 64 * 1024), Handler())
@@ -176,7 +181,7 @@ async def over_dhtfs(
                     if opened is None:
                         raise SystemExit("bulk decryption failed")
             else:
-                result = await connection.store(chunk_id, payloads.pop(index))
+                result = await connection.store(chunk_id, payloads.pop(index), 3600)
                 if result.status.name not in ("STORED", "ALREADY_HAD"):
                     raise SystemExit(f"store failed: {result.status}")
 

@@ -162,12 +162,16 @@ async def start_devnet(
     return net
 
 
-def _node_args(replicas: int | None, max_storage: str | None) -> list[str]:
+def _node_args(
+    replicas: int | None, max_storage: str | None, lease_ttl: float | None = None
+) -> list[str]:
     extra: list[str] = []
     if replicas is not None:
         extra += ["--replicas", str(replicas)]
     if max_storage is not None:
         extra += ["--max-storage", max_storage]
+    if lease_ttl is not None:
+        extra += ["--lease-ttl", f"{lease_ttl:g}"]
     return extra
 
 
@@ -177,11 +181,13 @@ async def run_devnet(
     directory: Path | None,
     replicas: int | None,
     max_storage: str | None,
+    *,
+    lease_ttl: float | None = None,
 ) -> None:
     temporary = directory is None
     root = Path(tempfile.mkdtemp(prefix="dhtfs-devnet-")) if directory is None else directory
     root.mkdir(parents=True, exist_ok=True)
-    extra = _node_args(replicas, max_storage)
+    extra = _node_args(replicas, max_storage, lease_ttl)
     net = await start_devnet(count, base_port, root, extra)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -194,6 +200,7 @@ async def run_devnet(
         f"  fetch:   dhtfs fetch REFERENCE --data-dir {last.data_dir}",
         f"  client:  dhtfs fetch REFERENCE --bootstrap {net.nodes[0].address}",
         f"  status:  dhtfs status --data-dir {net.nodes[0].data_dir}",
+        f"  pins:    dhtfs pins --data-dir {net.nodes[0].data_dir}",
         "Ctrl-C stops the network.",
     ):
         output.print_line(line)

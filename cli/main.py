@@ -31,12 +31,17 @@ from dht_dfs.node.node import Node
 from dht_dfs.node.operations import (
     CheckRequest,
     FetchRequest,
+    PinRequest,
+    PinsRequest,
     PublishRequest,
     RepairRequest,
     StatusRequest,
+    UnpinRequest,
     check_published_name,
     load_convergence_secret,
+    parse_pin_target,
 )
+from dht_dfs.node.pins import Pin, PinList, Unpinned
 from dht_dfs.node.results import (
     FetchSummary,
     HealthReport,
@@ -134,6 +139,17 @@ NodeDir = Annotated[
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
 Verbose = Annotated[int, typer.Option("--verbose", "-v", count=True, help="More logging.")]
 Replicas = Annotated[int | None, typer.Option("--replicas", help="Copies of each chunk [3].")]
+LeaseTtl = Annotated[
+    float | None,
+    typer.Option(
+        "--lease-ttl",
+        help="Seconds a lease on what this node publishes or pins lasts; renewed every "
+        "third of it, and a chunk whose leases all ran out goes a third of it later "
+        "[2592000: 30 days].",
+        metavar="SECONDS",
+        show_default=False,
+    ),
+]
 
 
 def run(
@@ -229,6 +245,7 @@ def join(
     metrics_host: Annotated[
         str, typer.Option(help="Address for --metrics-port (127.0.0.1: this machine only).")
     ] = "127.0.0.1",
+    lease_ttl: LeaseTtl = None,
     data_dir: NodeDir = None,
     json_output: Json = False,
     verbose: Verbose = 0,
@@ -243,6 +260,8 @@ def join(
         changes["max_guest_bytes"] = checked(parse_size, max_guest_storage)
     if repair_interval is not None:
         changes["repair_interval"] = repair_interval
+    if lease_ttl is not None:
+        changes["lease_ttl"] = lease_ttl
     config = _config(replicas, **changes)
     directory = (data_dir or default_data_dir()).expanduser()
 
@@ -330,7 +349,15 @@ def publish(
                         stdin, name=stream_name, progress=ThrottledProgress(on_event),
                         convergence_secret=secret,
                     )  # fmt: skip
-                    return PublishSummary.of(published)
+                summary = PublishSummary.of(published)
+                if not bootstrap:
+                    # Streamed from this process: the local node pins it, as it
+                    # pins what it publishes itself.
+                    async with open_session(data_dir, [], config) as session:
+                        await session.run(
+                            PinRequest(summary.root_hash, summary.reference, "published")
+                        )
+                return summary
 
             result = run(from_stdin)
     else:
@@ -365,6 +392,12 @@ def publish(
         output.stderr.print(
             f"dhtfs: warning: {result.under_replicated} chunk(s) have fewer copies than "
             "wanted (too few live nodes); nodes add copies when more join",
+            markup=False,
+        )
+    if bootstrap:
+        output.stderr.print(
+            "dhtfs: note: published as a client, so no node pins it: its chunks stay "
+            f"{output.duration(config.lease_ttl)} unless a node pins it (dhtfs pin REF)",
             markup=False,
         )
     output.print_line(str(result.reference))
@@ -648,6 +681,86 @@ _survey_command(
 )
 
 
+PinTarget = Annotated[
+    str,
+    typer.Argument(
+        help="Read reference (dhtfs:r1:..., records the name) or root hash (dhtfs:v1:...).",
+        metavar="REF",
+        show_default=False,
+    ),
+]
+
+
+@app.command()
+def pin(
+    target: PinTarget,
+    data_dir: DataDir = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Keep a file or tree stored: this node renews its leases."""
+    output.setup_logging(verbose)
+    root, reference = checked(parse_pin_target, target)
+
+    async def go() -> Pin:
+        async with open_session(data_dir, [], Config()) as session:
+            return await session.run(PinRequest(root, reference))
+
+    kept = run(go)
+    if json_output:
+        output.print_json(kept.to_json())
+        return
+    output.print_pin_renewal(kept)
+    output.print_line(str(kept.reference or kept.root))
+
+
+@app.command()
+def unpin(
+    target: PinTarget,
+    data_dir: DataDir = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Stop keeping a file or tree; it goes when its leases end."""
+    output.setup_logging(verbose)
+    root, _ = checked(parse_pin_target, target)
+
+    async def go() -> Unpinned:
+        async with open_session(data_dir, [], Config()) as session:
+            return await session.run(UnpinRequest(root))
+
+    done = run(go)
+    if json_output:
+        output.print_json(done.to_json())
+        return
+    output.stderr.print(
+        f"unpinned {output.pin_label(done.pin)}; unless pinned elsewhere, its chunks go "
+        f"after {output.timestamp(done.expires_by)} (plus the holders' grace period)",
+        markup=False,
+    )
+    output.print_line(str(done.pin.root))
+
+
+@app.command()
+def pins(
+    data_dir: DataDir = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """List what this node published and keeps alive."""
+    output.setup_logging(verbose)
+
+    async def go() -> PinList:
+        async with open_session(data_dir, [], Config()) as session:
+            return await session.run(PinsRequest())
+
+    listed = run(go)
+    if json_output:
+        output.print_json(listed.to_json())
+        return
+    output.print_pins(listed)
+
+
 @app.command()
 def gateway(
     host: Annotated[
@@ -740,13 +853,20 @@ def devnet(
     ] = None,
     replicas: Replicas = None,
     max_storage: Annotated[str | None, typer.Option("--max-storage")] = None,
+    lease_ttl: LeaseTtl = None,
     verbose: Verbose = 0,
 ) -> None:
     """Run a whole network of NODES nodes on 127.0.0.1 until Ctrl-C."""
     output.setup_logging(verbose, default=logging.INFO)
     if nodes < 1:
         fail(InputError("a devnet needs at least one node"))
-    run(lambda: devnet_module.run_devnet(nodes, port, directory, replicas, max_storage))
+    if lease_ttl is not None:
+        _config(lease_ttl=lease_ttl)  # a bad TTL fails here, not in every node
+    run(
+        lambda: devnet_module.run_devnet(
+            nodes, port, directory, replicas, max_storage, lease_ttl=lease_ttl
+        )
+    )
 
 
 @app.command()

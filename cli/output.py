@@ -36,6 +36,7 @@ from rich.text import Text
 from dht_dfs.core.config import format_size
 from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.node import results
+from dht_dfs.node.pins import Pin, PinList
 
 stderr = Console(stderr=True, highlight=False, soft_wrap=True)
 
@@ -216,3 +217,63 @@ def print_health(op: str, report: results.HealthReport, root: str) -> None:
         print_line(f"  run 'dhtfs repair {printable(root)}' to add the missing copies")
     else:
         print_line("  too few nodes could take a copy: add nodes or free space, then repair again")
+
+
+def duration(seconds: float) -> str:
+    """'30 days', '4 h', '90 s': a lease or an interval, roughly."""
+    for unit, size in (("days", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= 2 * size:
+            return f"{seconds / size:.0f} {unit}"
+    return f"{seconds:.0f} s"
+
+
+def timestamp(when: float) -> str:
+    return datetime.fromtimestamp(when, tz=UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def pin_label(pin: Pin) -> str:
+    """A pin's name as a person reads it (a root hash alone has none)."""
+    name = printable(pin.name) if pin.name else "(no name: pinned by root hash)"
+    return f"{name} [{pin.root}]"
+
+
+def print_pin_renewal(pin: Pin) -> None:
+    """What the renewal of a freshly pinned root found, on stderr."""
+    size = "" if pin.stored_bytes is None else f", {format_size(pin.stored_bytes)} stored"
+    stderr.print(
+        f"pinned {pin_label(pin)}: {pin.leased}/{pin.chunks} chunks leased{size}, "
+        f"fewest holders {pin.min_holders}",
+        markup=False,
+    )
+    if pin.unleased:
+        stderr.print(
+            f"dhtfs: warning: {pin.unleased} chunk(s) are held by no node that answered; "
+            "the pin renews them if they come back (dhtfs check ROOT)",
+            markup=False,
+        )
+
+
+def print_pins(listed: PinList) -> None:
+    """``dhtfs pins``: one line per pin (newest first), its reference below it."""
+    print_line(
+        f"{len(listed.pins)} pin(s); leases of {duration(listed.lease_ttl)}, renewed every "
+        f"{duration(listed.renewal_interval)}"
+    )
+    for pin in listed.pins:
+        size = "?" if pin.size is None else format_size(pin.size)
+        renewed = "never" if pin.renewed_at is None else timestamp(pin.renewed_at)
+        if pin.chunks is not None:
+            renewed += (
+                f": {pin.leased}/{pin.chunks} chunks leased, fewest holders {pin.min_holders}"
+            )
+        state = ""
+        if pin.error:
+            state = f"  LAST RENEWAL FAILED: {printable(pin.error)}"
+        elif pin.unleased:
+            state = f"  {pin.unleased} chunk(s) held by no node"
+        print_line(
+            f"{pin.origin:<9} {timestamp(pin.pinned_at)}  {pin.kind or '?':<9} {size:>10}  "
+            f"{printable(pin.name) if pin.name else '(root hash only)'}"
+        )
+        print_line(f"          renewed {renewed}{state}")
+        print_line(f"          {pin.reference or pin.root}")

@@ -157,6 +157,14 @@ class Config:
     leave_timeout: float = 30.0
     """Seconds a leaving node spends handing off chunks it alone holds."""
 
+    # --- leases: what keeps a chunk stored ------------------------------------------------
+    lease_ttl: float = 30 * 24 * 3600.0
+    """Seconds a lease this node asks for lasts (on what it publishes and pins). It
+    renews its pins' leases every third of this, and as a holder drops a chunk a
+    third of this after its last lease ran out (the grace period)."""
+    max_lease_ttl: float = 400 * 24 * 3600.0
+    """The longest lease this node grants a peer, however long the peer asks for."""
+
     # --- DHT under hostile peers: claims checked, every resource bounded -------------------
     max_provider_records_per_provider: int = 50_000
     """Records of one provider (node id) a node holds for others at most. A node
@@ -172,6 +180,16 @@ class Config:
     dht_challenge_interval: float = 60.0
     """Seconds between two identity-proof pings to one address, however many
     node ids requests from it claim (no amplification through our pings)."""
+
+    @property
+    def lease_renewal_interval(self) -> float:
+        """Seconds between two renewals of a pin's leases: two may fail before one expires."""
+        return self.lease_ttl / 3
+
+    @property
+    def lease_grace(self) -> float:
+        """Seconds a holder keeps a chunk after its last lease expired."""
+        return self.lease_ttl / 3
 
     def replace(self, **changes: object) -> Config:
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
@@ -204,6 +222,10 @@ class Config:
             raise ConfigError("body memory budgets must hold at least one chunk of max size")
         if self.reserved_connections >= self.max_connections:
             raise ConfigError("reserved connections must be fewer than max connections")
+        if not 1 <= self.lease_ttl <= self.max_lease_ttl:
+            raise ConfigError(
+                f"lease TTL must be between 1 s and {self.max_lease_ttl:g} s (--lease-ttl)"
+            )
         if len(self.convergence_secret) > 64:
             raise ConfigError("a convergence secret is at most 64 bytes")
         return self

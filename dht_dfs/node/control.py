@@ -35,12 +35,16 @@ from dht_dfs.core.errors import ControlError, DhtfsError, NodeNotRunningError
 from dht_dfs.node.operations import (
     CheckRequest,
     FetchRequest,
+    PinRequest,
+    PinsRequest,
     PublishRequest,
     RepairRequest,
     Request,
     StatusRequest,
+    UnpinRequest,
     request_from_json,
 )
+from dht_dfs.node.pins import Pin, PinList, Unpinned
 from dht_dfs.node.results import (
     Event,
     FetchSummary,
@@ -215,6 +219,16 @@ async def call(
 async def call(
     socket_path: Path, request: StatusRequest, on_event: OnEvent | None = None
 ) -> NodeStatus: ...
+@overload
+async def call(socket_path: Path, request: PinRequest, on_event: OnEvent | None = None) -> Pin: ...
+@overload
+async def call(
+    socket_path: Path, request: UnpinRequest, on_event: OnEvent | None = None
+) -> Unpinned: ...
+@overload
+async def call(
+    socket_path: Path, request: PinsRequest, on_event: OnEvent | None = None
+) -> PinList: ...
 async def call(socket_path: Path, request: Request, on_event: OnEvent | None = None) -> Result:
     """Run a request on the node behind ``socket_path``; returns its typed result."""
     try:

@@ -41,7 +41,9 @@ provider that stops answering are dropped when a fetch or check meets it.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import random
 import time
 from collections.abc import Sequence
@@ -53,7 +55,8 @@ from dht_dfs.core.errors import ChunkNotFoundError, DhtfsError, NetworkError
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.pacer import Pacer
 from dht_dfs.dht.values import Contact
-from dht_dfs.store.chunks import ChunkStore, ScrubReport
+from dht_dfs.store.chunks import ChunkStore
+from dht_dfs.store.scrub import ScrubReport
 from dht_dfs.transfer.network import Network
 from dht_dfs.transfer.ports import address_of, get_verified
 from dht_dfs.transfer.retrieval import NetworkSource
@@ -374,6 +377,9 @@ class Maintainer:
             holders = [c for c in holders if c.node_id not in disproven]
         if not leaving and holders and holders[0].node_id != self._me:
             return  # a closer holder is responsible for this chunk
+        lease = await self._remaining_lease(chunk_id)
+        if lease <= 0:
+            return  # its leases ran out: nobody keeps it alive, so nor does repair
         # A node that failed a proof gets no copy: it would claim to keep it again.
         missing = [
             c
@@ -386,7 +392,7 @@ class Maintainer:
                 return
         try:
             added = await self._network.copy_to(
-                chunk_id, data, closest, missing, replicas - len(holders)
+                chunk_id, data, closest, missing, replicas - len(holders), lease=lease
             )
         except DhtfsError as error:
             log.debug("repair: could not copy chunk %s: %s", chunk_id, error)
@@ -397,6 +403,12 @@ class Maintainer:
         stats.copies_added += len(added)
         if len(holders) + len(added) < replicas:
             stats.under_replicated += 1
+
+    async def _remaining_lease(self, chunk_id: ChunkId) -> int:
+        """Whole seconds left of the chunk's lease here: what a copy made now carries,
+        so repair and hand-off never make a chunk outlive its leases."""
+        until = await self._network.run(self._store.lease_until, chunk_id)
+        return 0 if until is None else math.ceil(until - time.time())
 
     async def _own_copy(self, chunk_id: ChunkId, stats: RepairStats) -> bytes | None:
         try:
@@ -424,18 +436,24 @@ class Maintainer:
         refetched: list[ChunkId] = []
         lost: list[ChunkId] = []
         source = NetworkSource(self._network)
+        now = time.time()
         for chunk_id in (*report.corrupt, *report.missing):
-            if await self._refetch(source, chunk_id):
+            lease_until = report.leases.get(chunk_id, now)
+            if lease_until <= now:
+                continue  # its leases ran out: collected anyway, not worth fetching
+            if await self._refetch(source, chunk_id, lease_until):
                 refetched.append(chunk_id)
             else:
                 lost.append(chunk_id)
         self.scrub.add(report.checked, report.bytes_checked, len(refetched), len(lost))
         return ScrubResult(report, tuple(refetched), tuple(lost))
 
-    async def _refetch(self, source: NetworkSource, chunk_id: ChunkId) -> bool:
+    async def _refetch(self, source: NetworkSource, chunk_id: ChunkId, lease_until: float) -> bool:
         try:
             data = await get_verified(source, chunk_id)
-            await self._network.run(self._store.put, chunk_id, data)
+            await self._network.run(
+                functools.partial(self._store.put, chunk_id, data, lease_until=lease_until)
+            )
         except DhtfsError as error:
             problem = str(error)
         else:

@@ -26,6 +26,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from dht_dfs.dht.node import DhtNode
+from dht_dfs.node.leasing import LeaseKeeper
 from dht_dfs.node.maintenance import Maintainer
 from dht_dfs.node.service import ChunkService
 from dht_dfs.store.chunks import ChunkStore
@@ -40,6 +41,7 @@ class Sources(Protocol):
     dht: DhtNode | None
     endpoint: Endpoint | None
     maintainer: Maintainer | None
+    leases: LeaseKeeper | None
 
 
 METRICS: dict[str, tuple[str, str]] = {
@@ -77,6 +79,17 @@ METRICS: dict[str, tuple[str, str]] = {
     "dhtfs_scrub_bytes_total": ("counter", "Bytes re-hashed by scrub."),
     "dhtfs_scrub_replaced_total": ("counter", "Bad copies scrub fetched again."),
     "dhtfs_scrub_lost_total": ("counter", "Bad copies no other node could supply."),
+    "dhtfs_chunk_leases_total": ("counter", "LEASE requests answered."),
+    "dhtfs_chunk_leased_total": ("counter", "Chunk leases extended for peers (LEASE)."),
+    "dhtfs_pins": ("gauge", "Roots this node pins (renews the leases of)."),
+    "dhtfs_lease_renewals_total": ("counter", "Pin renewals done (one per pin per round)."),
+    "dhtfs_lease_renewal_failures_total": ("counter", "Pin renewals that failed."),
+    "dhtfs_lease_chunks_unleased_total": (
+        "counter",
+        "Chunks of a pin no holder answered for at a renewal.",
+    ),
+    "dhtfs_gc_chunks_total": ("counter", "Chunks deleted once all their leases ran out."),
+    "dhtfs_gc_bytes_total": ("counter", "Bytes deleted once all their leases ran out."),
 }
 """Every metric: name -> (type, meaning). Counter names are given with
 ``_total``, as they appear on the page."""
@@ -111,6 +124,8 @@ class NodeCollector(Collector):
         yield _counter("dhtfs_chunk_bytes_out_total", service.bytes_served)
         yield _counter("dhtfs_chunk_haves_total", service.haves)
         yield _counter("dhtfs_chunk_proofs_total", service.proofs)
+        yield _counter("dhtfs_chunk_leases_total", service.leases)
+        yield _counter("dhtfs_chunk_leased_total", service.chunks_leased)
         yield _gauge("dhtfs_peers_connected", len(endpoint.connected_peers()))
         yield _gauge("dhtfs_peers_known", len(dht.known_contacts()))
         counters = dht.protocol.counters
@@ -141,6 +156,14 @@ class NodeCollector(Collector):
             yield _counter("dhtfs_scrub_bytes_total", scrub.bytes_checked)
             yield _counter("dhtfs_scrub_replaced_total", scrub.replaced)
             yield _counter("dhtfs_scrub_lost_total", scrub.lost)
+        if node.leases is not None:
+            leases = node.leases.totals
+            yield _gauge("dhtfs_pins", node.leases.pin_count())
+            yield _counter("dhtfs_lease_renewals_total", leases.renewals)
+            yield _counter("dhtfs_lease_renewal_failures_total", leases.renewal_failures)
+            yield _counter("dhtfs_lease_chunks_unleased_total", leases.chunks_unleased)
+            yield _counter("dhtfs_gc_chunks_total", leases.chunks_collected)
+            yield _counter("dhtfs_gc_bytes_total", leases.bytes_collected)
 
 
 def _bound(value: float) -> str:

@@ -7,12 +7,14 @@ mistake; the data dir holds::
 
     identity.key        Ed25519 seed, mode 0600
     store/              chunk files and their SQLite index (store.py)
+    pins.sqlite         what this node published and pins (pins.py), 0600
     dht-contacts.json   routing table, to rejoin without a bootstrap node
     control.sock        local control endpoint for the CLI (control.py), 0600
     node.lock           held while the node runs
 
 The node is the control socket's ``ControlHandler``: it answers status and
-runs operations on its own network. The short-lived client a CLI command
+pins (``NodeRequest``) and runs operations on its own network; what it
+publishes it pins, so its leases are renewed (``leasing.py``). The short-lived client a CLI command
 uses when no node runs here is ``session.client_network``.
 """
 
@@ -35,15 +37,26 @@ from aiohttp import web
 from dht_dfs import __version__
 from dht_dfs.core.config import Config
 from dht_dfs.core.crypto import Identity
-from dht_dfs.core.errors import ConfigError, DhtfsError
+from dht_dfs.core.direntry import EntryKind
+from dht_dfs.core.errors import ConfigError, DhtfsError, InputError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.dht.node import DhtNode
 from dht_dfs.node.control import CONTROL_SOCKET, ControlServer
 from dht_dfs.node.identity import ensure_data_dir, load_or_create_identity
+from dht_dfs.node.leasing import LeaseKeeper
 from dht_dfs.node.maintenance import Maintainer
 from dht_dfs.node.metrics import serve_metrics
-from dht_dfs.node.operations import Request, StatusRequest, run_operation
-from dht_dfs.node.results import Contact, NodeStatus, OnEvent, Result
+from dht_dfs.node.operations import (
+    PinRequest,
+    PinsRequest,
+    PublishRequest,
+    Request,
+    StatusRequest,
+    UnpinRequest,
+    run_operation,
+)
+from dht_dfs.node.pins import Pin, PinCatalogue, PinList, Unpinned, new_pin
+from dht_dfs.node.results import Contact, NodeStatus, OnEvent, PublishSummary, Result
 from dht_dfs.node.service import ChunkService
 from dht_dfs.node.session import client_network
 from dht_dfs.node.tasks import cancel_and_wait
@@ -96,6 +109,8 @@ class Node:
         self.network: Network | None = None
         self.service: ChunkService | None = None
         self.maintainer: Maintainer | None = None
+        self.pins: PinCatalogue | None = None
+        self.leases: LeaseKeeper | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._lock_fd: int | None = None
         self._control: ControlServer | None = None
@@ -142,16 +157,20 @@ class Node:
             max_guest_bytes=config.max_guest_bytes,
             min_free_disk=config.min_free_disk,
             min_free_disk_fraction=config.min_free_disk_fraction,
+            lease_ttl=config.lease_ttl,
         ).open()
+        self.pins = PinCatalogue(self.data_dir)
         self.service = ChunkService(
             self.store,
             self._executor,
             receipt_for=self._receipt_for,
             rightful=self._is_rightful,
+            max_lease=config.max_lease_ttl,
         )
         self.endpoint, self.dht = await self._bind(self.identity)
         self.network = Network(config, self.dht, self.endpoint, self._executor, self.store)
         self.maintainer = Maintainer(self.network, self.store, config)
+        self.leases = LeaseKeeper(self.network, self.store, self.pins, config)
         rejoined = False
         if self.bootstrap_addresses:
             # Asked for by the user: joining must work, or starting fails.
@@ -181,6 +200,8 @@ class Node:
             self._spawn(self.maintainer.run_repair(), "repair")
         if config.scrub_interval > 0:
             self._spawn(self.maintainer.run_scrub(), "scrub")
+        self._spawn(self.leases.run_renewals(self.announced), "lease-renewal")
+        self._spawn(self.leases.run_collection(), "lease-collection")
         if self._control_enabled:
             control = ControlServer(self, self.data_dir / CONTROL_SOCKET)
             await control.start()
@@ -248,6 +269,8 @@ class Node:
             cleanup.callback(self._release_lock)
             if self.store is not None:
                 cleanup.callback(self.store.close)
+            if self.pins is not None:
+                cleanup.callback(self.pins.close)
             if self._executor is not None:
                 cleanup.callback(self._executor.shutdown, wait=True, cancel_futures=True)
             if self.endpoint is not None:
@@ -367,11 +390,75 @@ class Node:
             disk_free=stats.disk_free,
             full=stats.full,
             metrics_port=self.metrics_port,
+            lease_ttl=self.config.lease_ttl,
+            pins=self.pins.count() if self.pins is not None else 0,
         )
 
     async def handle(self, request: Request, on_event: OnEvent) -> Result:
         """Serve one control request (``ControlHandler``)."""
         if isinstance(request, StatusRequest):
             return self.status()
+        if isinstance(request, PinRequest):
+            return await self.pin(request)
+        if isinstance(request, UnpinRequest):
+            return await self.unpin(request)
+        if isinstance(request, PinsRequest):
+            return self.pin_list()
         assert self.network is not None
-        return await run_operation(self.network, request, on_event)
+        result = await run_operation(self.network, request, on_event)
+        if isinstance(request, PublishRequest):
+            assert isinstance(result, PublishSummary)
+            await self._pin_published(result, request.name or request.path.name)
+        return result
+
+    # --- pins -----------------------------------------------------------------------
+
+    async def _pin_published(self, published: PublishSummary, name: str) -> None:
+        """What this node publishes it pins: the chunks got their first lease on STORE."""
+        assert self.pins is not None
+        pin = new_pin(
+            published.root_hash,
+            reference=published.reference,
+            origin="published",
+            name=name,
+            kind="directory" if published.is_tree else "file",
+            size=published.size,
+        )
+        await asyncio.to_thread(self.pins.add, pin)
+
+    async def pin(self, request: PinRequest) -> Pin:
+        """Pin a root: its leases are renewed now (it must be found) and from now on."""
+        assert self.network is not None and self.pins is not None and self.leases is not None
+        name = kind = None
+        size: int | None = None
+        if request.reference is not None:
+            entry = (await self.network.resolve(request.reference, ())).entry
+            name, size = entry.name, entry.size
+            kind = "directory" if entry.kind is EntryKind.DIRECTORY else "file"
+        candidate = new_pin(
+            request.root,
+            reference=request.reference,
+            origin=request.origin,
+            name=name,
+            kind=kind,
+            size=size,
+        )
+        existing = await asyncio.to_thread(self.pins.get, request.root)
+        # Kept only once the renewal found the root: a wrong reference pins nothing.
+        report = await self.network.renew_leases(request.root, self.leases.lease_seconds)
+        await asyncio.to_thread(self.pins.add, candidate if existing is None else existing)
+        return await self.leases.record(request.root, report)
+
+    async def unpin(self, request: UnpinRequest) -> Unpinned:
+        assert self.pins is not None
+        pin = await asyncio.to_thread(self.pins.remove, request.root)
+        if pin is None:
+            raise InputError(f"{request.root} is not pinned on this node (dhtfs pins lists pins)")
+        last = pin.renewed_at if pin.renewed_at is not None else pin.pinned_at
+        return Unpinned(pin, last + self.config.lease_ttl)
+
+    def pin_list(self) -> PinList:
+        assert self.pins is not None
+        return PinList(
+            tuple(self.pins.all()), self.config.lease_ttl, self.config.lease_renewal_interval
+        )

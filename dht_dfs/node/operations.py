@@ -24,7 +24,14 @@ from typing import Any, ClassVar, Self
 from dht_dfs.core.crypto import secret_from_file_content
 from dht_dfs.core.direntry import name_problem
 from dht_dfs.core.errors import ControlError, InputError
-from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
+from dht_dfs.core.refs import (
+    READ_PREFIX,
+    ReadReference,
+    RootHash,
+    parse_read_reference,
+    parse_root_hash,
+)
+from dht_dfs.node.pins import Pin, PinList, Unpinned
 from dht_dfs.node.results import (
     Document,
     Event,
@@ -261,12 +268,107 @@ class StatusRequest:
         return NodeStatus.from_json(document)
 
 
+def parse_pin_target(text: str) -> tuple[RootHash, ReadReference | None]:
+    """A read reference (root and key) or a root hash (root alone) to pin."""
+    root = parse_root_hash(text)
+    if "".join(text.split()).lower().startswith(READ_PREFIX):
+        return root, parse_read_reference(text)
+    return root, None
+
+
+@dataclass(frozen=True, slots=True)
+class PinRequest:
+    """Keep a file's or tree's chunks alive: this node renews their leases from now on.
+
+    Only a node answers it (a short-lived client cannot renew anything).
+    """
+
+    op: ClassVar[str] = "pin"
+    root: RootHash
+    reference: ReadReference | None = None
+    """Given, the pin records the name, kind and size (it can read them)."""
+    origin: str = "pinned"
+    """"published" when a publish through this node asks (``publish -``)."""
+
+    def check_input(self) -> PinRequest:
+        if self.origin not in ("pinned", "published"):
+            raise InputError(f"a pin's origin is 'pinned' or 'published', not {self.origin!r}")
+        return self
+
+    def to_json(self) -> Document:
+        target = self.reference if self.reference is not None else self.root
+        return {"op": self.op, "target": str(target), "origin": self.origin}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> PinRequest:
+        root, reference = parse_pin_target(_text(document, "target"))
+        return cls(root, reference, str(document.get("origin", "pinned")))
+
+    @staticmethod
+    def result_from_json(document: Mapping[str, Any]) -> Pin:
+        return Pin.from_json(document)
+
+
+@dataclass(frozen=True, slots=True)
+class UnpinRequest:
+    """Stop renewing a root's leases; its chunks go once the leases run out."""
+
+    op: ClassVar[str] = "unpin"
+    root: RootHash
+
+    def check_input(self) -> UnpinRequest:
+        return self
+
+    def to_json(self) -> Document:
+        return {"op": self.op, "root": str(self.root)}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> UnpinRequest:
+        return cls(parse_root_hash(_text(document, "root")))
+
+    @staticmethod
+    def result_from_json(document: Mapping[str, Any]) -> Unpinned:
+        return Unpinned.from_json(document)
+
+
+@dataclass(frozen=True, slots=True)
+class PinsRequest:
+    """Every pin of the node: what it published and what it keeps alive."""
+
+    op: ClassVar[str] = "pins"
+
+    def check_input(self) -> PinsRequest:
+        return self
+
+    def to_json(self) -> Document:
+        return {"op": self.op}
+
+    @classmethod
+    def from_json(cls, document: Mapping[str, Any]) -> PinsRequest:
+        return cls()
+
+    @staticmethod
+    def result_from_json(document: Mapping[str, Any]) -> PinList:
+        return PinList.from_json(document)
+
+
 NetworkRequest = PublishRequest | FetchRequest | CheckRequest | RepairRequest
-Request = NetworkRequest | StatusRequest
+NodeRequest = StatusRequest | PinRequest | UnpinRequest | PinsRequest
+"""Requests only a running node answers: they read or change its own state."""
+Request = NetworkRequest | NodeRequest
 
 _REQUESTS: dict[str, type[Request]] = {
     kind.op: kind
-    for kind in (PublishRequest, FetchRequest, CheckRequest, RepairRequest, StatusRequest)
+    for kind in (
+        PublishRequest,
+        FetchRequest,
+        CheckRequest,
+        RepairRequest,
+        StatusRequest,
+        PinRequest,
+        UnpinRequest,
+        PinsRequest,
+    )
 }
 
 

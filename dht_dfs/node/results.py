@@ -17,6 +17,7 @@ from typing import Any
 
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.core.refs import ReadReference, RootHash, parse_read_reference, parse_root_hash
+from dht_dfs.node.pins import Pin, PinList, Unpinned
 from dht_dfs.transfer.fetch import FetchResult
 from dht_dfs.transfer.network import CheckReport
 from dht_dfs.transfer.publish import PublishResult
@@ -427,6 +428,9 @@ class NodeStatus:
     full: bool = False
     """The store would refuse a chunk of the default size (quota or free-disk floor)."""
     metrics_port: int | None = None
+    lease_ttl: float | None = None
+    """The lease this node gives what it publishes and pins (``--lease-ttl``)."""
+    pins: int = 0
 
     def to_json(self) -> Document:
         return {
@@ -450,6 +454,8 @@ class NodeStatus:
                 "full": self.full,
             },
             "metrics_port": self.metrics_port,
+            "lease_ttl": self.lease_ttl,
+            "pins": self.pins,
         }
 
     @classmethod
@@ -475,10 +481,12 @@ class NodeStatus:
             metrics_port=None
             if document.get("metrics_port") is None
             else int(document["metrics_port"]),
+            lease_ttl=_optional_float(document.get("lease_ttl")),
+            pins=int(document.get("pins", 0)),
         )
 
 
-Result = PublishSummary | FetchSummary | HealthReport | NodeStatus
+Result = PublishSummary | FetchSummary | HealthReport | NodeStatus | Pin | PinList | Unpinned
 
 
 def _optional_float(value: Any) -> float | None:

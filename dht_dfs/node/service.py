@@ -5,6 +5,11 @@ chunk is verified (in a thread) before it is kept, so a bad body never
 reaches the disk; a full store answers FULL so the sender places the chunk
 elsewhere; stored chunks are served as open files for ``sendfile``.
 
+Leases: every STORE says how long to keep the chunk, and LEASE extends that
+for chunks held; a chunk keeps the latest expiry it was given, capped at
+``max_lease`` seconds from now, and is dropped by the node's collection
+pass once that expiry and a grace period are over (``store.chunks``).
+
 Admission: a node keeps a chunk as its own only if it is a rightful holder
 by its own view of the DHT (the ``rightful`` callable). Anything else is a
 *guest*, kept within the store's per-peer and node-wide guest budgets and
@@ -22,6 +27,7 @@ from collections.abc import Callable
 from concurrent.futures import Executor
 from typing import TypeVar
 
+from dht_dfs.core.config import Config
 from dht_dfs.core.errors import (
     ChunkNotFoundError,
     GuestRefusedError,
@@ -74,6 +80,8 @@ class RefusalLog:
 
 T = TypeVar("T")
 
+_DEFAULTS = Config()
+
 MAX_CONCURRENT_PROOFS = 2
 """PROVE requests this node works on at once, from all peers together.
 
@@ -95,10 +103,15 @@ class ChunkService:
         receipt_for: Callable[[ChunkId], bytes] | None = None,
         on_stored: Callable[[ChunkId], None] | None = None,
         rightful: Callable[[ChunkId], bool] | None = None,
+        max_lease: float = _DEFAULTS.max_lease_ttl,
     ) -> None:
         """``rightful``: whether this node is a rightful holder of a chunk by its
-        own view; None takes every chunk as rightful (a store with no DHT)."""
+        own view; None takes every chunk as rightful (a store with no DHT).
+        ``max_lease``: the longest lease granted, whatever a peer asks for."""
         self.store = store
+        self._max_lease = max_lease
+        self.leases = self.chunks_leased = 0
+        """LEASE requests answered, and chunk leases they extended."""
         self._rightful = rightful
         self.chunks_refused = 0
         """STOREs answered REFUSED: not rightful here and no guest room."""
@@ -118,23 +131,28 @@ class ChunkService:
     async def _run(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
 
+    def _lease_until(self, seconds: int) -> float:
+        return time.time() + min(float(seconds), self._max_lease)
+
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str, lease: int
     ) -> tuple[StoreStatus, bytes]:
-        status, receipt = await self._store(peer, chunk_id, body, host=host)
+        status, receipt = await self._store(
+            peer, chunk_id, body, host=host, until=self._lease_until(lease)
+        )
         self.counts[status.name.lower()] += 1
         if status is StoreStatus.STORED:
             self.bytes_stored += len(body)
         return status, receipt
 
     async def _store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str, until: float
     ) -> tuple[StoreStatus, bytes]:
         guest = None
         if self._rightful is not None and not self._rightful(chunk_id):
             guest = Guest(peer, host)
         try:
-            outcome = await self._run(self._put, chunk_id, body, guest)
+            outcome = await self._run(self._put, chunk_id, body, guest, until)
         except IntegrityError:
             self._refusals(
                 "rejected", logging.WARNING,
@@ -162,8 +180,10 @@ class ChunkService:
         status = StoreStatus.STORED if outcome is PutOutcome.STORED else StoreStatus.ALREADY_HAD
         return status, receipt
 
-    def _put(self, chunk_id: ChunkId, body: bytes | bytearray, guest: Guest | None) -> PutOutcome:
-        return self.store.put(chunk_id, body, guest=guest)
+    def _put(
+        self, chunk_id: ChunkId, body: bytes | bytearray, guest: Guest | None, until: float
+    ) -> PutOutcome:
+        return self.store.put(chunk_id, body, guest=guest, lease_until=until)
 
     async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
         # Not opened here: the transport opens the file when it is this
@@ -185,6 +205,14 @@ class ChunkService:
     async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
         self.haves += 1
         return await self._run(self.store.have_which, list(chunk_ids))
+
+    async def handle_lease(
+        self, peer: NodeId, seconds: int, chunk_ids: tuple[ChunkId, ...]
+    ) -> list[bool]:
+        self.leases += 1
+        held = await self._run(self.store.lease, list(chunk_ids), self._lease_until(seconds))
+        self.chunks_leased += sum(held)
+        return held
 
     async def handle_prove(
         self, peer: NodeId, nonce: bytes, chunk_ids: tuple[ChunkId, ...]

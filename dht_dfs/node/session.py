@@ -30,12 +30,16 @@ from dht_dfs.node import control
 from dht_dfs.node.operations import (
     CheckRequest,
     FetchRequest,
+    PinRequest,
+    PinsRequest,
     PublishRequest,
     RepairRequest,
     Request,
     StatusRequest,
+    UnpinRequest,
     run_operation,
 )
+from dht_dfs.node.pins import Pin, PinList, Unpinned
 from dht_dfs.node.results import (
     FetchSummary,
     HealthReport,
@@ -67,6 +71,12 @@ class Session:
     ) -> HealthReport: ...
     @overload
     async def run(self, request: StatusRequest, on_event: OnEvent | None = None) -> NodeStatus: ...
+    @overload
+    async def run(self, request: PinRequest, on_event: OnEvent | None = None) -> Pin: ...
+    @overload
+    async def run(self, request: UnpinRequest, on_event: OnEvent | None = None) -> Unpinned: ...
+    @overload
+    async def run(self, request: PinsRequest, on_event: OnEvent | None = None) -> PinList: ...
     async def run(self, request: Request, on_event: OnEvent | None = None) -> Result:
         return await self._run(request.check_input(), on_event)
 
@@ -94,6 +104,11 @@ class ClientSession(Session):
     async def _run(self, request: Request, on_event: OnEvent | None) -> Result:
         if isinstance(request, StatusRequest):
             raise ConfigError("status shows a running node: give its --data-dir, not --bootstrap")
+        if isinstance(request, PinRequest | UnpinRequest | PinsRequest):
+            raise ConfigError(
+                f"{request.op}: pins are kept by a running node, which renews their leases; "
+                "give its --data-dir, not --bootstrap"
+            )
         return await run_operation(self.network, request, on_event)
 
 
@@ -127,6 +142,9 @@ async def open_network(
     if not bootstrap:
         directory = (data_dir or default_data_dir()).expanduser()
         status = await LocalNodeSession(directory).run(StatusRequest())
+        if status.lease_ttl is not None:
+            # What this process stores gets the node's leases, as if the node stored it.
+            config = config.replace(lease_ttl=status.lease_ttl)
         host, _, port = status.address.rpartition(":")
         if host in ("0.0.0.0", "::", "[::]", ""):
             host = "127.0.0.1"  # a node bound to every address answers on loopback

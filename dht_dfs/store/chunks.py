@@ -6,8 +6,8 @@ Layout under the store directory::
                                 stored bytes; fan-out by the first byte
     tmp/                        chunks being written; emptied at open
     meta.sqlite                 index: size, when added, when last verified,
-                                and for a guest chunk who had it kept
-                                (identity, address); pinned roots
+                                until when it is leased, and for a guest
+                                chunk who had it kept (identity, address)
 
 The chunk files are the truth; the SQLite index is rebuilt from them where
 they disagree (at open). A chunk is hashed before it is kept, written under
@@ -19,6 +19,12 @@ rightful holder) are bounded per peer identity, per peer address and in
 all; they are the first to go when a rightful chunk needs room, and the
 index remembers them across restarts (stores from before guests existed
 hold no guests).
+
+Leases: each chunk has a ``lease_until`` time, the latest expiry any
+publisher, pinner or repair gave it (``put``, ``lease``); ``collect`` drops
+the chunks whose lease ran out before a given time. Chunks from before
+leases existed, and files found without an index row, get a full lease
+when the store opens, so an upgrade or a crash never makes them collectable.
 
 Blocking by nature (file I/O, SQLite): async callers run these methods in a
 thread. Methods are thread-safe.
@@ -36,6 +42,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from dht_dfs.core.config import Config
 from dht_dfs.core.errors import (
@@ -46,7 +53,9 @@ from dht_dfs.core.errors import (
     StoreFullError,
 )
 from dht_dfs.core.ids import CHUNK_ID_SIZE, ChunkId, NodeId
+from dht_dfs.store.files import write_durably
 from dht_dfs.store.guests import Guest, GuestBudget
+from dht_dfs.store.scrub import ScrubReport, scrub
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +66,8 @@ CREATE TABLE IF NOT EXISTS chunks (
     added REAL NOT NULL,
     verified REAL NOT NULL,
     guest_of BLOB,
-    guest_host TEXT
+    guest_host TEXT,
+    lease_until REAL
 ) WITHOUT ROWID;
 CREATE INDEX IF NOT EXISTS chunks_by_verified ON chunks (verified);
 """
@@ -67,10 +77,13 @@ _MIGRATIONS = (
     # which is what NULL says.
     ("guest_of", "ALTER TABLE chunks ADD COLUMN guest_of BLOB"),
     ("guest_host", "ALTER TABLE chunks ADD COLUMN guest_host TEXT"),
+    # Stores from before leases: NULL is filled with a full lease at open.
+    ("lease_until", "ALTER TABLE chunks ADD COLUMN lease_until REAL"),
 )
 
-_GUEST_INDEX = (
-    "CREATE INDEX IF NOT EXISTS guests_by_added ON chunks (added) WHERE guest_of IS NOT NULL"
+_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS guests_by_added ON chunks (added) WHERE guest_of IS NOT NULL",
+    "CREATE INDEX IF NOT EXISTS chunks_by_lease ON chunks (lease_until)",
 )
 
 _DEFAULTS = Config()
@@ -99,18 +112,6 @@ class StoreStats:
     """A chunk of the default size would be refused (quota or free-disk floor)."""
 
 
-@dataclass(frozen=True, slots=True)
-class ScrubReport:
-    checked: int
-    bytes_checked: int
-    corrupt: tuple[ChunkId, ...]
-    """Chunks whose file no longer matched their id; they have been removed."""
-    missing: tuple[ChunkId, ...]
-    """Chunks in the index whose file had gone; their index rows were dropped."""
-    dropped_guests: tuple[ChunkId, ...] = ()
-    """Guest chunks found corrupt or gone: removed, and not worth fetching again."""
-
-
 class ChunkStore:
     """Content-addressed chunk files with an SQLite index."""
 
@@ -124,8 +125,11 @@ class ChunkStore:
         max_guest_bytes: int = _DEFAULTS.max_guest_bytes,
         min_free_disk: int = _DEFAULTS.min_free_disk,
         min_free_disk_fraction: float = _DEFAULTS.min_free_disk_fraction,
+        lease_ttl: float = _DEFAULTS.lease_ttl,
     ) -> None:
+        """``lease_ttl``: the lease of a chunk put without one, or found unleased at open."""
         self.root = Path(root)
+        self.lease_ttl = lease_ttl
         self.quota = quota
         self._min_free_disk = min_free_disk
         self._min_free_disk_fraction = min_free_disk_fraction
@@ -165,7 +169,8 @@ class ChunkStore:
         for column, statement in _MIGRATIONS:
             if column not in columns:
                 db.execute(statement)
-        db.execute(_GUEST_INDEX)
+        for statement in _INDEXES:
+            db.execute(statement)
         self._db = db
         disk = os.statvfs(self.root)
         self._free_floor = min(
@@ -214,10 +219,16 @@ class ChunkStore:
             # Files the index did not know (a crash between rename and insert)
             # get verified = 0, so the scrub looks at them first. A row whose
             # size is wrong keeps whether it is a guest.
+            now = time.time()
             self.db.executemany(
-                "INSERT INTO chunks (id, size, added, verified) VALUES (?, ?, ?, 0) "
+                "INSERT INTO chunks (id, size, added, verified, lease_until) "
+                "VALUES (?, ?, ?, 0, ?) "
                 "ON CONFLICT (id) DO UPDATE SET size = excluded.size, verified = 0",
-                [(key, size, time.time()) for key, size in new],
+                [(key, size, now, now + self.lease_ttl) for key, size in new],
+            )
+            self.db.execute(
+                "UPDATE chunks SET lease_until = ? WHERE lease_until IS NULL",
+                (now + self.lease_ttl,),
             )
             self.db.execute("COMMIT")
             self._count = len(on_disk)
@@ -243,11 +254,7 @@ class ChunkStore:
     # --- queries ----------------------------------------------------------------------
 
     def has(self, chunk_id: ChunkId) -> bool:
-        with self._lock:
-            row = self.db.execute(
-                "SELECT 1 FROM chunks WHERE id = ?", (chunk_id.digest,)
-            ).fetchone()
-        return row is not None
+        return self._row(chunk_id, "1") is not None
 
     def __contains__(self, chunk_id: object) -> bool:
         return isinstance(chunk_id, ChunkId) and self.has(chunk_id)
@@ -283,10 +290,7 @@ class ChunkStore:
             )
 
     def is_guest(self, chunk_id: ChunkId) -> bool:
-        with self._lock:
-            row = self.db.execute(
-                "SELECT guest_of FROM chunks WHERE id = ?", (chunk_id.digest,)
-            ).fetchone()
+        row = self._row(chunk_id, "guest_of")
         return row is not None and row[0] is not None
 
     def guests_among(self, chunk_ids: list[ChunkId]) -> set[ChunkId]:
@@ -321,11 +325,15 @@ class ChunkStore:
                 yield ChunkId(raw)
             last = rows[-1][0]
 
-    def size_of(self, chunk_id: ChunkId) -> int | None:
+    def _row(self, chunk_id: ChunkId, columns: str) -> tuple[Any, ...] | None:
         with self._lock:
-            row = self.db.execute(
-                "SELECT size FROM chunks WHERE id = ?", (chunk_id.digest,)
+            row: tuple[Any, ...] | None = self.db.execute(
+                f"SELECT {columns} FROM chunks WHERE id = ?", (chunk_id.digest,)
             ).fetchone()
+        return row
+
+    def size_of(self, chunk_id: ChunkId) -> int | None:
+        row = self._row(chunk_id, "size")
         return None if row is None else int(row[0])
 
     # --- writing ----------------------------------------------------------------------
@@ -336,8 +344,12 @@ class ChunkStore:
         data: bytes | bytearray | memoryview,
         *,
         guest: Guest | None = None,
+        lease_until: float | None = None,
     ) -> PutOutcome:
         """Keep a chunk. Verifies it first; a bad chunk never reaches disk.
+
+        ``lease_until``: keep it until then at least [now + ``lease_ttl``]; a
+        chunk already here keeps the later of its lease and this one.
 
         ``guest``: kept for that peer although this node is not a rightful
         holder; raises GuestRefusedError beyond the guest budgets. Without
@@ -350,6 +362,7 @@ class ChunkStore:
                 chunk_id.hex(),
             )
         size = len(data)
+        until = time.time() + self.lease_ttl if lease_until is None else lease_until
         with self._lock:
             exists = self.db.execute(
                 "SELECT guest_of FROM chunks WHERE id = ?", (chunk_id.digest,)
@@ -357,6 +370,7 @@ class ChunkStore:
             if exists:
                 if guest is None and exists[0] is not None:
                     self._promote_locked(chunk_id)
+                self._extend_locked([chunk_id.digest], until)
                 return PutOutcome.ALREADY_HAD
             refusal = None if guest is None else self._guests.refusal(guest, chunk_id, size)
             if refusal is not None:
@@ -384,8 +398,9 @@ class ChunkStore:
         with self._lock:
             self._reserved -= size
             cursor = self.db.execute(
-                "INSERT OR IGNORE INTO chunks (id, size, added, verified, guest_of, guest_host) "
-                "VALUES (?, ?, ?, ?, ?, ?)",
+                "INSERT OR IGNORE INTO chunks "
+                "(id, size, added, verified, guest_of, guest_host, lease_until) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?)",
                 (
                     chunk_id.digest,
                     size,
@@ -393,6 +408,7 @@ class ChunkStore:
                     time.time(),
                     None if guest is None else guest.peer.digest,
                     None if guest is None else guest.host,
+                    until,
                 ),
             )
             if cursor.rowcount:
@@ -400,9 +416,54 @@ class ChunkStore:
                 self._count += 1
                 if guest is not None:
                     self._guests.count += 1
-            elif guest is not None:
-                self._guests.refund(guest, size)  # a concurrent put of the chunk won
+            else:
+                if guest is not None:
+                    self._guests.refund(guest, size)  # a concurrent put of the chunk won
+                self._extend_locked([chunk_id.digest], until)
         return PutOutcome.STORED
+
+    # --- leases -----------------------------------------------------------------------
+
+    def _extend_locked(self, digests: list[bytes], until: float) -> None:
+        marks = ",".join("?" * len(digests))
+        self.db.execute(
+            f"UPDATE chunks SET lease_until = ? WHERE id IN ({marks}) "
+            "AND (lease_until IS NULL OR lease_until < ?)",
+            [until, *digests, until],
+        )
+
+    def lease(self, chunk_ids: list[ChunkId], until: float) -> list[bool]:
+        """Keep the held ones of ``chunk_ids`` until ``until`` at least; which are held."""
+        held = self.have_which(chunk_ids)
+        digests = [c.digest for c, here in zip(chunk_ids, held, strict=True) if here]
+        with self._lock:
+            for start in range(0, len(digests), 500):
+                self._extend_locked(digests[start : start + 500], until)
+        return held
+
+    def lease_until(self, chunk_id: ChunkId) -> float | None:
+        """Until when the chunk is leased; None if it is not here."""
+        row = self._row(chunk_id, "lease_until")
+        return None if row is None else float(row[0] or 0.0)
+
+    def collect(self, expired_before: float, *, limit: int = 10_000) -> tuple[int, int]:
+        """Drop up to ``limit`` chunks whose lease ran out before ``expired_before``.
+
+        Returns how many chunks and bytes were dropped.
+        """
+        with self._lock:
+            rows = self.db.execute(
+                "SELECT id FROM chunks WHERE lease_until < ? LIMIT ?", (expired_before, limit)
+            ).fetchall()
+            dropped = freed = 0
+            for (raw,) in rows:
+                size = self._remove_locked(ChunkId(raw))
+                if size is not None:
+                    dropped += 1
+                    freed += size
+        if dropped:
+            log.info("store: dropped %d chunk(s) (%d bytes) whose leases ran out", dropped, freed)
+        return dropped, freed
 
     def _shortfall_locked(self, size: int) -> int:
         """Bytes missing for ``size`` more under the quota and the free-disk floor."""
@@ -503,31 +564,11 @@ class ChunkStore:
         return dropped
 
     def _write_durably(self, tmp: Path, final: Path, data: bytes | bytearray | memoryview) -> None:
+        if final.parent not in self._fans:
+            final.parent.mkdir(mode=0o700, exist_ok=True)
+            self._fans.add(final.parent)
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                view = memoryview(data)
-                while view:
-                    written = os.write(fd, view)
-                    view = view[written:]
-                if self._fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            if final.parent not in self._fans:
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                self._fans.add(final.parent)
-            try:
-                os.replace(tmp, final)
-            except FileNotFoundError:  # the fan-out directory was removed under us
-                final.parent.mkdir(mode=0o700, exist_ok=True)
-                os.replace(tmp, final)
-            if self._fsync:
-                dir_fd = os.open(final.parent, os.O_RDONLY)
-                try:
-                    os.fsync(dir_fd)
-                finally:
-                    os.close(dir_fd)
+            write_durably(tmp, final, data, fsync=self._fsync)
         except OSError as exc:
             if exc.errno in (errno.ENOSPC, errno.EDQUOT):
                 raise StoreFullError(f"disk full while storing a chunk in {self.root}") from exc
@@ -546,7 +587,7 @@ class ChunkStore:
             data = self.path_of(chunk_id).read_bytes()
         except FileNotFoundError:
             if self.has(chunk_id):
-                self._forget(chunk_id)
+                self.forget(chunk_id)
             raise ChunkNotFoundError(
                 f"chunk {chunk_id.hex()} is not in this store", chunk_id.hex()
             ) from None
@@ -571,51 +612,35 @@ class ChunkStore:
             return None
         return fd, os.fstat(fd).st_size
 
-    def _forget(self, chunk_id: ChunkId) -> None:
+    def forget(self, chunk_id: ChunkId) -> None:
+        """Drop a chunk's row (and file, if any): its file was found gone."""
         with self._lock:
             self._remove_locked(chunk_id)
 
-    # --- scrub ------------------------------------------------------------------------
+    # --- scrub (scrub.py) ---------------------------------------------------------------
 
-    def scrub(self, max_bytes: int, *, older_than: float | None = None) -> ScrubReport:
-        """Re-hash the least recently verified chunks, up to ``max_bytes``.
-
-        Corrupt copies are removed (the caller fetches them again from
-        another holder); index rows whose file vanished are dropped. A
-        corrupt or vanished guest is reported apart: nobody asked this node
-        to keep it, so it is not fetched again.
-        ``older_than``: only chunks last verified before this time.
-        """
-        limit_time = time.time() if older_than is None else older_than
+    def least_verified(
+        self, before: float, limit: int = 10_000
+    ) -> list[tuple[ChunkId, int, bool, float]]:
+        """Chunks last verified before ``before``, least recently first:
+        (id, size, is a guest, lease expiry)."""
         with self._lock:
             rows = self.db.execute(
-                "SELECT id, size, guest_of IS NOT NULL FROM chunks WHERE verified < ? "
-                "ORDER BY verified LIMIT 10000",
-                (limit_time,),
+                "SELECT id, size, guest_of IS NOT NULL, lease_until FROM chunks "
+                "WHERE verified < ? ORDER BY verified LIMIT ?",
+                (before, limit),
             ).fetchall()
-        checked = bytes_checked = 0
-        corrupt: list[ChunkId] = []
-        missing: list[ChunkId] = []
-        guests: list[ChunkId] = []
-        for raw, size, guest in rows:
-            if checked and bytes_checked + size > max_bytes:
-                break
-            chunk_id = ChunkId(raw)
-            try:
-                data = self.path_of(chunk_id).read_bytes()
-            except FileNotFoundError:
-                self._forget(chunk_id)
-                (guests if guest else missing).append(chunk_id)
-                continue
-            checked += 1
-            bytes_checked += len(data)
-            if chunk_id.matches(data):
-                with self._lock:
-                    self.db.execute(
-                        "UPDATE chunks SET verified = ? WHERE id = ?", (time.time(), raw)
-                    )
-            else:
-                log.warning("scrub: chunk %s is corrupt on disk; removing it", chunk_id.hex())
-                self.delete(chunk_id)
-                (guests if guest else corrupt).append(chunk_id)
-        return ScrubReport(checked, bytes_checked, tuple(corrupt), tuple(missing), tuple(guests))
+        return [
+            (ChunkId(raw), int(size), bool(guest), float(until or 0))
+            for raw, size, guest, until in rows
+        ]
+
+    def mark_verified(self, chunk_id: ChunkId) -> None:
+        with self._lock:
+            self.db.execute(
+                "UPDATE chunks SET verified = ? WHERE id = ?", (time.time(), chunk_id.digest)
+            )
+
+    def scrub(self, max_bytes: int, *, older_than: float | None = None) -> ScrubReport:
+        """Re-hash the least recently verified chunks, up to ``max_bytes`` (``scrub.scrub``)."""
+        return scrub(self, max_bytes, older_than=older_than)

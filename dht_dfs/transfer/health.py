@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -461,8 +462,17 @@ async def replicate(
     )
     held = set(holders) | set(exclude)
     targets = [c for c in closest if c.node_id not in held]
+    # Asked for by a user (``dhtfs repair``): the new copies get the repairer's
+    # lease, as a publish would give them. A node's own repair passes carry the
+    # chunk's remaining lease instead (``node.maintenance``).
     return await copy_to(
-        network, chunk_id, bytes(data), closest=closest, candidates=targets, wanted=missing
+        network,
+        chunk_id,
+        bytes(data),
+        closest=closest,
+        candidates=targets,
+        wanted=missing,
+        lease=math.ceil(network.config.lease_ttl),
     )
 
 

@@ -35,10 +35,11 @@ from dht_dfs.core.manifest import FileMetadata
 from dht_dfs.core.refs import ReadReference, RootHash
 from dht_dfs.dht.values import Contact
 from dht_dfs.store.chunks import ChunkStore
-from dht_dfs.transfer import browse, health, placement
+from dht_dfs.transfer import browse, health, leases, placement
 from dht_dfs.transfer.browse import Resolved
 from dht_dfs.transfer.fetch import FetchResult, fetch_file
 from dht_dfs.transfer.health import CheckReport, ChunkHealth
+from dht_dfs.transfer.leases import RenewalReport
 from dht_dfs.transfer.nearby import Neighbourhoods
 from dht_dfs.transfer.pipeline import ProgressFn
 from dht_dfs.transfer.placement import NetworkSink
@@ -245,6 +246,12 @@ class Network:
         """Bring every chunk of a file back to ``replicas`` live (``verify``: proven) copies."""
         return await health.survey(self, root, repair=True, progress=progress, verify=verify)
 
+    async def renew_leases(
+        self, root: RootHash, seconds: int, progress: ProgressFn | None = None
+    ) -> RenewalReport:
+        """Lease every chunk of a file or tree for ``seconds`` on the nodes holding it."""
+        return await leases.renew(self, root, seconds, progress=progress)
+
     # --- replica accounting (see health and placement) --------------------------------
 
     async def live_holders(self, chunk_ids: Sequence[ChunkId]) -> dict[ChunkId, list[NodeId]]:
@@ -272,10 +279,19 @@ class Network:
         closest: Sequence[Contact],
         candidates: Sequence[Contact],
         wanted: int,
+        *,
+        lease: int,
     ) -> list[NodeId]:
-        """Put ``wanted`` copies on ``candidates``, then announce them to ``closest``."""
+        """Put ``wanted`` copies on ``candidates`` (kept ``lease`` seconds), then announce
+        them to ``closest``."""
         return await placement.copy_to(
-            self, chunk_id, data, closest=closest, candidates=candidates, wanted=wanted
+            self,
+            chunk_id,
+            data,
+            closest=closest,
+            candidates=candidates,
+            wanted=wanted,
+            lease=lease,
         )
 
     async def replicate(self, chunk_id: ChunkId, holders: Sequence[NodeId]) -> list[NodeId]:
@@ -291,5 +307,6 @@ __all__ = [
     "NetworkSink",
     "NetworkSource",
     "PublishResult",
+    "RenewalReport",
     "TreeFetchResult",
 ]

@@ -21,7 +21,9 @@ Must not import: dht (except ``dht.values``), transport, node.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+import math
 import time
 from collections.abc import Sequence
 
@@ -56,11 +58,19 @@ class Placer:
     """
 
     def __init__(
-        self, network: NetworkView, chunk_id: ChunkId, data: bytes, closest: Sequence[Contact]
+        self,
+        network: NetworkView,
+        chunk_id: ChunkId,
+        data: bytes,
+        closest: Sequence[Contact],
+        *,
+        lease: int,
     ) -> None:
+        """``lease``: seconds each storer keeps the chunk at least (``store.chunks``)."""
         self._network = network
         self._chunk_id = chunk_id
         self._data = data
+        self._lease = lease
         self.closest = closest
 
     async def place(
@@ -114,10 +124,16 @@ class Placer:
         key = self._chunk_id.dht_key
         if contact.node_id == network.node_id:
             assert network.store is not None
-            await network.run(network.store.put, self._chunk_id, self._data)
+            put = functools.partial(
+                network.store.put,
+                self._chunk_id,
+                self._data,
+                lease_until=time.time() + self._lease,
+            )
+            await network.run(put)
             return network.locator.sign_record(key)
         link = await network.dialer.connect(address_of(contact))
-        result = await link.store(self._chunk_id, self._data)
+        result = await link.store(self._chunk_id, self._data, self._lease)
         if result.status is StoreStatus.FULL:
             raise PeerRefusedError(f"node {contact.node_id} is full")
         if result.status is StoreStatus.REJECTED:
@@ -163,6 +179,8 @@ class NetworkSink:
         self._in_flight = asyncio.Semaphore(_PUTS_PER_WINDOW * network.config.transfer_window)
         self.under_replicated = 0
         self.placed = 0
+        self._lease = math.ceil(network.config.lease_ttl)
+        """Every chunk published gets a lease of the publisher's TTL; its pin renews it."""
 
     async def put(self, chunk: SealedChunk) -> None:
         network = self._network
@@ -171,7 +189,7 @@ class NetworkSink:
             closest = await network.nearby.closest(
                 key, network.config.ksize, include_self=network.store is not None
             )
-            placer = Placer(network, chunk.chunk_id, chunk.data, closest)
+            placer = Placer(network, chunk.chunk_id, chunk.data, closest, lease=self._lease)
             placed, records = await placer.place(closest, network.config.replicas)
         self.placed += len(placed)
         if len(placed) < network.config.replicas:
@@ -235,13 +253,15 @@ async def copy_to(
     closest: Sequence[Contact],
     candidates: Sequence[Contact],
     wanted: int,
+    lease: int,
 ) -> list[NodeId]:
     """Put ``wanted`` copies on ``candidates`` (in order, moving on past
-    failures), then announce the storers' records to the ``closest``
-    nodes. Returns the nodes that took a copy; raises NotEnoughNodesError
-    if none did.
+    failures), each kept ``lease`` seconds, then announce the storers'
+    records to the ``closest`` nodes. Returns the nodes that took a copy;
+    raises NotEnoughNodesError if none did.
     """
-    added, records = await Placer(network, chunk_id, data, closest).place(candidates, wanted)
+    placer = Placer(network, chunk_id, data, closest, lease=lease)
+    added, records = await placer.place(candidates, wanted)
     if records:
         try:
             await network.locator.put_records(records, {chunk_id.dht_key: closest})

@@ -126,7 +126,7 @@ class Locator(Protocol):
 
 
 class PeerLink(Protocol):
-    """An authenticated link to one peer: the chunk protocol's five requests."""
+    """An authenticated link to one peer: the chunk protocol's six requests."""
 
     async def ping(self) -> float:
         """Round-trip time in seconds."""
@@ -137,8 +137,12 @@ class PeerLink(Protocol):
     async def get(self, chunk_id: ChunkId) -> bytes | bytearray | None:
         """The peer's copy of a chunk (unverified), or None if it lacks it."""
 
-    async def store(self, chunk_id: ChunkId, data: bytes) -> StoreResult:
-        """Hand the peer a chunk; its answer says stored, full or rejected."""
+    async def store(self, chunk_id: ChunkId, data: bytes, lease: int) -> StoreResult:
+        """Hand the peer a chunk to keep ``lease`` seconds at least; its answer says
+        stored, full or rejected."""
+
+    async def lease(self, seconds: int, chunk_ids: list[ChunkId]) -> list[bool]:
+        """Ask the peer to keep those it holds ``seconds`` more; one flag per id: held."""
 
     async def prove(self, nonce: bytes, chunk_ids: list[ChunkId]) -> list[bytes | None]:
         """The peer's proof tags (unchecked), one per id; None where it says it lacks one."""

@@ -1,4 +1,4 @@
-"""The typed calls one side of a connection makes: ping, store, get, have, prove.
+"""The typed calls one side of a connection makes: ping, store, get, have, prove, lease.
 
 A base class of ``connection.PeerConnection``: each call builds its wire
 request, and checks that the answer is of the kind and for the chunk it
@@ -26,6 +26,8 @@ from dht_dfs.wire import (
     GetChunk,
     HaveAnswer,
     HaveQuery,
+    LeaseAnswer,
+    LeaseQuery,
     Ping,
     Pong,
     ProofAnswer,
@@ -72,8 +74,11 @@ class ChunkCalls:
             raise PeerRefusedError(f"{self.peer_label} answered a ping with {answer!r}")
         return time.perf_counter() - started
 
-    async def store(self, chunk_id: ChunkId, data: bytes | bytearray | memoryview) -> StoreResult:
-        message = StoreChunk(self.new_request_id(), chunk_id, len(data))
+    async def store(
+        self, chunk_id: ChunkId, data: bytes | bytearray | memoryview, lease: int
+    ) -> StoreResult:
+        """Hand the peer a chunk to keep for ``lease`` seconds at least."""
+        message = StoreChunk(self.new_request_id(), chunk_id, len(data), lease)
         answer = await self._request(message, data)
         if isinstance(answer, StoreResult) and answer.chunk_id == chunk_id:
             return answer
@@ -97,6 +102,18 @@ class ChunkCalls:
             answer = await self.request(HaveQuery(self.new_request_id(), batch))
             if not isinstance(answer, HaveAnswer) or len(answer.held) != len(batch):
                 raise _unexpected(self.peer_label, "HAVE", answer)
+            held.extend(answer.held)
+        return held
+
+    async def lease(self, seconds: int, chunk_ids: list[ChunkId]) -> list[bool]:
+        """Ask the peer to keep the ids it holds ``seconds`` more; which it holds."""
+        limit = self.wire.limits.max_have_ids
+        held: list[bool] = []
+        for start in range(0, len(chunk_ids), limit):
+            batch = tuple(chunk_ids[start : start + limit])
+            answer = await self.request(LeaseQuery(self.new_request_id(), seconds, batch))
+            if not isinstance(answer, LeaseAnswer) or len(answer.held) != len(batch):
+                raise _unexpected(self.peer_label, "LEASE", answer)
             held.extend(answer.held)
         return held
 

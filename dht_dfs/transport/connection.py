@@ -61,6 +61,7 @@ from dht_dfs.transport.buffers import (
     read_chunk,
 )
 from dht_dfs.transport.calls import ChunkCalls
+from dht_dfs.transport.handler import RequestHandler
 
 log = logging.getLogger(__name__)
 
@@ -69,29 +70,6 @@ RECEIVE_BUFFER = 256 * 1024
 _DIRECT_RECEIVE_MIN = 16 * 1024
 _SENDFILE_SLICE = 1024 * 1024
 """Bytes per loop.sendfile call: each must finish within the stall timeout."""
-
-
-class RequestHandler(Protocol):
-    """What a node does with requests that arrive on any connection."""
-
-    async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
-    ) -> tuple[wire.StoreStatus, bytes]:
-        """Keep a chunk (verify it first); return the status and a receipt.
-
-        ``host``: the IP address the connection comes from, for budgets that
-        many identities on one address share."""
-
-    async def handle_get(self, peer: NodeId, chunk_id: ChunkId) -> ChunkBody | None:
-        """The chunk's bytes or file, or None if this node lacks it."""
-
-    async def handle_have(self, peer: NodeId, chunk_ids: tuple[ChunkId, ...]) -> list[bool]:
-        """Which of these chunks this node holds."""
-
-    async def handle_prove(
-        self, peer: NodeId, nonce: bytes, chunk_ids: tuple[ChunkId, ...]
-    ) -> list[bytes | None]:
-        """A proof tag (``core.proofs.proof_tag``) per chunk held, None per chunk not held."""
 
 
 class ConnectionOwner(Protocol):
@@ -450,7 +428,7 @@ class PeerConnection(ChunkCalls, asyncio.BufferedProtocol):
                 )
             elif isinstance(request, wire.StoreChunk):
                 status, receipt = await handler.handle_store(
-                    peer, request.chunk_id, request.body, host=self.peer_host
+                    peer, request.chunk_id, request.body, host=self.peer_host, lease=request.lease
                 )
                 await self._send(
                     wire.StoreResult(request.request_id, request.chunk_id, status, receipt)
@@ -464,6 +442,9 @@ class PeerConnection(ChunkCalls, asyncio.BufferedProtocol):
             elif isinstance(request, wire.ProveQuery):
                 tags = await handler.handle_prove(peer, request.nonce, request.chunk_ids)
                 await self._send(wire.ProofAnswer(request.request_id, tuple(tags)))
+            elif isinstance(request, wire.LeaseQuery):
+                held = await handler.handle_lease(peer, request.seconds, request.chunk_ids)
+                await self._send(wire.LeaseAnswer(request.request_id, tuple(held)))
             else:
                 held = await handler.handle_have(peer, request.chunk_ids)
                 await self._send(wire.HaveAnswer(request.request_id, tuple(held)))

@@ -37,7 +37,8 @@ from dht_dfs.core.crypto import Identity
 from dht_dfs.core.errors import HandshakeError, LocalProtocolError, PeerUnavailableError
 from dht_dfs.core.ids import NodeId
 from dht_dfs.transport.buffers import BodyBudget, BufferPool
-from dht_dfs.transport.connection import RECEIVE_BUFFER, PeerConnection, RequestHandler
+from dht_dfs.transport.connection import RECEIVE_BUFFER, PeerConnection
+from dht_dfs.transport.handler import RequestHandler
 
 log = logging.getLogger(__name__)
 

@@ -23,6 +23,8 @@ from dht_dfs.wire.messages import (
     GetChunk,
     HaveAnswer,
     HaveQuery,
+    LeaseAnswer,
+    LeaseQuery,
     Limits,
     Message,
     MessageType,
@@ -39,6 +41,8 @@ _U8 = struct.Struct(">B")
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 _CHUNK_AND_LEN = struct.Struct(">32sI")
+_STORE = struct.Struct(">32sII")
+"""STORE: chunk id, bulk length, lease seconds."""
 
 
 class _Reader:
@@ -110,6 +114,19 @@ def _pull_flags(reader: _Reader, limit: int, what: str) -> tuple[bool, ...]:
     return tuple(bool(bits[i // 8] & (0x80 >> (i % 8))) for i in range(count))
 
 
+def _lease_seconds(seconds: int) -> int:
+    if not 0 <= seconds <= 0xFFFFFFFF:
+        raise LocalProtocolError(f"a lease of {seconds} s does not fit the wire's 32 bits")
+    return seconds
+
+
+def _pull_ids(reader: _Reader, limit: int, what: str) -> tuple[ChunkId, ...]:
+    count = reader.pull_u16()
+    if count > limit:
+        raise RemoteProtocolError(f"{what} of {count} ids exceeds the limit of {limit}")
+    return tuple(reader.pull_chunk_id() for _ in range(count))
+
+
 def encode_body(message: Message, limits: Limits) -> tuple[MessageType, bytes]:
     match message:
         case Ping(nonce=nonce) | Pong(nonce=nonce):
@@ -123,8 +140,11 @@ def encode_body(message: Message, limits: Limits) -> tuple[MessageType, bytes]:
         ):
             if not 0 <= length <= limits.max_bulk:
                 raise LocalProtocolError(f"chunk body of {length} bytes exceeds the bulk limit")
-            kind = MessageType.STORE if isinstance(message, StoreChunk) else MessageType.CHUNK
-            return kind, _CHUNK_AND_LEN.pack(chunk_id.digest, length)
+            if isinstance(message, StoreChunk):
+                return MessageType.STORE, _STORE.pack(
+                    chunk_id.digest, length, _lease_seconds(message.lease)
+                )
+            return MessageType.CHUNK, _CHUNK_AND_LEN.pack(chunk_id.digest, length)
         case StoreResult(chunk_id=chunk_id, status=status, receipt=receipt):
             body = chunk_id.digest + _U8.pack(status) + _push_text(receipt, limits.max_text)
             return MessageType.STORE_RESULT, body
@@ -158,6 +178,18 @@ def encode_body(message: Message, limits: Limits) -> tuple[MessageType, bytes]:
                 raise LocalProtocolError(f"a proof tag is {PROOF_TAG_SIZE} bytes")
             flags = _push_flags([tag is not None for tag in tags])
             return MessageType.PROOF, flags + b"".join(present)
+        case LeaseQuery(seconds=seconds, chunk_ids=chunk_ids):
+            if len(chunk_ids) > limits.max_have_ids:
+                raise LocalProtocolError(f"a LEASE query holds at most {limits.max_have_ids} ids")
+            return MessageType.LEASE, _U32.pack(_lease_seconds(seconds)) + _U16.pack(
+                len(chunk_ids)
+            ) + b"".join(c.digest for c in chunk_ids)
+        case LeaseAnswer(held=held):
+            if len(held) > limits.max_have_ids:
+                raise LocalProtocolError(
+                    f"a LEASE answer holds at most {limits.max_have_ids} flags"
+                )
+            return MessageType.LEASE_RESULT, _push_flags(list(held))
         case ErrorReply(code=code, message=text):
             encoded = text.encode("utf-8")[: limits.max_text]
             return MessageType.ERROR, _U16.pack(code) + _push_text(encoded, limits.max_text)
@@ -181,11 +213,10 @@ def decode_body(
             raise RemoteProtocolError(
                 f"chunk body of {bulk} bytes exceeds the limit of {limits.max_bulk}"
             )
-        message = (
-            StoreChunk(request_id, chunk_id, bulk)
-            if kind == MessageType.STORE
-            else ChunkData(request_id, chunk_id, bulk)
-        )
+        if kind == MessageType.STORE:
+            message = StoreChunk(request_id, chunk_id, bulk, reader.pull_u32())
+        else:
+            message = ChunkData(request_id, chunk_id, bulk)
     elif kind == MessageType.STORE_RESULT:
         chunk_id = reader.pull_chunk_id()
         raw_status = reader.pull_u8()
@@ -200,13 +231,7 @@ def decode_body(
     elif kind == MessageType.NOT_FOUND:
         message = ChunkMissing(request_id, reader.pull_chunk_id())
     elif kind == MessageType.HAVE:
-        count = reader.pull_u16()
-        if count > limits.max_have_ids:
-            raise RemoteProtocolError(
-                f"HAVE query of {count} ids exceeds the limit of {limits.max_have_ids}"
-            )
-        ids = tuple(reader.pull_chunk_id() for _ in range(count))
-        message = HaveQuery(request_id, ids)
+        message = HaveQuery(request_id, _pull_ids(reader, limits.max_have_ids, "HAVE query"))
     elif kind == MessageType.HAVE_RESULT:
         message = HaveAnswer(request_id, _pull_flags(reader, limits.max_have_ids, "HAVE answer"))
     elif kind == MessageType.PROVE:
@@ -221,6 +246,13 @@ def decode_body(
         held = _pull_flags(reader, limits.max_prove_ids, "PROOF")
         tags = tuple(reader.pull(PROOF_TAG_SIZE) if here else None for here in held)
         message = ProofAnswer(request_id, tags)
+    elif kind == MessageType.LEASE:
+        seconds = reader.pull_u32()
+        message = LeaseQuery(
+            request_id, seconds, _pull_ids(reader, limits.max_have_ids, "LEASE query")
+        )
+    elif kind == MessageType.LEASE_RESULT:
+        message = LeaseAnswer(request_id, _pull_flags(reader, limits.max_have_ids, "LEASE answer"))
     elif kind == MessageType.ERROR:
         raw_code = reader.pull_u16()
         try:

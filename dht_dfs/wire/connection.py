@@ -363,7 +363,9 @@ class Connection:
         self._bulk_filled = 0
         self._phase = _Phase.HEADER
         if isinstance(message, StoreChunk):
-            self._events.append(StoreChunk(message.request_id, message.chunk_id, len(body), body))
+            self._events.append(
+                StoreChunk(message.request_id, message.chunk_id, len(body), message.lease, body)
+            )
         else:
             self._events.append(ChunkData(message.request_id, message.chunk_id, len(body), body))
 

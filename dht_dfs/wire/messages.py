@@ -40,8 +40,9 @@ from dht_dfs.core.ids import ChunkId, NodeId
 
 MAGIC: Final = b"DF"
 FRAME_VERSION: Final = 1
-PROTOCOL_VERSIONS: Final = (1, 1)
-"""Lowest and highest protocol version this implementation speaks."""
+PROTOCOL_VERSIONS: Final = (2, 2)
+"""Lowest and highest protocol version this implementation speaks (2: STORE
+carries a lease, and LEASE renews them; a version-1 peer gets NO_VERSION)."""
 
 HEADER = struct.Struct(">2sBBII")
 HEADER_SIZE: Final = HEADER.size
@@ -80,6 +81,8 @@ class MessageType(enum.IntEnum):
     HAVE_RESULT = 0x41
     PROVE = 0x50
     PROOF = 0x51
+    LEASE = 0x60
+    LEASE_RESULT = 0x61
     ERROR = 0x7F
 
 
@@ -129,6 +132,9 @@ class StoreChunk:
     request_id: int
     chunk_id: ChunkId
     length: int
+    lease: int = 0
+    """Seconds the storer should keep the chunk (a lease, see ``LeaseQuery``); a
+    chunk already held keeps the longer of its lease and this one."""
     body: bytes | bytearray = b""
     """The chunk bytes on receipt. When sending, the caller writes them."""
 
@@ -198,17 +204,42 @@ class ProofAnswer:
 
 
 @dataclass(frozen=True, slots=True)
+class LeaseQuery:
+    """Keep these chunks for at least ``seconds`` more (where you hold them)."""
+
+    request_id: int
+    seconds: int
+    chunk_ids: tuple[ChunkId, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class LeaseAnswer:
+    request_id: int
+    held: tuple[bool, ...]
+    """One flag per id of the query, same order: held, and now leased."""
+
+
+@dataclass(frozen=True, slots=True)
 class ErrorReply:
     request_id: int
     code: ErrorCode
     message: str
 
 
-Request = Ping | StoreChunk | GetChunk | HaveQuery | ProveQuery
-Response = Pong | StoreResult | ChunkData | ChunkMissing | HaveAnswer | ProofAnswer | ErrorReply
+Request = Ping | StoreChunk | GetChunk | HaveQuery | ProveQuery | LeaseQuery
+Response = (
+    Pong
+    | StoreResult
+    | ChunkData
+    | ChunkMissing
+    | HaveAnswer
+    | ProofAnswer
+    | LeaseAnswer
+    | ErrorReply
+)
 Message = Request | Response
 
-REQUEST_TYPES: Final = (Ping, StoreChunk, GetChunk, HaveQuery, ProveQuery)
+REQUEST_TYPES: Final = (Ping, StoreChunk, GetChunk, HaveQuery, ProveQuery, LeaseQuery)
 
 
 @dataclass(frozen=True, slots=True)

@@ -30,6 +30,7 @@ def devnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Devnet]:
             "fetch",
             "client",
             "status",
+            "pins",
             "Ctrl-C stops the network.",
         ]
         yield network

@@ -57,7 +57,7 @@ async def test_a_stranger_cannot_amplify_bytes_parked_on_a_far_node(tmp_path: Pa
         address = PeerAddress("127.0.0.1", target.port, target.identity.node_id)
         async with net.client() as attacker:
             link = await attacker.dialer.connect(address)
-            answers = [(await link.store(c, d)).status for c, d in parked]
+            answers = [(await link.store(c, d, 3600)).status for c, d in parked]
             assert answers == [StoreStatus.STORED] * GUESTS + [StoreStatus.REFUSED] * (
                 ATTACK_CHUNKS - GUESTS
             ), "a stranger gets its guest budget, then REFUSED"
@@ -71,7 +71,7 @@ async def test_a_stranger_cannot_amplify_bytes_parked_on_a_far_node(tmp_path: Pa
                     break
             else:
                 raise AssertionError("the target is rightful for nothing")
-            assert (await link.store(honest, data)).status is StoreStatus.STORED
+            assert (await link.store(honest, data, 3600)).status is StoreStatus.STORED
             assert not target.store.is_guest(honest)
         parked_ids = [chunk_id for chunk_id, _ in parked]
         assert target.store.stats().guests == GUESTS

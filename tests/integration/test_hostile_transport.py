@@ -112,7 +112,7 @@ async def honest_round_trip(target: Victim) -> None:
     try:
         connection = await client.connect(target.address)
         sealed = seal_chunk(os.urandom(100_000))
-        result = await connection.store(sealed.chunk_id, sealed.data)
+        result = await connection.store(sealed.chunk_id, sealed.data, 3600)
         assert result.status is wire.StoreStatus.STORED
         assert await connection.get(sealed.chunk_id) == sealed.data
     finally:

@@ -59,10 +59,10 @@ async def test_store_then_fetch_between_two_nodes(peers: list[Peer]) -> None:
     alice, bob = peers
     sealed = seal_chunk(os.urandom(300_000))
     connection = await alice.endpoint.connect(bob.address)
-    result = await connection.store(sealed.chunk_id, sealed.data)
+    result = await connection.store(sealed.chunk_id, sealed.data, 3600)
     assert result.status is wire.StoreStatus.STORED
     assert bob.store.has(sealed.chunk_id)
-    again = await connection.store(sealed.chunk_id, sealed.data)
+    again = await connection.store(sealed.chunk_id, sealed.data, 3600)
     assert again.status is wire.StoreStatus.ALREADY_HAD
     # Fetch back over the connection bob accepted (served with sendfile).
     assert await connection.get(sealed.chunk_id) == sealed.data
@@ -88,7 +88,7 @@ async def test_many_requests_in_flight_on_one_connection(peers: list[Peer]) -> N
     alice, bob = peers
     chunks = [seal_chunk(os.urandom(20_000 + i)) for i in range(40)]
     connection = await alice.endpoint.connect(bob.address)
-    results = await asyncio.gather(*(connection.store(c.chunk_id, c.data) for c in chunks))
+    results = await asyncio.gather(*(connection.store(c.chunk_id, c.data, 3600) for c in chunks))
     assert all(r.status is wire.StoreStatus.STORED for r in results)
     bodies = await asyncio.gather(*(connection.get(c.chunk_id) for c in chunks))
     assert bodies == [c.data for c in chunks]
@@ -98,7 +98,7 @@ async def test_bad_chunk_is_rejected_and_never_stored(peers: list[Peer]) -> None
     alice, bob = peers
     sealed = seal_chunk(os.urandom(1000))
     connection = await alice.endpoint.connect(bob.address)
-    result = await connection.store(sealed.chunk_id, sealed.data[:-1] + b"!")
+    result = await connection.store(sealed.chunk_id, sealed.data[:-1] + b"!", 3600)
     assert result.status is wire.StoreStatus.REJECTED
     assert not bob.store.has(sealed.chunk_id)
 
@@ -109,7 +109,7 @@ async def test_full_store_answers_full(peers: list[Peer]) -> None:
     statuses = []
     for _ in range(6):
         sealed = seal_chunk(os.urandom(1024 * 1024))
-        statuses.append((await connection.store(sealed.chunk_id, sealed.data)).status)
+        statuses.append((await connection.store(sealed.chunk_id, sealed.data, 3600)).status)
     assert statuses[:3] == [wire.StoreStatus.STORED] * 3
     assert statuses[-1] is wire.StoreStatus.FULL
 

@@ -47,11 +47,12 @@ class Devnet:
 
 
 @contextmanager
-def running_devnet(directory: Path, nodes: int) -> Iterator[Devnet]:
-    """``dhtfs devnet --nodes N`` in ``directory``, stopped with Ctrl-C at the end."""
+def running_devnet(directory: Path, nodes: int, *options: str) -> Iterator[Devnet]:
+    """``dhtfs devnet --nodes N [OPTIONS]`` in ``directory``, stopped with Ctrl-C at the end."""
     base = find_free_ports(nodes)
     env = {**os.environ, "DHTFS_DATA_DIR": str(directory / "default-home")}
     command = ["devnet", "--nodes", str(nodes), "--port", str(base), "--dir", str(directory)]
+    command += options
     process = subprocess.Popen(
         [*dhtfs_command(), *command],
         stdout=subprocess.PIPE,

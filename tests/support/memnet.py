@@ -91,6 +91,9 @@ class FakeNode:
     stores: int = 0
     proves: int = 0
     """Chunk ids this node was asked to prove."""
+    leases: dict[ChunkId, float] = field(default_factory=dict)
+    """Until when each chunk is leased (nodes without a store)."""
+    lease_requests: int = 0
 
     @property
     def node_id(self) -> NodeId:
@@ -115,11 +118,20 @@ class FakeNode:
         except ChunkNotFoundError:
             return None
 
-    def keep(self, chunk_id: ChunkId, data: bytes, *, guest: Guest | None = None) -> None:
+    def keep(
+        self,
+        chunk_id: ChunkId,
+        data: bytes,
+        *,
+        guest: Guest | None = None,
+        lease_until: float | None = None,
+    ) -> None:
         """Keep a chunk (as a guest of ``guest``; GuestRefusedError beyond the budget)."""
         if self.store is not None:
-            self.store.put(chunk_id, data, guest=guest)
+            self.store.put(chunk_id, data, guest=guest, lease_until=lease_until)
             return
+        if lease_until is not None:
+            self.leases[chunk_id] = max(lease_until, self.leases.get(chunk_id, 0.0))
         if guest is not None and chunk_id not in self.chunks:
             used = sum(len(self.chunks[c]) for c in self.guests)
             if self.guest_budget is not None and used + len(data) > self.guest_budget:
@@ -423,7 +435,22 @@ class MemLink:
             body[len(body) // 2] ^= 0xFF
         return body
 
-    async def store(self, chunk_id: ChunkId, data: bytes) -> StoreResult:
+    async def lease(self, seconds: int, chunk_ids: list[ChunkId]) -> list[bool]:
+        await self._enter()
+        node = self._node
+        node.lease_requests += 1
+        if node.lie:
+            return [True] * len(chunk_ids)
+        if node.store is not None:
+            return node.store.lease(chunk_ids, time.time() + seconds)
+        held = [node.has(chunk_id) for chunk_id in chunk_ids]
+        for chunk_id, here in zip(chunk_ids, held, strict=True):
+            if here:
+                until = time.time() + seconds
+                node.leases[chunk_id] = max(until, node.leases.get(chunk_id, 0.0))
+        return held
+
+    async def store(self, chunk_id: ChunkId, data: bytes, lease: int) -> StoreResult:
         await self._enter()
         node = self._node
         node.stores += 1
@@ -436,7 +463,7 @@ class MemLink:
             rightful = self._dialer.net.is_rightful(node, chunk_id)
             guest = None if rightful else Guest(self._dialer.me.node_id, "127.0.0.1")
             try:
-                node.keep(chunk_id, data, guest=guest)
+                node.keep(chunk_id, data, guest=guest, lease_until=time.time() + lease)
             except GuestRefusedError:
                 return StoreResult(0, chunk_id, StoreStatus.REFUSED)
         return StoreResult(0, chunk_id, status, node.record(chunk_id.dht_key).to_bytes())

@@ -75,7 +75,7 @@ class GatedHandler:
         return None
 
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str, lease: int
     ) -> tuple[wire.StoreStatus, bytes]:
         raise AssertionError("not used")
 

@@ -88,7 +88,7 @@ class Handler:
         return bytes(CHUNK)
 
     async def handle_store(
-        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str
+        self, peer: NodeId, chunk_id: ChunkId, body: bytes | bytearray, *, host: str, lease: int
     ) -> tuple[wire.StoreStatus, bytes]:
         self.stored.append(len(body))
         return wire.StoreStatus.STORED, b""

@@ -245,7 +245,7 @@ async def test_repair_never_copies_a_guest_outward(
     chunk_id, data, ranked = a_chunk_ranked(net)
     attacker = net.client()
     link = await net.join(attacker, executor).dialer.connect(ranked[-1].address)
-    assert (await link.store(chunk_id, data)).status is StoreStatus.STORED
+    assert (await link.store(chunk_id, data, 3600)).status is StoreStatus.STORED
     assert ranked[-1].is_guest(chunk_id), "the farthest node is no rightful holder"
     far, _ = maintainer(net, ranked[-1], executor)
     stats = await far.repair_pass(rate=0, force=True)

@@ -178,6 +178,8 @@ def test_documents_keep_every_key_the_cli_printed() -> None:
         "peers",
         "store",
         "metrics_port",
+        "lease_ttl",
+        "pins",
     }
     assert status["peers"] == {
         "known": 4,

@@ -23,7 +23,9 @@ async def test_places_replicas_copies_on_the_closest_nodes(net: MemNet, executor
     joined = net.join(net.client(), executor)
     chunk_id, data = a_chunk()
     closest = await joined.locator.closest_live_nodes(chunk_id.dht_key, net.config.ksize)
-    placed, records = await Placer(joined.network, chunk_id, data, closest).place(closest, 3)
+    placed, records = await Placer(joined.network, chunk_id, data, closest, lease=3600).place(
+        closest, 3
+    )
     rightful = {node.node_id for node in net.by_distance(chunk_id.dht_key)[:3]}
     assert set(placed) == rightful
     assert len(placed) == 3
@@ -44,7 +46,7 @@ async def test_falls_past_full_dead_and_refusing_nodes_to_the_next_closest(
     ranked[0].full = True
     ranked[1].dead = True  # died after the lookup that listed it
     ranked[2].refuse = True
-    placed, _ = await Placer(joined.network, chunk_id, data, closest).place(closest, 3)
+    placed, _ = await Placer(joined.network, chunk_id, data, closest, lease=3600).place(closest, 3)
     next_closest = {node.node_id for node in ranked[3:6]}
     assert set(placed) == next_closest
     assert net.holders(chunk_id) == next_closest
@@ -61,9 +63,9 @@ async def test_no_node_taking_the_chunk_raises_not_enough_nodes(
     chunk_id, data = a_chunk()
     closest = await joined.locator.closest_live_nodes(chunk_id.dht_key, net.config.ksize)
     with pytest.raises(NotEnoughNodesError, match=r"no node took chunk .* is full"):
-        await Placer(joined.network, chunk_id, data, closest).place(closest, 3)
+        await Placer(joined.network, chunk_id, data, closest, lease=3600).place(closest, 3)
     with pytest.raises(NotEnoughNodesError, match="no live nodes found"):
-        await Placer(joined.network, chunk_id, data, []).place([], 3)
+        await Placer(joined.network, chunk_id, data, [], lease=3600).place([], 3)
     assert net.holders(chunk_id) == set()
 
 
@@ -74,7 +76,7 @@ async def test_fewer_nodes_than_replicas_places_what_it_can(
     joined = net.join(net.client(), executor)
     chunk_id, data = a_chunk()
     closest = await joined.locator.closest_live_nodes(chunk_id.dht_key, net.config.ksize)
-    placed, _ = await Placer(joined.network, chunk_id, data, closest).place(closest, 3)
+    placed, _ = await Placer(joined.network, chunk_id, data, closest, lease=3600).place(closest, 3)
     assert set(placed) == {node.node_id for node in net.nodes.values()}
 
 

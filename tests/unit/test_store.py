@@ -248,3 +248,85 @@ def test_without_a_quota_the_disk_keeps_a_free_floor(tmp_path: Path) -> None:
         store.put(*chunk())
     with ChunkStore(tmp_path, min_free_disk=1024, min_free_disk_fraction=0.999) as store:
         store.put(*chunk())
+
+
+# --- leases ----------------------------------------------------------------------------
+
+
+def test_a_lease_only_ever_grows_and_collect_drops_only_what_ran_out(tmp_path: Path) -> None:
+    now = time.time()
+    with ChunkStore(tmp_path) as store:
+        short, long, unheld = chunk(), chunk(), chunk()
+        store.put(*short, lease_until=now + 10)
+        store.put(*long, lease_until=now + 100)
+        # A second STORE with a shorter lease (an old repair, say) does not cut it.
+        assert store.put(*long, lease_until=now + 5) is PutOutcome.ALREADY_HAD
+        assert store.lease_until(long[0]) == pytest.approx(now + 100)
+        # LEASE extends what is held and says which are held.
+        assert store.lease([short[0], unheld[0]], now + 50) == [True, False]
+        assert store.lease_until(short[0]) == pytest.approx(now + 50)
+        assert store.lease([short[0]], now + 20) == [True]
+        assert store.lease_until(short[0]) == pytest.approx(now + 50)
+        assert not store.has(unheld[0])
+        # Nothing has run out yet.
+        assert store.collect(now) == (0, 0)
+        dropped = store.collect(now + 60)
+        assert dropped == (1, len(short[1]))
+        assert not store.has(short[0]) and store.has(long[0])
+        assert store.stats().chunks == 1 and store.stats().bytes_used == len(long[1])
+        assert not store.path_of(short[0]).exists()
+        assert store.collect(now + 101) == (1, len(long[1]))
+        assert store.stats().bytes_used == 0
+
+
+def test_a_put_without_a_lease_gets_the_store_ttl_and_guests_are_collected_too(
+    tmp_path: Path,
+) -> None:
+    with ChunkStore(tmp_path, lease_ttl=1000) as store:
+        plain, guest = chunk(), chunk()
+        before = time.time()
+        store.put(*plain)
+        store.put(*guest, guest=Guest(ALICE, "10.0.0.1"), lease_until=before + 5)
+        until = store.lease_until(plain[0])
+        assert until is not None and before + 999 < until < time.time() + 1001
+        assert store.collect(before + 10) == (1, len(guest[1]))
+        assert store.stats().guests == 0 and store.stats().guest_bytes == 0
+
+
+def test_a_store_from_before_leases_gives_every_chunk_a_full_lease(tmp_path: Path) -> None:
+    old_id, old_data = chunk()
+    stray_id, stray_data = chunk()
+    db = sqlite3.connect(tmp_path / "meta.sqlite")
+    db.executescript(
+        "CREATE TABLE chunks (id BLOB PRIMARY KEY, size INTEGER NOT NULL, "
+        "added REAL NOT NULL, verified REAL NOT NULL, guest_of BLOB, guest_host TEXT) "
+        "WITHOUT ROWID;"
+    )
+    db.execute("INSERT INTO chunks VALUES (?, ?, 0, 0, NULL, NULL)", (old_id.digest, len(old_data)))
+    db.commit()
+    db.close()
+    for chunk_id, data in ((old_id, old_data), (stray_id, stray_data)):
+        path = tmp_path / "chunks" / chunk_id.hex()[:2] / chunk_id.hex()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    opened = time.time()
+    with ChunkStore(tmp_path, lease_ttl=500) as store:
+        # The indexed chunk and the file the index never knew (a crash) alike:
+        # an upgrade or a crash never makes a chunk collectable at once.
+        for chunk_id in (old_id, stray_id):
+            until = store.lease_until(chunk_id)
+            assert until is not None and until >= opened + 499
+        assert store.collect(opened + 400) == (0, 0)
+
+
+def test_scrub_reports_the_lease_of_a_copy_it_removed(tmp_path: Path) -> None:
+    with ChunkStore(tmp_path) as store:
+        bad, good = chunk(), chunk()
+        until = time.time() + 77
+        store.put(*bad, lease_until=until)
+        store.put(*good)
+        path = store.path_of(bad[0])
+        path.write_bytes(b"rot" + path.read_bytes()[3:])
+        report = store.scrub(10**9)
+        assert report.corrupt == (bad[0],)
+        assert report.leases == {bad[0]: pytest.approx(until)}

@@ -60,6 +60,12 @@ MESSAGES: list[tuple[wire.Message, bytes]] = [
     (wire.Pong(2, b"abcdefgh"), b""),
     (wire.StoreChunk(3, CHUNK, len(BODY)), BODY),
     (wire.StoreChunk(4, CHUNK, 0), b""),
+    (wire.StoreChunk(18, CHUNK, len(BODY), lease=30 * 86400), BODY),
+    (wire.StoreChunk(19, CHUNK, 0, lease=0xFFFFFFFF), b""),
+    (wire.LeaseQuery(20, 3600, (CHUNK, ChunkId(bytes(32)))), b""),
+    (wire.LeaseQuery(21, 0, ()), b""),
+    (wire.LeaseAnswer(22, (True, False, True)), b""),
+    (wire.LeaseAnswer(23, ()), b""),
     (wire.StoreResult(5, CHUNK, wire.StoreStatus.FULL, b"receipt"), b""),
     (wire.StoreResult(6, CHUNK, wire.StoreStatus.STORED), b""),
     (wire.GetChunk(7, CHUNK), b""),
@@ -82,7 +88,7 @@ MESSAGES: list[tuple[wire.Message, bytes]] = [
 
 def expected_event(message: wire.Message, body: bytes) -> wire.Message:
     if isinstance(message, wire.StoreChunk):
-        return wire.StoreChunk(message.request_id, message.chunk_id, len(body), body)
+        return wire.StoreChunk(message.request_id, message.chunk_id, len(body), message.lease, body)
     if isinstance(message, wire.ChunkData):
         return wire.ChunkData(message.request_id, message.chunk_id, len(body), body)
     return message
@@ -235,6 +241,12 @@ def test_sending_before_handshake_is_a_local_error() -> None:
         server.send(wire.ProveQuery(1, b"short", (CHUNK,)))
     with pytest.raises(LocalProtocolError, match="tag is 32 bytes"):
         server.send(wire.ProofAnswer(1, (b"short",)))
+    with pytest.raises(LocalProtocolError, match="does not fit the wire's 32 bits"):
+        server.send(wire.LeaseQuery(1, 1 << 32, (CHUNK,)))
+    with pytest.raises(LocalProtocolError, match="does not fit the wire's 32 bits"):
+        server.send(wire.StoreChunk(1, CHUNK, 0, lease=-1))
+    with pytest.raises(LocalProtocolError, match="LEASE query holds at most 1024 ids"):
+        server.send(wire.LeaseQuery(1, 60, (CHUNK,) * 1025))
 
 
 def header(kind: int, length: int, *, magic: bytes = b"DF", version: int = 1) -> bytes:
@@ -288,6 +300,13 @@ MALFORMED_SEALED = [
     (0x51, struct.pack(">H", 40) + b"\xff" * 5, "PROOF of 40 flags exceeds the limit of 32"),
     (0x51, struct.pack(">H", 2) + b"\xc0" + b"t" * 32, "PROOF body truncated"),
     (0x51, struct.pack(">H", 1) + b"\x00" + b"t" * 32, "PROOF body has 32 trailing bytes"),
+    (0x20, CHUNK.digest + struct.pack(">I", 10), "STORE body truncated"),
+    (0x20, CHUNK.digest + struct.pack(">IIB", 0, 5, 1), "STORE body has 1 trailing bytes"),
+    (0x60, struct.pack(">I", 5), "LEASE body truncated"),
+    (0x60, struct.pack(">IH", 5, 1025), "LEASE query of 1025 ids exceeds the limit of 1024"),
+    (0x60, struct.pack(">IH", 5, 1) + CHUNK.digest + b"x", "LEASE body has 1 trailing bytes"),
+    (0x61, struct.pack(">H", 2000), "LEASE answer of 2000 flags exceeds"),
+    (0x61, struct.pack(">H", 9) + b"\x00", "LEASE_RESULT body truncated"),
     (0x01, b"", "unexpected HELLO after the handshake"),
 ]
 
