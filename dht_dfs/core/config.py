@@ -162,8 +162,10 @@ class Config:
     """Seconds a lease this node asks for lasts (on what it publishes and pins). It
     renews its pins' leases every third of this, and as a holder drops a chunk a
     third of this after its last lease ran out (the grace period)."""
-    max_lease_ttl: float = 400 * 24 * 3600.0
-    """The longest lease this node grants a peer, however long the peer asks for."""
+    max_lease_ttl: float = 90 * 24 * 3600.0
+    """The longest lease this node grants a peer, however long the peer asks for
+    (three default TTLs: room for publishers with longer leases, not for a peer
+    holding quota for a year with one STORE)."""
 
     # --- DHT under hostile peers: claims checked, every resource bounded -------------------
     max_provider_records_per_provider: int = 50_000

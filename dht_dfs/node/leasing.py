@@ -138,13 +138,20 @@ class LeaseKeeper:
         """Renew every pin once the node is back in its network, then every interval."""
         await ready.wait()
         interval = self._config.lease_renewal_interval
+        loop = asyncio.get_running_loop()
         while True:
+            # A fixed rate, not a pause after each round: a slow round (a lost
+            # root waits out its lookups) must not push every lease later.
+            due = loop.time() + interval * random.uniform(0.9, 1.0)
             try:
                 await self.renew_all()
             except Exception:
                 # A bug must not end renewals (and so every pin) for good.
                 log.exception("lease renewal round failed unexpectedly")
-            await asyncio.sleep(interval * random.uniform(0.9, 1.0))
+            late = loop.time() - due
+            if late > 0:
+                log.warning("a lease renewal round overran its interval by %.0f s", late)
+            await asyncio.sleep(max(0.0, due - loop.time()))
 
     async def run_collection(self) -> None:
         """Collect unleased chunks, starting one renewal round plus the grace after start."""

@@ -408,7 +408,9 @@ class Node:
         result = await run_operation(self.network, request, on_event)
         if isinstance(request, PublishRequest):
             assert isinstance(result, PublishSummary)
-            await self._pin_published(result, request.name or request.path.name)
+            await self._pin_published(
+                result, request.name or request.path.name or str(request.path)
+            )
         return result
 
     # --- pins -----------------------------------------------------------------------
@@ -443,10 +445,11 @@ class Node:
             kind=kind,
             size=size,
         )
-        existing = await asyncio.to_thread(self.pins.get, request.root)
         # Kept only once the renewal found the root: a wrong reference pins nothing.
+        # A root pinned before keeps its date and origin and gains what this
+        # request knows more (a reference and name after a pin by root hash).
         report = await self.network.renew_leases(request.root, self.leases.lease_seconds)
-        await asyncio.to_thread(self.pins.add, candidate if existing is None else existing)
+        await asyncio.to_thread(self.pins.add, candidate)
         return await self.leases.record(request.root, report)
 
     async def unpin(self, request: UnpinRequest) -> Unpinned:

@@ -189,6 +189,7 @@ class PinCatalogue:
             if old is not None:
                 pin = replace(
                     old,
+                    origin="published" if "published" in (old.origin, pin.origin) else old.origin,
                     reference=old.reference or pin.reference,
                     name=old.name or pin.name,
                     kind=old.kind or pin.kind,

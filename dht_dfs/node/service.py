@@ -82,6 +82,11 @@ T = TypeVar("T")
 
 _DEFAULTS = Config()
 
+MAX_CONCURRENT_LEASES = 4
+"""LEASE requests this node works on at once, from all peers together: each
+writes up to ``Limits.max_have_ids`` index rows under the store's lock, so
+more would only queue there and delay STOREs and GETs."""
+
 MAX_CONCURRENT_PROOFS = 2
 """PROVE requests this node works on at once, from all peers together.
 
@@ -127,6 +132,7 @@ class ChunkService:
         """Bytes of chunks newly stored through STORE."""
         self.haves = self.proofs = 0
         self._proving = asyncio.Semaphore(MAX_CONCURRENT_PROOFS)
+        self._leasing = asyncio.Semaphore(MAX_CONCURRENT_LEASES)
 
     async def _run(self, func: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._executor, func, *args)
@@ -210,7 +216,9 @@ class ChunkService:
         self, peer: NodeId, seconds: int, chunk_ids: tuple[ChunkId, ...]
     ) -> list[bool]:
         self.leases += 1
-        held = await self._run(self.store.lease, list(chunk_ids), self._lease_until(seconds))
+        async with self._leasing:
+            until = self._lease_until(seconds)
+            held = await self._run(self.store.lease, list(chunk_ids), until)
         self.chunks_leased += sum(held)
         return held
 

@@ -88,6 +88,9 @@ _INDEXES = (
 
 _DEFAULTS = Config()
 
+_COLLECT_BATCH = 256
+"""Chunks a collection drops per hold of the lock."""
+
 _HEX = frozenset("0123456789abcdef")
 
 
@@ -259,21 +262,20 @@ class ChunkStore:
     def __contains__(self, chunk_id: object) -> bool:
         return isinstance(chunk_id, ChunkId) and self.has(chunk_id)
 
+    def _select_locked(self, chunk_ids: list[ChunkId], where: str = "") -> set[bytes]:
+        """Those of ``chunk_ids`` in the index (and matching ``where AND``), as digests."""
+        found: set[bytes] = set()
+        for start in range(0, len(chunk_ids), 500):
+            batch = [c.digest for c in chunk_ids[start : start + 500]]
+            marks = ",".join("?" * len(batch))
+            query = f"SELECT id FROM chunks WHERE {where}id IN ({marks})"
+            found.update(row[0] for row in self.db.execute(query, batch))
+        return found
+
     def have_which(self, chunk_ids: list[ChunkId]) -> list[bool]:
         """For each id, whether this store holds it (one index query)."""
-        if not chunk_ids:
-            return []
-        held: set[bytes] = set()
         with self._lock:
-            for start in range(0, len(chunk_ids), 500):
-                batch = [c.digest for c in chunk_ids[start : start + 500]]
-                marks = ",".join("?" * len(batch))
-                held.update(
-                    row[0]
-                    for row in self.db.execute(
-                        f"SELECT id FROM chunks WHERE id IN ({marks})", batch
-                    )
-                )
+            held = self._select_locked(chunk_ids)
         return [c.digest in held for c in chunk_ids]
 
     def stats(self) -> StoreStats:
@@ -297,18 +299,8 @@ class ChunkStore:
         """Those of ``chunk_ids`` this store keeps as guests (one index query)."""
         if not chunk_ids or not self._guests.count:
             return set()
-        guests: set[bytes] = set()
         with self._lock:
-            for start in range(0, len(chunk_ids), 500):
-                batch = [c.digest for c in chunk_ids[start : start + 500]]
-                marks = ",".join("?" * len(batch))
-                guests.update(
-                    row[0]
-                    for row in self.db.execute(
-                        f"SELECT id FROM chunks WHERE guest_of IS NOT NULL AND id IN ({marks})",
-                        batch,
-                    )
-                )
+            guests = self._select_locked(chunk_ids, "guest_of IS NOT NULL AND ")
         return {c for c in chunk_ids if c.digest in guests}
 
     def ids(self, batch: int = 1000) -> Iterator[ChunkId]:
@@ -433,34 +425,45 @@ class ChunkStore:
         )
 
     def lease(self, chunk_ids: list[ChunkId], until: float) -> list[bool]:
-        """Keep the held ones of ``chunk_ids`` until ``until`` at least; which are held."""
-        held = self.have_which(chunk_ids)
-        digests = [c.digest for c, here in zip(chunk_ids, held, strict=True) if here]
+        """Keep the held ones of ``chunk_ids`` until ``until`` at least; which are held.
+
+        Checked and extended under one lock: a collection cannot drop a chunk
+        between the answer "held" and its new lease.
+        """
         with self._lock:
-            for start in range(0, len(digests), 500):
-                self._extend_locked(digests[start : start + 500], until)
-        return held
+            held = list(self._select_locked(chunk_ids))
+            for start in range(0, len(held), 500):
+                self._extend_locked(held[start : start + 500], until)
+        found = set(held)
+        return [c.digest in found for c in chunk_ids]
 
     def lease_until(self, chunk_id: ChunkId) -> float | None:
         """Until when the chunk is leased; None if it is not here."""
         row = self._row(chunk_id, "lease_until")
         return None if row is None else float(row[0] or 0.0)
 
-    def collect(self, expired_before: float, *, limit: int = 10_000) -> tuple[int, int]:
+    def collect(self, expired_before: float, *, limit: int = 100_000) -> tuple[int, int]:
         """Drop up to ``limit`` chunks whose lease ran out before ``expired_before``.
 
+        In batches: the lock is held for one batch at a time (rows and files
+        together, so a put of the same chunk never races the unlink), and
+        serving goes on between them.
         Returns how many chunks and bytes were dropped.
         """
-        with self._lock:
-            rows = self.db.execute(
-                "SELECT id FROM chunks WHERE lease_until < ? LIMIT ?", (expired_before, limit)
-            ).fetchall()
-            dropped = freed = 0
-            for (raw,) in rows:
-                size = self._remove_locked(ChunkId(raw))
-                if size is not None:
-                    dropped += 1
-                    freed += size
+        dropped = freed = 0
+        while dropped < limit:
+            with self._lock:
+                rows = self.db.execute(
+                    "SELECT id FROM chunks WHERE lease_until < ? LIMIT ?",
+                    (expired_before, min(_COLLECT_BATCH, limit - dropped)),
+                ).fetchall()
+                for (raw,) in rows:
+                    size = self._remove_locked(ChunkId(raw))
+                    if size is not None:
+                        dropped += 1
+                        freed += size
+            if len(rows) < _COLLECT_BATCH:
+                break
         if dropped:
             log.info("store: dropped %d chunk(s) (%d bytes) whose leases ran out", dropped, freed)
         return dropped, freed

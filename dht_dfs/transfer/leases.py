@@ -3,7 +3,8 @@
 A holder keeps a chunk while some lease on it runs (``store.chunks``): the
 publisher's STORE gives the first one, and a node that pins a root renews
 them with ``renew`` on a schedule. ``renew`` walks the root's public part
-(the root hash is enough, as for check and repair) and sends one batched
+(the root hash is enough, as for check and repair; a lost node below the
+root is counted as unleased and the walk renews everything else) and sends one batched
 LEASE per node to the ``ksize`` live nodes closest to each chunk: repair
 keeps every copy within a few places of the closest, so that reaches every
 holder, and a node that lacks a chunk just answers so. Closest nodes come
@@ -89,8 +90,17 @@ async def renew(
     started = time.monotonic()
     report = RenewalReport(root, seconds)
     batch: list[tuple[ChunkId, int]] = []
+
+    def missing(error: ChunkNotFoundError) -> None:
+        # A lost node below the root: counted, and the walk renews the rest.
+        if error.chunk_hex is not None:
+            report.add(ChunkId.from_hex(error.chunk_hex), 0, 0)
+
+    source = NetworkSource(network)
     try:
-        async for chunk_id, size, _ in walk_public(NetworkSource(network), root, network.executor):
+        async for chunk_id, size, _ in walk_public(
+            source, root, network.executor, on_missing=missing
+        ):
             batch.append((chunk_id, size))
             if len(batch) >= _BATCH:
                 await _renew_batch(network, batch, seconds, report)
@@ -100,10 +110,6 @@ async def renew(
         if batch:
             await _renew_batch(network, batch, seconds, report)
     except ChunkNotFoundError as error:
-        # A lost manifest or directory node hides what is below it; what the
-        # walk reached is still renewed, so a copy that comes back finds it kept.
-        if batch:
-            await _renew_batch(network, batch, seconds, report)
         raise root_not_found(error, root.root) from None
     if progress is not None:
         progress(report.chunks, report.chunks)

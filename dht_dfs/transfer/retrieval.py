@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -80,8 +81,9 @@ class NetworkSource:
         """Addresses that failed during this fetch: tried last (once per chunk)."""
         self._latency: float | None = None
         """Moving average of a good answer's time, seconds (sets the hedge delay)."""
-        self._restore: set[ChunkId] = set()
-        """Chunks whose local copy was found corrupt (and removed) by this source."""
+        self._restore: dict[ChunkId, float] = {}
+        """Chunks whose local copy was found corrupt (and removed) by this source,
+        with the lease it had: the good copy put back keeps that, no longer."""
 
     async def prefetch(self, chunk_ids: Sequence[ChunkId]) -> None:
         """Ask connected (and a few known) peers which of these chunks they hold.
@@ -179,7 +181,13 @@ class NetworkSource:
         store = self._network.store
         assert store is not None
 
+        leased: list[float] = []
+
         def read() -> tuple[T] | None:
+            until = store.lease_until(chunk_id)
+            if until is None:
+                return None
+            leased.append(until)
             try:
                 return (consume(store.get(chunk_id)),)
             except ChunkNotFoundError:
@@ -189,9 +197,10 @@ class NetworkSource:
             return await self._network.run(read)
         except DhtfsError as error:
             # The store removed its corrupt copy; the good copy fetched from
-            # a peer will be put back (read repair).
+            # a peer will be put back (read repair) under the lease it had.
             log.warning("%s", error)
-            self._restore.add(chunk_id)
+            if leased:
+                self._restore[chunk_id] = leased[0]
             return None
 
     def _ordered(self, addresses: Iterable[PeerAddress]) -> list[PeerAddress]:
@@ -338,21 +347,23 @@ class NetworkSource:
             self._failed(address, errors, "served a corrupt copy")
             network.dialer.give_back(body)
             return None
-        if chunk_id in self._restore and network.store is not None:
-            self._restore.discard(chunk_id)
-            await self._put_back(chunk_id, bytes(body))
+        until = self._restore.pop(chunk_id, None)
+        if until is not None and network.store is not None and until > time.time():
+            await self._put_back(chunk_id, bytes(body), until)
         if result is not body:
             # consume is done with the received buffer (it kept a length or
             # a copy), so the next chunk can be received into it.
             network.dialer.give_back(body)
         return (result,)
 
-    async def _put_back(self, chunk_id: ChunkId, data: bytes) -> None:
+    async def _put_back(self, chunk_id: ChunkId, data: bytes, lease_until: float) -> None:
         """Replace this node's corrupt copy with the good one just fetched."""
         store = self._network.store
         assert store is not None
         try:
-            await self._network.run(store.put, chunk_id, data)
+            await self._network.run(
+                functools.partial(store.put, chunk_id, data, lease_until=lease_until)
+            )
         except DhtfsError as error:
             log.warning("could not restore chunk %s after finding it corrupt: %s", chunk_id, error)
             return

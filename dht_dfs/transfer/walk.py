@@ -22,13 +22,13 @@ Must not import: dht, transport, node, or the network side of transfer.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
 
 from dht_dfs.core.dirnode import MAGIC as DIR_MAGIC
 from dht_dfs.core.dirnode import decode_dir_node, decode_root
-from dht_dfs.core.errors import DirectoryError, ManifestError
+from dht_dfs.core.errors import ChunkNotFoundError, DirectoryError, ManifestError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.core.manifest import (
     Entry,
@@ -153,7 +153,11 @@ async def walk_leaves(
 
 
 async def walk_public(
-    source: ChunkSource, root: RootHash, executor: Executor
+    source: ChunkSource,
+    root: RootHash,
+    executor: Executor,
+    *,
+    on_missing: Callable[[ChunkNotFoundError], None] | None = None,
 ) -> AsyncIterator[tuple[ChunkId, int, bool]]:
     """Every chunk of a file or directory tree without its key: (id, stored size, is node).
 
@@ -173,7 +177,13 @@ async def walk_public(
         if chunk_id in seen:
             continue
         seen.add(chunk_id)
-        data = bytes(await get_verified(source, chunk_id, size))
+        try:
+            data = bytes(await get_verified(source, chunk_id, size))
+        except ChunkNotFoundError as error:
+            if on_missing is None or chunk_id == root.root:
+                raise
+            on_missing(error)
+            continue
         if size is not None and len(data) != size:
             raise ManifestError(
                 f"chunk {chunk_id.hex()} has {len(data)} bytes, its parent says {size}"
@@ -182,10 +192,15 @@ async def walk_public(
             node = await loop.run_in_executor(executor, decode_root, chunk_id, data)
             assert isinstance(node, ManifestNode)
             yield chunk_id, node.stored_size, True
-            async for entry, _, is_manifest in _walk(
-                source, node, None, executor, prefetch=False, skip_repeats=True
-            ):
-                yield entry.chunk_id, entry.stored_size, is_manifest
+            try:
+                async for entry, _, is_manifest in _walk(
+                    source, node, None, executor, prefetch=False, skip_repeats=True
+                ):
+                    yield entry.chunk_id, entry.stored_size, is_manifest
+            except ChunkNotFoundError as error:
+                if on_missing is None:
+                    raise
+                on_missing(error)
             continue
         directory = await loop.run_in_executor(executor, decode_dir_node, chunk_id, data)
         if directory.is_root != (height is None):

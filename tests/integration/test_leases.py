@@ -99,6 +99,11 @@ async def test_an_unpinned_file_goes_from_every_holder_and_a_pin_keeps_another(
         assert len(net.holders(chunk_id)) == CONFIG.replicas, chunk_id
     assert pinner.leases is not None and pinner.leases.totals.renewals >= 2
     assert await fetch_bytes(net, kept_ref, tmp_path) == kept_data
+    # Pinned again with its read reference: the catalogue learns the name.
+    again = await pinner.pin(PinRequest(kept_ref.root_hash, kept_ref))
+    assert (again.name, again.reference, again.origin) == ("kept.bin", kept_ref, "pinned")
+    assert again.pinned_at == pin.pinned_at
+    assert [p.root for p in pinner.pin_list().pins] == [kept_ref.root_hash]
 
 
 async def test_a_shared_chunk_stays_while_either_file_is_pinned_and_unpin_frees_all(

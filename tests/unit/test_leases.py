@@ -21,6 +21,7 @@ from dht_dfs.core.refs import RootHash
 from dht_dfs.node.maintenance import Maintainer
 from dht_dfs.store.chunks import ChunkStore
 from dht_dfs.transfer.leases import renew
+from dht_dfs.transfer.ports import get_verified
 from dht_dfs.transfer.retrieval import NetworkSource
 from dht_dfs.transfer.walk import walk_public
 from tests.support.memnet import FakeNode, MemNet
@@ -130,3 +131,44 @@ async def test_renewal_of_an_unknown_root_fails_cleanly(
     joined = net.join(net.client(), executor)
     with pytest.raises(RootNotFoundError, match="no node has root"):
         await renew(joined.network, RootHash(ChunkId(os.urandom(32))), 60)
+
+
+async def test_renewal_goes_on_past_a_lost_file_of_a_tree(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(6, stores=tmp_path / "stores")
+    joined = net.join(net.client(), executor)
+    tree = tmp_path / "tree"
+    tree.mkdir()
+    for index in range(4):
+        (tree / f"file-{index}.bin").write_bytes(os.urandom(3 * net.config.chunk_size))
+    root = (await joined.network.publish(tree)).reference.root_hash
+    walked = [item async for item in walk_public(NetworkSource(joined.network), root, executor)]
+    # Lose the root of one file (a manifest node below the tree's root) everywhere.
+    file_roots = [c for c, _, is_node in walked if is_node and c != root.root]
+    lost = file_roots[0]
+    for node in net.nodes.values():
+        node.drop(lost)
+    report = await renew(joined.network, root, 10_000)
+    assert report.unleased_count == 1 and report.unleased == [lost]
+    # Everything else the walk could reach was renewed, later files included.
+    assert report.leased == report.chunks - 1 >= len(walked) - 4
+
+
+async def test_read_repair_puts_a_copy_back_under_its_old_lease(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    net.add(4, stores=tmp_path)
+    chunk_id, data, ranked = a_chunk(net)
+    me, other = ranked[0], ranked[1]
+    until = time.time() + 40
+    store_of(me).put(chunk_id, data, lease_until=until)
+    other.keep(chunk_id, data)
+    net.announce(other, chunk_id)
+    path = store_of(me).path_of(chunk_id)
+    path.write_bytes(b"rot" + path.read_bytes()[3:])
+    joined = net.join(me, executor)
+    assert bytes(await get_verified(NetworkSource(joined.network), chunk_id)) == data
+    # Put back, but not with a fresh 30-day lease: a read does not revive a chunk.
+    assert store_of(me).has(chunk_id)
+    assert store_of(me).lease_until(chunk_id) == pytest.approx(until)
