@@ -352,10 +352,18 @@ def publish(
                 summary = PublishSummary.of(published)
                 if not bootstrap:
                     # Streamed from this process: the local node pins it, as it
-                    # pins what it publishes itself.
-                    async with open_session(data_dir, [], config) as session:
-                        await session.run(
-                            PinRequest(summary.root_hash, summary.reference, "published")
+                    # pins what it publishes itself. Stdin is spent, so a pin
+                    # that fails must not cost the reference: warn, go on.
+                    try:
+                        async with open_session(data_dir, [], config) as session:
+                            await session.run(
+                                PinRequest(summary.root_hash, summary.reference, "published")
+                            )
+                    except DhtfsError as error:
+                        output.stderr.print(
+                            f"dhtfs: warning: published, but the node did not pin it ({error}); "
+                            "run: dhtfs pin REF",
+                            markup=False,
                         )
                 return summary
 
@@ -759,6 +767,100 @@ def pins(
         output.print_json(listed.to_json())
         return
     output.print_pins(listed)
+
+
+@app.command()
+def mount(
+    target: Annotated[
+        str,
+        typer.Argument(
+            help="Read reference, optionally followed by /PATH inside a tree.",
+            metavar="REF[/PATH]",
+            show_default=False,
+        ),
+    ],
+    mountpoint: Annotated[
+        Path, typer.Argument(help="An empty directory.", metavar="MOUNTPOINT", show_default=False)
+    ],
+    cache_size: Annotated[
+        str,
+        typer.Option(
+            "--cache-size",
+            help="Chunks kept on disk across mounts (DATA_DIR/mount-cache), least recently "
+            "used out; 0: none.",
+        ),
+    ] = "1G",
+    read_timeout: Annotated[
+        float, typer.Option(help="Seconds a read waits for a chunk before it fails (EIO).")
+    ] = 30.0,
+    data_dir: DataDir = None,
+    bootstrap: Bootstrap = None,
+    json_output: Json = False,
+    verbose: Verbose = 0,
+) -> None:
+    """Mount a file or tree read-only until Ctrl-C; lazy reads."""
+    output.setup_logging(verbose)
+    reference, steps = checked(_resolve_target, target)
+    cache_bytes = checked(parse_size, cache_size)
+    if read_timeout <= 0:
+        fail(InputError("--read-timeout must be positive"))
+    try:
+        from dht_dfs.fs import mount as fs_mount  # noqa: PLC0415  # pyfuse3: only here
+    except ImportError:  # pragma: no cover - depends on the machine
+        fail(
+            InputError(
+                "mount needs pyfuse3: pip install 'dhtfs[mount]' (Debian: fuse3 libfuse3-dev)"
+            )
+        )
+    directory = (data_dir or default_data_dir()).expanduser()
+    options = fs_mount.MountOptions(
+        cache_dir=directory / "mount-cache" if cache_bytes else None,
+        cache_bytes=cache_bytes,
+        read_timeout=read_timeout,
+    )
+    checked(fs_mount.check_mountpoint, mountpoint)
+    config = _config()
+
+    def ready(path: Path) -> None:
+        if json_output:
+            output.print_line(json.dumps({"event": "mounted", "mountpoint": str(path)}))
+        else:
+            output.print_line(f"mounted on {path}; Ctrl-C or 'dhtfs umount {path}' unmounts")
+
+    async def go() -> fs_mount.MountStats:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        async with open_network(data_dir, bootstrap or [], config) as network:
+            return await fs_mount.serve_mount(
+                network, reference, mountpoint, options, stop, path=steps, on_ready=ready
+            )
+
+    stats = run(go)
+    if json_output:
+        output.print_line(json.dumps({"event": "unmounted", **stats.to_json()}))
+    else:
+        output.stderr.print(
+            f"unmounted: {stats.reads} reads, {format_size(stats.bytes_read)}; "
+            f"{stats.chunks_fetched} chunks fetched, {stats.chunks_from_cache} from the cache"
+            + (f", {stats.chunks_unavailable} unavailable" if stats.chunks_unavailable else ""),
+            markup=False,
+        )
+
+
+@app.command()
+def umount(
+    mountpoint: Annotated[
+        Path, typer.Argument(help="Where dhtfs mount mounted.", metavar="MOUNTPOINT")
+    ],
+    verbose: Verbose = 0,
+) -> None:
+    """Unmount what dhtfs mount mounted (as fusermount3 -u)."""
+    output.setup_logging(verbose)
+    from dht_dfs.fs.mount import unmount  # noqa: PLC0415
+
+    checked(unmount, mountpoint.expanduser().absolute())
 
 
 @app.command()

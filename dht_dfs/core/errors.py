@@ -107,6 +107,10 @@ class RootNotFoundError(ChunkNotFoundError):
     """The root chunk of a reference cannot be found anywhere."""
 
 
+class ChunkUnavailableError(ChunkNotFoundError):
+    """No holder gave a good copy of a chunk within a reader's deadline (a mount's read)."""
+
+
 # --- the wire protocol -------------------------------------------------------
 
 

@@ -27,6 +27,7 @@ ALLOWED: dict[str, set[str]] = {
     "transfer": {"core", "store", "wire", "transfer", "dht.values"},
     "node": {"core", "store", "wire", "transport", "dht", "transfer", "node"},
     "gateway": {"core", "transfer", "gateway", "dht.values"},
+    "fs": {"core", "store", "transfer", "fs", "dht.values"},
 }
 """Which packages (or single modules) each package may import."""
 

@@ -1,0 +1,168 @@
+"""Reading a published file at any offset: its chunk index, reads, read-ahead.
+
+A ``FileView`` is one file of the mount. Its chunk index (each data chunk's
+offset, id and key) comes from the file's manifest nodes when the file is
+first opened, never from a data chunk, and is checked to add up to the size
+the directory declared. A read fetches exactly the chunks it overlaps, all
+at once, and returns their bytes in order.
+
+Read-ahead is per open file (``ReadState``): a read that starts where the
+last one ended doubles the window of chunks fetched ahead of it (up to
+``MAX_AHEAD``); any other read is a seek, and the window falls back to one
+chunk, so random readers pay for nothing they do not read. The chunks ahead
+go through the same shared fetches as reads (``PlainChunks``), so two
+readers streaming one file fetch each chunk once.
+
+Must not import: pyfuse3, node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import logging
+
+from dht_dfs.core.direntry import DirEntry, EntryKind
+from dht_dfs.core.errors import ManifestError
+from dht_dfs.fs.chunks import PlainChunks
+from dht_dfs.transfer.network import Network
+from dht_dfs.transfer.retrieval import NetworkSource
+from dht_dfs.transfer.walk import LeafChunk, open_root, walk_leaves
+
+log = logging.getLogger(__name__)
+
+MAX_AHEAD = 32
+"""Chunks a streaming reader has fetched ahead of it at most (32 MiB of 1 MiB chunks)."""
+
+
+class ReadState:
+    """One open file's position and read-ahead window, and the fetches it started."""
+
+    def __init__(self) -> None:
+        self.next_offset = 0
+        self.window = 0
+        self.ahead: set[asyncio.Task[bytes]] = set()
+
+    def advance(self, offset: int, size: int) -> int:
+        """Record a read; the chunks to have fetched ahead of it."""
+        if offset == self.next_offset and offset > 0:
+            self.window = min(MAX_AHEAD, max(2, self.window * 2))
+        elif offset != self.next_offset:
+            self.window = 0  # a seek: stop reading ahead until it streams again
+            self.cancel()
+        else:
+            self.window = 2  # the first read at the start: likely a stream
+        self.next_offset = offset + size
+        return self.window
+
+    def cancel(self) -> None:
+        for task in self.ahead:
+            task.cancel()
+        self.ahead.clear()
+
+    async def close(self) -> None:
+        tasks = list(self.ahead)
+        self.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+class FileView:
+    """One file of the mount (see the module docstring)."""
+
+    def __init__(self, network: Network, entry: DirEntry, chunks: PlainChunks) -> None:
+        if entry.kind is not EntryKind.FILE:
+            raise ValueError("a FileView is of a file")
+        self._network = network
+        self.entry = entry
+        self._chunks = chunks
+        self._leaves: list[LeafChunk] | None = None
+        self._offsets: list[int] = []
+        self._loading = asyncio.Lock()
+
+    @property
+    def size(self) -> int:
+        return self.entry.size
+
+    async def _index(self) -> list[LeafChunk]:
+        if self._leaves is not None:
+            return self._leaves
+        async with self._loading:
+            if self._leaves is None:
+                self._leaves = await self._load_index()
+                self._offsets = [leaf.offset for leaf in self._leaves]
+        return self._leaves
+
+    async def _load_index(self) -> list[LeafChunk]:
+        entry = self.entry
+        assert entry.reference is not None
+        source = NetworkSource(self._network)
+        executor = self._network.executor
+        root = await open_root(source, entry.reference, executor)
+        metadata = root.metadata
+        assert metadata is not None
+        if metadata.size != entry.size:
+            raise ManifestError(
+                f"{entry.name}: its directory says {entry.size} bytes, its manifest {metadata.size}"
+            )
+        leaves: list[LeafChunk] = []
+        offset = 0
+        async for leaf in walk_leaves(source, root, executor):
+            if leaf.offset != offset or leaf.entry.plain_size <= 0:
+                raise ManifestError(f"manifest of {entry.name} does not add up to its size")
+            offset += leaf.entry.plain_size
+            if offset > entry.size:
+                raise ManifestError(f"manifest of {entry.name} lists more than its size")
+            leaves.append(leaf)
+        if offset != entry.size:
+            raise ManifestError(f"manifest of {entry.name} covers {offset} of {entry.size} bytes")
+        return leaves
+
+    async def open(self) -> None:
+        """Read the chunk index now (an unreadable manifest fails the open, not a read)."""
+        if self.entry.inline is None:
+            await self._index()
+
+    async def read(self, offset: int, size: int, state: ReadState | None = None) -> bytes:
+        """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
+        end = min(offset + size, self.entry.size)
+        if offset >= end:
+            return b""
+        if self.entry.inline is not None:
+            return self.entry.inline[offset:end]
+        leaves = await self._index()
+        first = bisect.bisect_right(self._offsets, offset) - 1
+        last = bisect.bisect_right(self._offsets, end - 1) - 1
+        wanted = leaves[first : last + 1]
+        if state is not None:
+            self._read_ahead(state, state.advance(offset, end - offset), leaves, last)
+        if len(wanted) == 1:
+            plain = await self._chunks.get(wanted[0])
+            start = offset - wanted[0].offset
+            return plain[start : start + end - offset]
+        pieces = await asyncio.gather(*(self._chunks.get(leaf) for leaf in wanted))
+        joined = b"".join(pieces)
+        start = offset - wanted[0].offset
+        return joined[start : start + end - offset]
+
+    def _read_ahead(
+        self, state: ReadState, window: int, leaves: list[LeafChunk], last: int
+    ) -> None:
+        state.ahead = {task for task in state.ahead if not task.done()}
+        for leaf in leaves[last + 1 : last + 1 + window]:
+            if self._chunks.cached(leaf.entry.chunk_id) is not None:
+                continue
+            if len(state.ahead) >= window:
+                break
+            task = asyncio.create_task(self._chunks.get(leaf))
+            task.add_done_callback(_quietly)
+            state.ahead.add(task)
+
+
+def _quietly(task: asyncio.Task[bytes]) -> None:
+    # A chunk fetched ahead that fails is fetched (and reported) by the read
+    # that needs it, if one does.
+    if not task.cancelled():
+        task.exception()
+
+
+__all__ = ["MAX_AHEAD", "FileView", "ReadState"]

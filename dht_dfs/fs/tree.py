@@ -1,0 +1,113 @@
+"""The mount's inodes: a published tree's entries, numbered as the kernel meets them.
+
+Inode 1 is the mounted root. For a directory reference it is that
+directory; for a file reference it is a directory holding just that file,
+under its published name. A directory's entries are read from its
+directory nodes (never from a file chunk) the first time the kernel looks
+inside it, and kept: the tree is immutable, so nothing here is ever stale.
+Names are bytes as the kernel wants them; a name was checked when its
+directory node was decoded (no "/", NUL, "." or "..", at most NAME_MAX),
+so none can step outside the mount.
+
+Must not import: pyfuse3, node.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+
+from dht_dfs.core.direntry import DirEntry, EntryKind
+from dht_dfs.core.errors import InputError
+from dht_dfs.core.refs import ReadReference
+from dht_dfs.fs.chunks import PlainChunks
+from dht_dfs.fs.files import FileView
+from dht_dfs.transfer.network import Network
+
+ROOT_INODE = 1
+
+
+@dataclass
+class Inode:
+    number: int
+    entry: DirEntry | None
+    """None for the directory made up to hold a mounted file (it has no node)."""
+    parent: int
+    children: dict[bytes, int] | None = None
+    """Name -> inode, in name order, once the directory was listed."""
+    file: FileView | None = None
+    loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def is_directory(self) -> bool:
+        return self.entry is None or self.entry.kind is EntryKind.DIRECTORY
+
+
+class Tree:
+    """Inodes of one mounted reference (see the module docstring)."""
+
+    def __init__(self, network: Network, chunks: PlainChunks) -> None:
+        self._network = network
+        self._chunks = chunks
+        self._inodes: dict[int, Inode] = {}
+        self._next = ROOT_INODE + 1
+        self.directories_listed = 0
+        self.total_size = 0
+        self.entries = 0
+
+    async def mount(self, reference: ReadReference, path: tuple[str, ...] = ()) -> Inode:
+        """Resolve what is mounted (``REF[/PATH]``): the root inode."""
+        resolved = await self._network.resolve(reference, path)
+        entry = resolved.entry
+        if entry.kind is EntryKind.SYMLINK:
+            raise InputError(f"{'/'.join(path)} is a symlink: mount its target instead")
+        if entry.kind is EntryKind.DIRECTORY:
+            root = Inode(ROOT_INODE, entry, ROOT_INODE)
+        else:
+            root = Inode(ROOT_INODE, None, ROOT_INODE, children={})
+            assert root.children is not None
+            root.children[_name(entry)] = self._add(entry, ROOT_INODE).number
+        self._inodes[ROOT_INODE] = root
+        self.total_size = entry.size
+        return root
+
+    def _add(self, entry: DirEntry, parent: int) -> Inode:
+        inode = Inode(self._next, entry, parent)
+        self._next += 1
+        self._inodes[inode.number] = inode
+        self.entries += 1
+        return inode
+
+    def get(self, number: int) -> Inode | None:
+        return self._inodes.get(number)
+
+    async def children(self, inode: Inode) -> dict[bytes, int]:
+        """The directory's entries (listed from its directory nodes once)."""
+        if inode.children is not None:
+            return inode.children
+        async with inode.loading:
+            if inode.children is None:
+                assert inode.entry is not None
+                listed: dict[bytes, int] = {}
+                async for entry in self._network.list_directory(inode.entry):
+                    listed[_name(entry)] = self._add(entry, inode.number).number
+                inode.children = listed
+                self.directories_listed += 1
+        return inode.children
+
+    async def lookup(self, parent: Inode, name: bytes) -> Inode | None:
+        number = (await self.children(parent)).get(name)
+        return None if number is None else self._inodes[number]
+
+    def file(self, inode: Inode) -> FileView:
+        if inode.file is None:
+            assert inode.entry is not None
+            inode.file = FileView(self._network, inode.entry, self._chunks)
+        return inode.file
+
+
+def _name(entry: DirEntry) -> bytes:
+    return entry.name.encode("utf-8", "surrogateescape")
+
+
+__all__ = ["ROOT_INODE", "Inode", "Tree"]
