@@ -150,7 +150,6 @@ def main() -> None:
 
         reference = publish(source)
         stdlib = scratch / "stdlib"
-        stdlib.mkdir()
         copy_tree(Path(sysconfig.get_paths()["stdlib"]), stdlib)
         tree_reference = publish(stdlib)
         generator = random.Random(7)

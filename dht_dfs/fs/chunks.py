@@ -141,11 +141,12 @@ class PlainChunks:
             self._plain_bytes -= len(dropped)
 
     async def close(self) -> None:
-        """End every fetch and cache write still running."""
-        tasks = [*self._tasks.values(), *self._writes]
+        """End every fetch still running; let the cache writes finish (they are
+        quick, and a chunk fetched is worth keeping for the next mount)."""
+        tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, *self._writes, return_exceptions=True)
 
 
 __all__ = ["PlainChunks"]

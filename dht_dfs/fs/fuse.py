@@ -84,6 +84,8 @@ class MountOperations(pyfuse3.Operations):
         self._next_handle = 1
         self.reads = 0
         self.bytes_read = 0
+        self.largest_read = 0
+        """The largest read the kernel asked for (its read size, set by libfuse)."""
 
     # --- metadata ---------------------------------------------------------------------
 
@@ -222,6 +224,7 @@ class MountOperations(pyfuse3.Operations):
         data = await self._tree.file(node).read(off, size, state)
         self.reads += 1
         self.bytes_read += len(data)
+        self.largest_read = max(self.largest_read, size)
         return data
 
     async def release(self, fh: pyfuse3.FileHandleT) -> None:
@@ -240,11 +243,9 @@ class MountOperations(pyfuse3.Operations):
     async def access(self, inode: pyfuse3.InodeT, mode: int, ctx: pyfuse3.RequestContext) -> bool:
         return not mode & os.W_OK
 
-    async def getxattr(self, inode: pyfuse3.InodeT, name: bytes, ctx: Any) -> bytes:
-        raise pyfuse3.FUSEError(errno.ENODATA)
-
-    async def listxattr(self, inode: pyfuse3.InodeT, ctx: Any) -> list[bytes]:
-        return []
+    # No getxattr or listxattr: pyfuse3's default answers ENOSYS, after which
+    # the kernel stops asking, where ENODATA would cost a round trip for every
+    # file ``ls -l`` shows (it asks each for ACLs).
 
     async def forget(self, inode_list: Any) -> None:
         # Inodes are kept for the mount's life: the tree is immutable, and a

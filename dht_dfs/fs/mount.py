@@ -63,6 +63,8 @@ class MountStats:
     """Data chunks read from the disk cache instead."""
     chunks_unavailable: int
     directories_listed: int
+    largest_read: int = 0
+    """The largest read the kernel asked for."""
 
     def to_json(self) -> dict[str, int]:
         return {
@@ -72,6 +74,7 @@ class MountStats:
             "chunks_from_cache": self.chunks_from_cache,
             "chunks_unavailable": self.chunks_unavailable,
             "directories_listed": self.directories_listed,
+            "largest_read": self.largest_read,
         }
 
 
@@ -184,8 +187,10 @@ async def serve_mount(
             chunks_from_cache=chunks.from_disk,
             chunks_unavailable=chunks.unavailable,
             directories_listed=tree.directories_listed,
+            largest_read=operations.largest_read,
         )
     finally:
+        await tree.close()
         await chunks.close()
 
 

@@ -5,6 +5,9 @@ directory; for a file reference it is a directory holding just that file,
 under its published name. A directory's entries are read from its
 directory nodes (never from a file chunk) the first time the kernel looks
 inside it, and kept: the tree is immutable, so nothing here is ever stale.
+Listing a directory also starts listing its subdirectories (a few at a
+time, one level: a recursive reader such as ``ls -lR`` then finds each
+next level ready, and a reader of one directory pays for one level more).
 Names are bytes as the kernel wants them; a name was checked when its
 directory node was decoded (no "/", NUL, "." or "..", at most NAME_MAX),
 so none can step outside the mount.
@@ -15,16 +18,21 @@ Must not import: pyfuse3, node.
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import dataclass, field
 
 from dht_dfs.core.direntry import DirEntry, EntryKind
-from dht_dfs.core.errors import InputError
+from dht_dfs.core.errors import DhtfsError, InputError
 from dht_dfs.core.refs import ReadReference
 from dht_dfs.fs.chunks import PlainChunks
 from dht_dfs.fs.files import FileView
 from dht_dfs.transfer.network import Network
 
+log = logging.getLogger(__name__)
+
 ROOT_INODE = 1
+_LISTINGS_AHEAD = 8
+"""Subdirectories listed in the background at once."""
 
 
 @dataclass
@@ -37,6 +45,8 @@ class Inode:
     """Name -> inode, in name order, once the directory was listed."""
     file: FileView | None = None
     loading: asyncio.Lock = field(default_factory=asyncio.Lock)
+    listed_ahead: bool = False
+    """Its subdirectories were sent to be listed in the background."""
 
     @property
     def is_directory(self) -> bool:
@@ -51,6 +61,8 @@ class Tree:
         self._chunks = chunks
         self._inodes: dict[int, Inode] = {}
         self._next = ROOT_INODE + 1
+        self._ahead = asyncio.Semaphore(_LISTINGS_AHEAD)
+        self._background: set[asyncio.Task[None]] = set()
         self.directories_listed = 0
         self.total_size = 0
         self.entries = 0
@@ -81,19 +93,46 @@ class Tree:
     def get(self, number: int) -> Inode | None:
         return self._inodes.get(number)
 
-    async def children(self, inode: Inode) -> dict[bytes, int]:
-        """The directory's entries (listed from its directory nodes once)."""
-        if inode.children is not None:
-            return inode.children
-        async with inode.loading:
-            if inode.children is None:
-                assert inode.entry is not None
-                listed: dict[bytes, int] = {}
-                async for entry in self._network.list_directory(inode.entry):
-                    listed[_name(entry)] = self._add(entry, inode.number).number
-                inode.children = listed
-                self.directories_listed += 1
+    async def children(self, inode: Inode, *, ahead: bool = True) -> dict[bytes, int]:
+        """The directory's entries (listed from its directory nodes once);
+        ``ahead``: list its subdirectories in the background too."""
+        if inode.children is None:
+            async with inode.loading:
+                if inode.children is None:
+                    assert inode.entry is not None
+                    listed: dict[bytes, int] = {}
+                    async for entry in self._network.list_directory(inode.entry):
+                        listed[_name(entry)] = self._add(entry, inode.number).number
+                    inode.children = listed
+                    self.directories_listed += 1
+        if ahead and not inode.listed_ahead:
+            inode.listed_ahead = True
+            self._list_ahead(inode.children)
         return inode.children
+
+    def _list_ahead(self, listed: dict[bytes, int]) -> None:
+        for number in listed.values():
+            child = self._inodes[number]
+            if child.is_directory and child.children is None:
+                task = asyncio.create_task(self._list_quietly(child))
+                self._background.add(task)
+                task.add_done_callback(self._background.discard)
+
+    async def _list_quietly(self, inode: Inode) -> None:
+        async with self._ahead:
+            if inode.children is not None:
+                return
+            try:
+                await self.children(inode, ahead=False)
+            except DhtfsError as error:
+                # Reported by the reader that asks for it, if one does.
+                log.debug("listing %s ahead failed: %s", inode.number, error)
+
+    async def close(self) -> None:
+        tasks = list(self._background)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def lookup(self, parent: Inode, name: bytes) -> Inode | None:
         number = (await self.children(parent)).get(name)

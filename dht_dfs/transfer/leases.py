@@ -38,6 +38,8 @@ log = logging.getLogger(__name__)
 
 _BATCH = 1024
 """Chunks leased together: one LEASE per node per batch (the wire's id limit)."""
+_PEERS_AT_ONCE = 32
+"""Peers a renewal asks at the same time (a batch can reach thousands in a big network)."""
 _MISSING_KEPT = 100
 """Chunk ids of unleased chunks a report lists (it counts them all)."""
 
@@ -141,10 +143,13 @@ async def _renew_batch(
         for chunk_id in ids:
             group.create_task(place(chunk_id))
 
+    peers = asyncio.Semaphore(_PEERS_AT_ONCE)
+
     async def ask(node_id: NodeId, address: PeerAddress, chunk_ids: list[ChunkId]) -> None:
         try:
-            link = await network.dialer.connect(address)
-            held = await link.lease(seconds, chunk_ids)
+            async with peers:
+                link = await network.dialer.connect(address)
+                held = await link.lease(seconds, chunk_ids)
         except (NetworkError, OSError) as error:
             log.debug("%s did not answer LEASE: %s", address, error)
             report.unreachable.add(node_id)

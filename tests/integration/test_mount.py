@@ -256,6 +256,31 @@ def test_bad_mount_points_and_references_are_one_line_errors(
     assert not os.path.ismount(empty)
 
 
+def test_a_killed_mount_leaves_no_dead_directory(published: Published, tmp_path: Path) -> None:
+    devnet = published.devnet
+    mountpoint = tmp_path / "mnt"
+    mountpoint.mkdir()
+    command = [*dhtfs_command(), "mount", published.reference, str(mountpoint), "--json"]
+    command += ["--data-dir", str(devnet.node_dir(1))]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    assert process.stdout is not None
+    read_until(process.stdout, '"mounted"', 60)
+    assert os.path.ismount(mountpoint)
+    process.kill()  # a crash: no clean unmount
+    process.wait(timeout=30)
+    process.stdout.close()
+    # fusermount3 (auto_unmount) notices the dead process and unmounts.
+    deadline = time.monotonic() + 30
+    while os.path.ismount(mountpoint):
+        assert time.monotonic() < deadline, "a killed mount left a dead mount behind"
+        time.sleep(0.05)
+    # And the directory can be mounted again.
+    with mounted(devnet, published.reference, mountpoint) as mount:
+        assert (mount.path / "docs" / "readme.txt").read_text() == "hello through FUSE\n"
+
+
 def test_a_holder_killed_during_a_read_does_not_fail_it(
     published: Published, tmp_path: Path
 ) -> None:
