@@ -391,7 +391,9 @@ def publish(
     )
     output.stderr.print(
         f"published {format_size(result.size)} in {result.seconds:.2f} s "
-        f"({tree}{result.data_chunks} chunks); root hash {result.root_hash}",
+        f"({tree}{result.data_chunks} chunks"
+        + (f", {result.already_held} already stored: not sent" if result.already_held else "")
+        + f"); root hash {result.root_hash}",
         markup=False,
     )
     for note in result.skipped_notes:

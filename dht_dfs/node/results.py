@@ -116,6 +116,8 @@ class PublishSummary:
     """Tree entries left out, each with a warning in the log."""
     skipped_notes: tuple[str, ...] = ()
     """"path: why" for the first skipped entries (the node's log has them all)."""
+    already_held: int = 0
+    """Chunks not sent: their holders proved they had them already."""
 
     @property
     def root_hash(self) -> RootHash:
@@ -141,6 +143,7 @@ class PublishSummary:
             symlinks=result.symlinks,
             skipped=result.skipped,
             skipped_notes=result.skipped_notes,
+            already_held=result.already_held,
         )
 
     def to_json(self) -> Document:
@@ -160,6 +163,7 @@ class PublishSummary:
             "symlinks": self.symlinks,
             "skipped": self.skipped,
             "skipped_notes": list(self.skipped_notes),
+            "already_held": self.already_held,
         }
 
     @classmethod
@@ -178,6 +182,7 @@ class PublishSummary:
             symlinks=int(document.get("symlinks", 0)),
             skipped=int(document.get("skipped", 0)),
             skipped_notes=tuple(str(note) for note in document.get("skipped_notes", ())),
+            already_held=int(document.get("already_held", 0)),
         )
 
 

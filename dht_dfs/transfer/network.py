@@ -132,7 +132,10 @@ class Network:
                 self.config.replicas,
             )
         return dataclasses.replace(
-            result, under_replicated=sink.under_replicated, copies=sink.placed
+            result,
+            under_replicated=sink.under_replicated,
+            copies=sink.placed,
+            already_held=sink.held.skipped,
         )
 
     async def publish_stream(
@@ -152,7 +155,10 @@ class Network:
                 fd, sink, config, executor=self.executor, name=name, progress=progress
             )
         return dataclasses.replace(
-            result, under_replicated=sink.under_replicated, copies=sink.placed
+            result,
+            under_replicated=sink.under_replicated,
+            copies=sink.placed,
+            already_held=sink.held.skipped,
         )
 
     async def fetch(

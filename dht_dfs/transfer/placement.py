@@ -37,6 +37,7 @@ from dht_dfs.core.errors import (
 )
 from dht_dfs.core.ids import ChunkId, NodeId
 from dht_dfs.dht.values import Contact, ProviderRecord
+from dht_dfs.transfer.held import HeldCopies
 from dht_dfs.transfer.ports import NetworkView, address_of
 from dht_dfs.wire import StoreStatus
 
@@ -181,6 +182,8 @@ class NetworkSink:
         self.placed = 0
         self._lease = math.ceil(network.config.lease_ttl)
         """Every chunk published gets a lease of the publisher's TTL; its pin renews it."""
+        self.held = HeldCopies(network, self._lease)
+        """Chunks the rightful holders proved they have are not sent again."""
 
     async def put(self, chunk: SealedChunk) -> None:
         network = self._network
@@ -189,6 +192,9 @@ class NetworkSink:
             closest = await network.nearby.closest(
                 key, network.config.ksize, include_self=network.store is not None
             )
+            if await self.held.proven(chunk, closest):
+                self.placed += network.config.replicas
+                return
             placer = Placer(network, chunk.chunk_id, chunk.data, closest, lease=self._lease)
             placed, records = await placer.place(closest, network.config.replicas)
         self.placed += len(placed)

@@ -43,6 +43,8 @@ class PublishResult:
     """Chunk copies placed (a network publish); 0 for a local store."""
     under_replicated: int = 0
     """Chunks that got fewer than ``replicas`` copies (too few live nodes)."""
+    already_held: int = 0
+    """Chunks not sent: their rightful holders proved they had them (``held``)."""
     files: int = 1
     """Regular files published (a tree: inlined ones included)."""
     directories: int = 0

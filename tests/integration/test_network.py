@@ -127,12 +127,18 @@ async def test_publishing_twice_stores_nothing_new(net: Cluster, tmp_path: Path)
             if n.store
         }
 
-    before = stored()
+    def stores_answered() -> int:
+        return sum(sum(n.service.counts.values()) for n in net.live if n.service)
+
+    before, answered = stored(), stores_answered()
     node = net.live[3]
     assert node.network is not None
     again = await node.network.publish(tmp_path / "in.bin")
     assert again.reference == reference
     assert stored() == before
+    # Every chunk was proven by its holders, so none was sent again.
+    assert again.already_held == again.data_chunks + again.manifest_chunks
+    assert stores_answered() == answered
 
 
 @pytest.mark.slow

@@ -148,6 +148,7 @@ def test_documents_keep_every_key_the_cli_printed() -> None:
         "symlinks",
         "skipped",
         "skipped_notes",
+        "already_held",
     }
     assert PUBLISHED.to_json()["root_id"] == REFERENCE.root.hex()
     assert set(FETCHED.to_json()) == {
