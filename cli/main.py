@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -804,8 +805,8 @@ def mount(
     output.setup_logging(verbose)
     reference, steps = checked(_resolve_target, target)
     cache_bytes = checked(parse_size, cache_size)
-    if read_timeout <= 0:
-        fail(InputError("--read-timeout must be positive"))
+    if not math.isfinite(read_timeout) or read_timeout <= 0:
+        fail(InputError("--read-timeout must be a positive number of seconds"))
     try:
         from dht_dfs.fs import mount as fs_mount  # noqa: PLC0415  # pyfuse3: only here
     except ImportError:  # pragma: no cover - depends on the machine

@@ -9,7 +9,14 @@
    answer checked against the id), under a deadline of ``timeout`` seconds.
 
 Concurrent asks for one chunk share one task, owned here (``close`` ends
-them), and a reader that gives up does not cancel it for the others. A chunk
+them), and a reader that gives up does not cancel it for the others.
+
+Read-ahead (``start_ahead``) is budgeted in bytes across all readers: the
+chunks fetched ahead and not yet read stay in memory (never evicted for
+other chunks) and together take at most half of ``memory_bytes``, so many
+streaming readers or a publisher's 16 MiB chunks slow read-ahead down
+instead of evicting what is about to be read. ``cancel_ahead`` (a seek, a
+release) stops those fetches no reader waits for. A chunk
 no holder can supply in time raises ``ChunkUnavailableError`` naming it:
 the read that needed it fails (EIO), never with wrong bytes, and the next
 read tries again.
@@ -22,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+from collections.abc import Iterable
 from concurrent.futures import Executor
 
 from dht_dfs.core.crypto import decrypt_with_key
@@ -53,9 +61,18 @@ class PlainChunks:
         self._executor: Executor = network.executor
         self._memory_bytes = memory_bytes
         self._timeout = timeout
+        self.timeout = timeout
+        """Seconds any wait for the network may take (chunks, listings, indexes)."""
         self._plain: collections.OrderedDict[ChunkId, bytes] = collections.OrderedDict()
         self._plain_bytes = 0
         self._tasks: dict[ChunkId, asyncio.Task[bytes]] = {}
+        self._waiters: dict[ChunkId, int] = {}
+        """Readers (not read-ahead) waiting on each task."""
+        self._ahead: dict[ChunkId, int] = {}
+        """Chunks fetched (or being fetched) ahead and not read yet: their sizes."""
+        self._ahead_bytes = 0
+        self._ahead_budget = memory_bytes // 2
+        self._closed = False
         self._writes: set[asyncio.Task[None]] = set()
         self.fetched = 0
         """Data chunks fetched from the network (not from a cache)."""
@@ -69,19 +86,74 @@ class PlainChunks:
             self._plain.move_to_end(chunk_id)
         return plain
 
+    def _start(self, leaf: LeafChunk) -> asyncio.Task[bytes]:
+        chunk_id = leaf.entry.chunk_id
+        task = asyncio.create_task(self._load(leaf), name=f"dhtfs-mount-chunk-{chunk_id}")
+        self._tasks[chunk_id] = task
+        task.add_done_callback(lambda done: self._finished(chunk_id, done))
+        return task
+
+    def _finished(self, chunk_id: ChunkId, task: asyncio.Task[bytes]) -> None:
+        if self._tasks.get(chunk_id) is task:
+            del self._tasks[chunk_id]
+        if task.cancelled() or task.exception() is not None:
+            self._unmark(chunk_id)  # nothing to keep for a reader
+
+    def _unmark(self, chunk_id: ChunkId) -> None:
+        size = self._ahead.pop(chunk_id, None)
+        if size is not None:
+            self._ahead_bytes -= size
+
     async def get(self, leaf: LeafChunk) -> bytes:
         """The chunk's plaintext (see the module docstring); shared by concurrent askers."""
         chunk_id = leaf.entry.chunk_id
-        plain = self.cached(chunk_id)
-        if plain is not None:
-            return plain
-        task = self._tasks.get(chunk_id)
-        if task is None:
-            task = asyncio.create_task(self._load(leaf), name=f"dhtfs-mount-chunk-{chunk_id}")
-            self._tasks[chunk_id] = task
-            task.add_done_callback(lambda _: self._tasks.pop(chunk_id, None))
-        # Shielded: one reader giving up (a cancelled read) leaves the fetch to the others.
-        return await asyncio.shield(task)
+        self._unmark(chunk_id)  # read now: no longer held for a reader to come
+        current = asyncio.current_task()
+        for _ in range(3):
+            plain = self.cached(chunk_id)
+            if plain is not None:
+                return plain
+            if self._closed:
+                raise ChunkUnavailableError(f"chunk {chunk_id.hex()}: the mount is closing")
+            task = self._tasks.get(chunk_id) or self._start(leaf)
+            self._waiters[chunk_id] = self._waiters.get(chunk_id, 0) + 1
+            try:
+                # Shielded: a reader giving up (a cancelled read) leaves the fetch to others.
+                return await asyncio.shield(task)
+            except asyncio.CancelledError:
+                if current is not None and current.cancelling():
+                    raise  # this reader was cancelled
+                # A read-ahead fetch given up just before this reader came: fetch again.
+            finally:
+                left = self._waiters[chunk_id] - 1
+                if left:
+                    self._waiters[chunk_id] = left
+                else:
+                    del self._waiters[chunk_id]
+        raise ChunkUnavailableError(f"chunk {chunk_id.hex()}: its fetch kept being cancelled")
+
+    def start_ahead(self, leaf: LeafChunk) -> bool:
+        """Fetch a chunk a reader will likely want; False once the read-ahead budget is spent."""
+        chunk_id = leaf.entry.chunk_id
+        if chunk_id in self._plain or chunk_id in self._tasks:
+            return True
+        size = leaf.entry.plain_size
+        if self._closed or self._ahead_bytes + size > self._ahead_budget:
+            return False
+        self._ahead[chunk_id] = size
+        self._ahead_bytes += size
+        self._start(leaf)
+        return True
+
+    def cancel_ahead(self, chunk_ids: Iterable[ChunkId]) -> None:
+        """Give up chunks fetched ahead for a reader that seeked or went away."""
+        for chunk_id in chunk_ids:
+            if chunk_id not in self._ahead:
+                continue
+            self._unmark(chunk_id)
+            task = self._tasks.get(chunk_id)
+            if task is not None and not self._waiters.get(chunk_id):
+                task.cancel()
 
     async def _load(self, leaf: LeafChunk) -> bytes:
         chunk_id, size = leaf.entry.chunk_id, leaf.entry.stored_size
@@ -136,13 +208,21 @@ class PlainChunks:
             return
         self._plain[chunk_id] = plain
         self._plain_bytes += len(plain)
-        while self._plain_bytes > self._memory_bytes and len(self._plain) > 1:
-            _, dropped = self._plain.popitem(last=False)
-            self._plain_bytes -= len(dropped)
+        if self._plain_bytes <= self._memory_bytes:
+            return
+        # Least recently used first, but never a chunk fetched ahead and not
+        # read yet (read-ahead is at most half the budget, so room remains).
+        for old in list(self._plain):
+            if self._plain_bytes <= self._memory_bytes:
+                break
+            if old in self._ahead or old == chunk_id:
+                continue
+            self._plain_bytes -= len(self._plain.pop(old))
 
     async def close(self) -> None:
         """End every fetch still running; let the cache writes finish (they are
         quick, and a chunk fetched is worth keeping for the next mount)."""
+        self._closed = True
         tasks = list(self._tasks.values())
         for task in tasks:
             task.cancel()

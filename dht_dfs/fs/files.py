@@ -24,6 +24,7 @@ import logging
 
 from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.core.errors import ManifestError
+from dht_dfs.core.ids import ChunkId
 from dht_dfs.fs.chunks import PlainChunks
 from dht_dfs.transfer.network import Network
 from dht_dfs.transfer.retrieval import NetworkSource
@@ -36,34 +37,32 @@ MAX_AHEAD = 32
 
 
 class ReadState:
-    """One open file's position and read-ahead window, and the fetches it started."""
+    """One open file's position and read-ahead window, and the chunks it has ahead."""
 
-    def __init__(self) -> None:
-        self.next_offset = 0
+    def __init__(self, chunks: PlainChunks) -> None:
+        self._chunks = chunks
+        self.next_offset = -1
         self.window = 0
-        self.ahead: set[asyncio.Task[bytes]] = set()
+        self.ahead: set[ChunkId] = set()
 
     def advance(self, offset: int, size: int) -> int:
-        """Record a read; the chunks to have fetched ahead of it."""
-        if offset == self.next_offset and offset > 0:
+        """Record a read; how many chunks to have fetched ahead of it."""
+        if offset == self.next_offset:
             self.window = min(MAX_AHEAD, max(2, self.window * 2))
-        elif offset != self.next_offset:
-            self.window = 0  # a seek: stop reading ahead until it streams again
-            self.cancel()
         else:
-            self.window = 2  # the first read at the start: likely a stream
+            # A first read or a seek: nothing ahead until it streams again
+            # (``head -c 4096`` fetches one chunk, not three).
+            self.window = 0
+            self.cancel()
         self.next_offset = offset + size
         return self.window
 
     def cancel(self) -> None:
-        for task in self.ahead:
-            task.cancel()
+        self._chunks.cancel_ahead(self.ahead)
         self.ahead.clear()
 
     async def close(self) -> None:
-        tasks = list(self.ahead)
         self.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
 
 
 class FileView:
@@ -88,7 +87,14 @@ class FileView:
             return self._leaves
         async with self._loading:
             if self._leaves is None:
-                self._leaves = await self._load_index()
+                try:
+                    async with asyncio.timeout(self._chunks.timeout):
+                        self._leaves = await self._load_index()
+                except TimeoutError:
+                    raise ManifestError(
+                        f"{self.entry.name}: its manifest did not come within "
+                        f"{self._chunks.timeout:g} s"
+                    ) from None
                 self._offsets = [leaf.offset for leaf in self._leaves]
         return self._leaves
 
@@ -117,10 +123,12 @@ class FileView:
             raise ManifestError(f"manifest of {entry.name} covers {offset} of {entry.size} bytes")
         return leaves
 
-    async def open(self) -> None:
-        """Read the chunk index now (an unreadable manifest fails the open, not a read)."""
+    async def open(self) -> ReadState:
+        """Read the chunk index now (an unreadable manifest fails the open, not a
+        read); the new open file's read state."""
         if self.entry.inline is None:
             await self._index()
+        return ReadState(self._chunks)
 
     async def read(self, offset: int, size: int, state: ReadState | None = None) -> bytes:
         """Up to ``size`` bytes at ``offset`` (fewer only at the end of the file)."""
@@ -134,6 +142,7 @@ class FileView:
         last = bisect.bisect_right(self._offsets, end - 1) - 1
         wanted = leaves[first : last + 1]
         if state is not None:
+            state.ahead.difference_update(leaf.entry.chunk_id for leaf in wanted)
             self._read_ahead(state, state.advance(offset, end - offset), leaves, last)
         if len(wanted) == 1:
             plain = await self._chunks.get(wanted[0])
@@ -147,22 +156,13 @@ class FileView:
     def _read_ahead(
         self, state: ReadState, window: int, leaves: list[LeafChunk], last: int
     ) -> None:
-        state.ahead = {task for task in state.ahead if not task.done()}
         for leaf in leaves[last + 1 : last + 1 + window]:
-            if self._chunks.cached(leaf.entry.chunk_id) is not None:
+            chunk_id = leaf.entry.chunk_id
+            if chunk_id in state.ahead:
                 continue
-            if len(state.ahead) >= window:
-                break
-            task = asyncio.create_task(self._chunks.get(leaf))
-            task.add_done_callback(_quietly)
-            state.ahead.add(task)
-
-
-def _quietly(task: asyncio.Task[bytes]) -> None:
-    # A chunk fetched ahead that fails is fetched (and reported) by the read
-    # that needs it, if one does.
-    if not task.cancelled():
-        task.exception()
+            if not self._chunks.start_ahead(leaf):
+                break  # the read-ahead budget is spent: what is ahead is enough
+            state.ahead.add(chunk_id)
 
 
 __all__ = ["MAX_AHEAD", "FileView", "ReadState"]

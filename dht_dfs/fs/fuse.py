@@ -20,6 +20,7 @@ entries and pages for as long as it likes (``keep_cache``).
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import functools
 import logging
@@ -43,6 +44,8 @@ T = TypeVar("T")
 CACHE_SECONDS = 3600.0
 """How long the kernel may keep attributes and entries (the tree never changes)."""
 _NAME_MAX = 255
+_MAX_SIZE = (1 << 63) - 1
+"""st_size is signed: a publisher's larger size is shown clamped (reads stop at the real end)."""
 
 
 def _errno(
@@ -52,8 +55,16 @@ def _errno(
 
     @functools.wraps(handler)
     async def wrapped(*args: P.args, **kwargs: P.kwargs) -> T:
+        active: set[asyncio.Task[Any]] = args[0]._active  # type: ignore[attr-defined]
+        task = asyncio.current_task()
+        if task is not None:
+            active.add(task)
         try:
             return await handler(*args, **kwargs)
+        except asyncio.CancelledError:
+            # The mount is ending (``end_handlers``): answer now, while the
+            # FUSE session still exists; a late answer would use a freed one.
+            raise pyfuse3.FUSEError(errno.EINTR) from None
         except pyfuse3.FUSEError:
             raise
         except ChunkNotFoundError as error:
@@ -63,6 +74,9 @@ def _errno(
         except Exception:
             log.exception("mount: %s failed unexpectedly", handler.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            if task is not None:
+                active.discard(task)
         log.error("mount: %s", problem)
         raise pyfuse3.FUSEError(errno.EIO)
 
@@ -79,6 +93,8 @@ class MountOperations(pyfuse3.Operations):
         self._tree = tree
         self._block_size = block_size
         self._uid, self._gid = os.getuid(), os.getgid()
+        self._active: set[asyncio.Task[Any]] = set()
+        """Handlers running now (``_errno`` keeps it), ended before the session goes."""
         self._handles: dict[int, tuple[Inode, ReadState]] = {}
         self._dir_handles: dict[int, Inode] = {}
         self._next_handle = 1
@@ -115,14 +131,16 @@ class MountOperations(pyfuse3.Operations):
             attributes.st_nlink = 1
             attributes.st_size = len((entry.target or "").encode("utf-8", "surrogateescape"))
         else:
-            attributes.st_mode = pyfuse3.ModeT(stat.S_IFREG | permissions)
+            # The owner may always read: a published 0o000 would hide the bytes.
+            attributes.st_mode = pyfuse3.ModeT(stat.S_IFREG | permissions | 0o400)
             attributes.st_nlink = 1
-            attributes.st_size = entry.size
+            attributes.st_size = min(entry.size, _MAX_SIZE)
         attributes.st_uid = self._uid
         attributes.st_gid = self._gid
         attributes.st_blksize = self._block_size
-        attributes.st_blocks = (attributes.st_size + 511) // 512
+        attributes.st_blocks = min(_MAX_SIZE, (attributes.st_size + 511) // 512)
         mtime = max(0, entry.mtime_ns)
+        mtime = min(mtime, _MAX_SIZE)
         attributes.st_mtime_ns = attributes.st_ctime_ns = attributes.st_atime_ns = mtime
         attributes.attr_timeout = attributes.entry_timeout = CACHE_SECONDS
         return attributes
@@ -173,7 +191,8 @@ class MountOperations(pyfuse3.Operations):
         directory = self._dir_handles.get(fh)
         if directory is None:
             raise pyfuse3.FUSEError(errno.EBADF)
-        children = list((await self._tree.children(directory)).items())
+        await self._tree.children(directory)
+        children = directory.names or []
         for position in range(start_id, len(children)):
             name, number = children[position]
             attributes = self._attributes(self._inode(number))
@@ -210,9 +229,9 @@ class MountOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EROFS)
         if node.entry is None or node.entry.kind is not EntryKind.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.is_directory else errno.EINVAL)
-        await self._tree.file(node).open()
+        state = await self._tree.file(node).open()
         handle = self._new_handle()
-        self._handles[handle] = (node, ReadState())
+        self._handles[handle] = (node, state)
         return pyfuse3.FileInfo(fh=pyfuse3.FileHandleT(handle), keep_cache=True)
 
     @_errno
@@ -231,6 +250,14 @@ class MountOperations(pyfuse3.Operations):
         opened = self._handles.pop(fh, None)
         if opened is not None:
             await opened[1].close()
+
+    async def end_handlers(self) -> None:
+        """Make every handler still waiting (on the network, say) answer EINTR now;
+        the caller bounds the wait."""
+        tasks = list(self._active)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """End every open file's read-ahead (the mount is going away)."""

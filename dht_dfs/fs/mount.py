@@ -173,6 +173,12 @@ async def serve_mount(
             stopping.cancel()
             if not main.done():
                 pyfuse3.terminate()
+            # Handlers still waiting answer before the session is freed (a
+            # late answer on a freed session crashes the process).
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(_STOP_TIMEOUT):
+                    await operations.end_handlers()
+            if not main.done():
                 with contextlib.suppress(TimeoutError, Exception):
                     async with asyncio.timeout(_STOP_TIMEOUT):
                         await main

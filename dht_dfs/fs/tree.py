@@ -22,7 +22,7 @@ import logging
 from dataclasses import dataclass, field
 
 from dht_dfs.core.direntry import DirEntry, EntryKind
-from dht_dfs.core.errors import DhtfsError, InputError
+from dht_dfs.core.errors import DhtfsError, DirectoryError, InputError
 from dht_dfs.core.refs import ReadReference
 from dht_dfs.fs.chunks import PlainChunks
 from dht_dfs.fs.files import FileView
@@ -31,7 +31,14 @@ from dht_dfs.transfer.network import Network
 log = logging.getLogger(__name__)
 
 ROOT_INODE = 1
+MAX_INODES = 2_000_000
+"""Entries a mount numbers at most (about 1 GiB of memory). A published DAG
+can list one subtree under many names, so a walk could number far more
+entries than are stored; past this, listing fails (EIO) rather than the
+machine running out of memory."""
 _LISTINGS_AHEAD = 8
+_LISTINGS_AHEAD_PER_DIRECTORY = 64
+"""Subdirectories of one directory listed ahead at most."""
 """Subdirectories listed in the background at once."""
 
 
@@ -47,6 +54,8 @@ class Inode:
     loading: asyncio.Lock = field(default_factory=asyncio.Lock)
     listed_ahead: bool = False
     """Its subdirectories were sent to be listed in the background."""
+    names: list[tuple[bytes, int]] | None = None
+    """``children`` in order, for readdir's offsets."""
 
     @property
     def is_directory(self) -> bool:
@@ -56,8 +65,11 @@ class Inode:
 class Tree:
     """Inodes of one mounted reference (see the module docstring)."""
 
-    def __init__(self, network: Network, chunks: PlainChunks) -> None:
+    def __init__(
+        self, network: Network, chunks: PlainChunks, *, max_inodes: int = MAX_INODES
+    ) -> None:
         self._network = network
+        self._max_inodes = max_inodes
         self._chunks = chunks
         self._inodes: dict[int, Inode] = {}
         self._next = ROOT_INODE + 1
@@ -79,11 +91,17 @@ class Tree:
             root = Inode(ROOT_INODE, None, ROOT_INODE, children={})
             assert root.children is not None
             root.children[_name(entry)] = self._add(entry, ROOT_INODE).number
+            root.names = list(root.children.items())
         self._inodes[ROOT_INODE] = root
         self.total_size = entry.size
         return root
 
     def _add(self, entry: DirEntry, parent: int) -> Inode:
+        if len(self._inodes) >= self._max_inodes:
+            raise DirectoryError(
+                f"the mounted tree has more than {self._max_inodes} entries; "
+                "mount a subdirectory (REF/PATH) instead"
+            )
         inode = Inode(self._next, entry, parent)
         self._next += 1
         self._inodes[inode.number] = inode
@@ -101,8 +119,16 @@ class Tree:
                 if inode.children is None:
                     assert inode.entry is not None
                     listed: dict[bytes, int] = {}
-                    async for entry in self._network.list_directory(inode.entry):
-                        listed[_name(entry)] = self._add(entry, inode.number).number
+                    try:
+                        async with asyncio.timeout(self._chunks.timeout):
+                            async for entry in self._network.list_directory(inode.entry):
+                                listed[_name(entry)] = self._add(entry, inode.number).number
+                    except TimeoutError:
+                        raise DirectoryError(
+                            f"listing {inode.entry.name}: its directory nodes did not come "
+                            f"within {self._chunks.timeout:g} s"
+                        ) from None
+                    inode.names = list(listed.items())
                     inode.children = listed
                     self.directories_listed += 1
         if ahead and not inode.listed_ahead:
@@ -111,7 +137,12 @@ class Tree:
         return inode.children
 
     def _list_ahead(self, listed: dict[bytes, int]) -> None:
-        for number in listed.values():
+        # Bounded: a hostile tree can list one big directory under many names,
+        # and listing ahead must not number its entries for a reader who never
+        # looks (what a reader lists is bounded by MAX_INODES).
+        if len(self._inodes) > self._max_inodes // 4:
+            return
+        for number in list(listed.values())[:_LISTINGS_AHEAD_PER_DIRECTORY]:
             child = self._inodes[number]
             if child.is_directory and child.children is None:
                 task = asyncio.create_task(self._list_quietly(child))

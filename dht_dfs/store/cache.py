@@ -52,6 +52,12 @@ class ChunkCache:
 
     def open(self) -> ChunkCache:
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        stale = time.time() - 3600
+        for leftover in self.root.glob("tmp.*"):
+            # An unfinished write of a reader that crashed (others' recent ones stay).
+            with contextlib.suppress(FileNotFoundError):
+                if leftover.stat().st_mtime < stale:
+                    leftover.unlink()
         found: list[tuple[float, ChunkId, int]] = []
         for fan in self.root.iterdir():
             if not fan.is_dir() or len(fan.name) != 2:
@@ -61,7 +67,10 @@ class ChunkCache:
                 if len(name) != CHUNK_ID_SIZE * 2 or not set(name) <= _HEX:
                     path.unlink(missing_ok=True)  # an unfinished write of a crashed reader
                     continue
-                info = path.stat()
+                try:
+                    info = path.stat()
+                except FileNotFoundError:
+                    continue  # evicted by another mount sharing the directory
                 found.append((info.st_mtime, ChunkId(bytes.fromhex(name)), info.st_size))
         with self._lock:
             for _, chunk_id, size in sorted(found, key=lambda item: item[0]):
@@ -86,7 +95,7 @@ class ChunkCache:
         path = self._path(chunk_id)
         try:
             data = path.read_bytes()
-        except FileNotFoundError:
+        except OSError:  # gone (evicted by another mount), or unreadable: a miss
             with self._lock:
                 size = self._sizes.pop(chunk_id, None)
                 if size is not None:

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 
 from dht_dfs.core.direntry import DirEntry
-from dht_dfs.core.errors import ChunkUnavailableError
+from dht_dfs.core.errors import ChunkUnavailableError, DirectoryError
 from dht_dfs.fs.chunks import PlainChunks
-from dht_dfs.fs.files import MAX_AHEAD, FileView, ReadState
+from dht_dfs.fs.files import MAX_AHEAD, FileView
+from dht_dfs.fs.tree import Tree
 from dht_dfs.store.cache import ChunkCache
 from dht_dfs.transfer.network import Network
 from tests.support.memnet import MemNet
@@ -67,19 +68,67 @@ async def test_read_ahead_grows_while_a_reader_streams_and_stops_on_a_seek(
     net: MemNet, executor: Executor, tmp_path: Path
 ) -> None:
     view, chunks, data = await a_view(net, executor, tmp_path)
-    state = ReadState()
+    state = await view.open()
     size = net.config.chunk_size
     windows = []
     for index in range(8):
         assert await view.read(index * size, size, state) == data[index * size : (index + 1) * size]
         windows.append(state.window)
-    assert windows == [2, 4, 8, 16, MAX_AHEAD, MAX_AHEAD, MAX_AHEAD, MAX_AHEAD]
-    await asyncio.gather(*state.ahead, return_exceptions=True)
+    # Nothing ahead of a first read (it may be the only one), then doubling.
+    assert windows == [0, 2, 4, 8, 16, MAX_AHEAD, MAX_AHEAD, MAX_AHEAD]
+    await asyncio.gather(*list(chunks._tasks.values()), return_exceptions=True)
     assert chunks.fetched > 8, "chunks ahead of the reader were fetched"
-    # A seek: the window falls back and what was ahead is dropped.
+    # A seek: the window falls back and what was ahead is given up.
     await view.read(2 * size + 17, 10, state)
     assert state.window == 0 and not state.ahead
     await state.close()
+    await chunks.close()
+
+
+async def test_a_reader_that_stops_streaming_stops_the_fetches_ahead_of_it(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    view, chunks, _ = await a_view(net, executor, tmp_path)
+    state = await view.open()
+    size = net.config.chunk_size
+    for index in range(5):
+        await view.read(index * size, size, state)
+    assert state.ahead and chunks._tasks, "read-ahead is under way"
+    await state.close()  # released: nobody waits for the chunks ahead
+    await asyncio.gather(*list(chunks._tasks.values()), return_exceptions=True)
+    fetched = chunks.fetched
+    assert fetched < CHUNKS
+    assert not chunks._tasks and chunks._ahead_bytes == 0
+    await chunks.close()
+
+
+async def test_many_streaming_readers_never_fetch_a_chunk_twice(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    """Read-ahead is budgeted in bytes: it cannot evict what is about to be read."""
+    network, entry, data = await published(net, executor, tmp_path)
+    size = net.config.chunk_size
+    chunks = PlainChunks(network, None, memory_bytes=12 * size, timeout=5.0)
+    views = [FileView(network, entry, chunks) for _ in range(6)]
+
+    async def stream(view: FileView, start: int) -> bytes:
+        state = await view.open()
+        pieces = []
+        for index in range(CHUNKS):
+            position = (start + index) % CHUNKS * size
+            pieces.append(await view.read(position, size, state))
+        await state.close()
+        return b"".join(pieces)
+
+    # Six readers, each starting at its own place, all streaming at once.
+    starts = [0, 7, 14, 21, 28, 35]
+    results = await asyncio.gather(*(stream(v, s) for v, s in zip(views, starts, strict=True)))
+    for result, start in zip(results, starts, strict=True):
+        rotated = data[start * size :] + data[: start * size]
+        assert result[: len(data)] == rotated[: len(result)]
+    # No more fetches than reads (readers far apart may each need a chunk in
+    # turn from a small memory): read-ahead never evicts what it fetched.
+    assert chunks.fetched <= 6 * CHUNKS
     await chunks.close()
 
 
@@ -87,7 +136,7 @@ async def test_random_readers_read_nothing_ahead(
     net: MemNet, executor: Executor, tmp_path: Path
 ) -> None:
     view, chunks, data = await a_view(net, executor, tmp_path)
-    state = ReadState()
+    state = await view.open()
     size = net.config.chunk_size
     for index in (30, 3, 17, 9):
         offset = index * size + 11
@@ -139,3 +188,25 @@ async def test_the_disk_cache_serves_a_second_mount_without_the_network(
     assert await FileView(network, entry, second).read(0, 5000) == data[:5000]
     assert second.fetched == 0 and second.from_disk == 2
     await second.close()
+
+
+async def test_a_tree_with_more_entries_than_the_bound_fails_its_listing(
+    net: MemNet, executor: Executor, tmp_path: Path
+) -> None:
+    """A published DAG can list one subtree under many names: numbering is bounded."""
+    net.add(5)
+    network = net.join(net.client(), executor).network
+    tree_dir = tmp_path / "tree"
+    tree_dir.mkdir()
+    for index in range(10):
+        (tree_dir / f"f{index}").write_bytes(b"x")
+    reference = (await network.publish(tree_dir)).reference
+    small = Tree(network, chunks_of(network), max_inodes=5)
+    root = await small.mount(reference)
+    with pytest.raises(DirectoryError, match="more than 5 entries"):
+        await small.children(root)
+    roomy = Tree(network, chunks_of(network))
+    names = await roomy.children(await roomy.mount(reference))
+    assert sorted(names) == sorted(f"f{index}".encode() for index in range(10))
+    await small.close()
+    await roomy.close()
