@@ -193,7 +193,9 @@ def test_random_reads_mmap_and_two_readers_match_the_source(
             reader.join(timeout=120)
         assert results == [source, source]
     # Every chunk came from the network once, however many reads wanted it.
-    assert mount.stats["chunks_fetched"] == -(-BIG // CHUNK)
+    # Each chunk once, give or take one per reader: a read-ahead fetch a seek
+    # cancelled just as it finished may be fetched again by the read that needs it.
+    assert -(-BIG // CHUNK) <= mount.stats["chunks_fetched"] <= -(-BIG // CHUNK) + 2
 
 
 def test_a_chunk_no_holder_has_is_eio_and_the_rest_keeps_working(
