@@ -60,7 +60,6 @@ class PlainChunks:
         self._cache = cache
         self._executor: Executor = network.executor
         self._memory_bytes = memory_bytes
-        self._timeout = timeout
         self.timeout = timeout
         """Seconds any wait for the network may take (chunks, listings, indexes)."""
         self._plain: collections.OrderedDict[ChunkId, bytes] = collections.OrderedDict()
@@ -158,19 +157,20 @@ class PlainChunks:
     async def _load(self, leaf: LeafChunk) -> bytes:
         chunk_id, size = leaf.entry.chunk_id, leaf.entry.stored_size
         loop = asyncio.get_running_loop()
-        data: bytes | bytearray | None = None
+        data: bytes | None = None
         if self._cache is not None:
             data = await loop.run_in_executor(self._executor, self._cache.get, chunk_id)
             if data is not None:
                 self.from_disk += 1
         if data is None:
             try:
-                async with asyncio.timeout(self._timeout):
-                    data = await get_verified(self._source, chunk_id, size)
+                async with asyncio.timeout(self.timeout):
+                    # One copy out of the receive buffer, shared by decryption and the cache.
+                    data = bytes(await get_verified(self._source, chunk_id, size))
             except TimeoutError:
                 self.unavailable += 1
                 raise ChunkUnavailableError(
-                    f"chunk {chunk_id.hex()}: no holder answered within {self._timeout:g} s",
+                    f"chunk {chunk_id.hex()}: no holder answered within {self.timeout:g} s",
                     chunk_id.hex(),
                 ) from None
             except DhtfsError as error:
@@ -181,9 +181,9 @@ class PlainChunks:
             self.fetched += 1
             self.bytes_fetched += len(data)
             if self._cache is not None:
-                self._keep_on_disk(chunk_id, bytes(data))
+                self._keep_on_disk(chunk_id, data)
         plain = await loop.run_in_executor(
-            self._executor, decrypt_with_key, bytes(data), leaf.key, chunk_id
+            self._executor, decrypt_with_key, data, leaf.key, chunk_id
         )
         if len(plain) != leaf.entry.plain_size:
             raise ManifestError(f"chunk {chunk_id.hex()} size disagrees with its manifest")

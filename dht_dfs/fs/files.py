@@ -26,9 +26,10 @@ from dht_dfs.core.direntry import DirEntry, EntryKind
 from dht_dfs.core.errors import ManifestError
 from dht_dfs.core.ids import ChunkId
 from dht_dfs.fs.chunks import PlainChunks
+from dht_dfs.transfer.browse import file_leaves
 from dht_dfs.transfer.network import Network
 from dht_dfs.transfer.retrieval import NetworkSource
-from dht_dfs.transfer.walk import LeafChunk, open_root, walk_leaves
+from dht_dfs.transfer.walk import LeafChunk
 
 log = logging.getLogger(__name__)
 
@@ -99,28 +100,12 @@ class FileView:
         return self._leaves
 
     async def _load_index(self) -> list[LeafChunk]:
-        entry = self.entry
-        assert entry.reference is not None
         source = NetworkSource(self._network)
-        executor = self._network.executor
-        root = await open_root(source, entry.reference, executor)
-        metadata = root.metadata
-        assert metadata is not None
-        if metadata.size != entry.size:
-            raise ManifestError(
-                f"{entry.name}: its directory says {entry.size} bytes, its manifest {metadata.size}"
-            )
         leaves: list[LeafChunk] = []
-        offset = 0
-        async for leaf in walk_leaves(source, root, executor):
-            if leaf.offset != offset or leaf.entry.plain_size <= 0:
-                raise ManifestError(f"manifest of {entry.name} does not add up to its size")
-            offset += leaf.entry.plain_size
-            if offset > entry.size:
-                raise ManifestError(f"manifest of {entry.name} lists more than its size")
+        async for leaf in file_leaves(source, self.entry, self._network.executor):
+            if leaf.entry.plain_size <= 0:  # an empty chunk would make offsets ambiguous
+                raise ManifestError(f"manifest of {self.entry.name} lists an empty chunk")
             leaves.append(leaf)
-        if offset != entry.size:
-            raise ManifestError(f"manifest of {entry.name} covers {offset} of {entry.size} bytes")
         return leaves
 
     async def open(self) -> ReadState:

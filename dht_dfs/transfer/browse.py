@@ -209,6 +209,33 @@ async def list_directory(
         stack.append((child, 0))
 
 
+async def file_leaves(
+    source: ChunkSource, entry: DirEntry, executor: Executor
+) -> AsyncIterator[LeafChunk]:
+    """A file entry's data chunks in order, checked against the size its directory
+    declared: the manifest must say the same size, and its chunks must follow
+    each other without a gap and cover it exactly (checked as they come, so a
+    caller that stops early has read only what it used)."""
+    assert entry.reference is not None
+    root = await open_root(source, entry.reference, executor)
+    metadata = root.metadata
+    assert metadata is not None
+    if metadata.size != entry.size:
+        raise ManifestError(
+            f"{entry.name}: its directory says {entry.size} bytes, its manifest {metadata.size}"
+        )
+    offset = 0
+    async for leaf in walk_leaves(source, root, executor):
+        if leaf.offset != offset:
+            raise ManifestError(f"manifest of {entry.name} does not add up to its size")
+        offset += leaf.entry.plain_size
+        if offset > entry.size:
+            raise ManifestError(f"manifest of {entry.name} lists more than its size")
+        yield leaf
+    if offset != entry.size:
+        raise ManifestError(f"manifest of {entry.name} covers {offset} of {entry.size} bytes")
+
+
 async def stream_file(
     source: ChunkSource,
     entry: DirEntry,
@@ -232,14 +259,6 @@ async def stream_file(
         return
     if start >= stop:
         return
-    assert entry.reference is not None
-    root = await open_root(source, entry.reference, executor)
-    metadata = root.metadata
-    assert metadata is not None
-    if metadata.size != entry.size:
-        raise ManifestError(
-            f"{entry.name}: its directory says {entry.size} bytes, its manifest {metadata.size}"
-        )
     loop = asyncio.get_running_loop()
 
     async def fetch_one(leaf: LeafChunk) -> bytes:
@@ -256,27 +275,18 @@ async def stream_file(
         return plain
 
     ahead: collections.deque[asyncio.Task[bytes]] = collections.deque()
-    offset = 0
     try:
-        async for leaf in walk_leaves(source, root, executor):
-            if leaf.offset != offset:
-                raise ManifestError(f"manifest of {entry.name} does not add up to its size")
-            offset += leaf.entry.plain_size
-            if offset > metadata.size:
-                raise ManifestError(f"manifest of {entry.name} lists more than its size")
-            if offset <= start:
+        async for leaf in file_leaves(source, entry, executor):
+            end = leaf.offset + leaf.entry.plain_size
+            if end <= start:
                 continue  # before the range: not fetched
             ahead.append(asyncio.ensure_future(fetch_one(leaf)))
             if len(ahead) >= config.transfer_window:
                 yield await ahead.popleft()
-            if offset >= stop:
+            if end >= stop:
                 break  # the range is covered
         while ahead:
             yield await ahead.popleft()
-        if stop == metadata.size and offset != metadata.size:
-            raise ManifestError(
-                f"manifest of {entry.name} covers {offset} of {metadata.size} bytes"
-            )
     finally:
         # The caller may stop early (a closed pipe): no fetch outlives it.
         for task in ahead:
@@ -288,6 +298,7 @@ __all__ = [
     "CachingSource",
     "PathNotFoundError",
     "Resolved",
+    "file_leaves",
     "list_directory",
     "resolve",
     "split_path",
